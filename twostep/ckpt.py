@@ -1,0 +1,131 @@
+"""Checkpoint I/O with safetensors only (no pickle): module weights, optimizer state, RNG states, JSON metadata.
+
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written file under the
+final name. A checkpoint folder is complete when its `meta.json` exists (written last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+
+def atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: missing; the folder is not a complete twostep checkpoint/model")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt, "
+                        "delete it and re-create it")
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    return {"torch_cpu": torch.get_rng_state()}
+
+
+def set_rng_state(t: dict[str, torch.Tensor]):
+    if "torch_cpu" in t:
+        torch.set_rng_state(t["torch_cpu"])
+
+
+def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2,
+                     optimizers: dict[str, torch.optim.Optimizer] | None = None):
+    """Write `folder/step-XXXXXXXX/` atomically (tmp dir + rename), then prune to the newest `keep`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{int(meta['step']):08d}"
+    tmp = folder / (name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for mname, sd in modules.items():
+        atomic_save_tensors(sd, tmp / f"{mname}.safetensors")
+    opt_meta = {}
+    for oname, opt in (optimizers or {}).items():
+        t, m = optimizer_to_tensors(opt)
+        atomic_save_tensors(t, tmp / f"optim_{oname}.safetensors")
+        opt_meta[oname] = m
+    atomic_save_tensors(rng_state(), tmp / "rng.safetensors")
+    atomic_write_text(tmp / "optim.json", json.dumps(opt_meta))
+    atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # last: marks completeness
+    final = folder / name
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    done = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint (has meta.json); partial ones are ignored."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    done = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")
+                  and (p / "meta.json").exists())
+    return done[-1] if done else None
+
+
+def read_checkpoint(ck: Path, optimizers: dict[str, torch.optim.Optimizer] | None = None):
+    meta = json.loads((ck / "meta.json").read_text())
+    opt_meta = json.loads((ck / "optim.json").read_text()) if (ck / "optim.json").exists() else {}
+    for oname, opt in (optimizers or {}).items():
+        optimizer_from_tensors(opt, load_tensors(ck / f"optim_{oname}.safetensors"), opt_meta[oname])
+    set_rng_state(load_tensors(ck / "rng.safetensors"))
+    return meta
+
+
+def all_finite(sd: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())

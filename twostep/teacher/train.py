@@ -1,0 +1,198 @@
+"""Flow-matching training of a teacher (minRF-style): logit-normal σ, caption dropout for CFG, EMA with
+warm-up, loss logged per σ bin, resumable safetensors checkpoints, time-budgeted (`--minutes` is the total).
+
+Loss: ‖u_θ(x_σ, t = 1 − σ, c) − (x0 − ε)‖² with x_σ = (1 − σ)x0 + σε (flow.add_noise / flow.flow_target).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import flow
+from ..backbones.zimage import ZImageBackbone, tiny_zimage_config
+from ..ckpt import (all_finite, atomic_save_tensors, atomic_write_text, latest_checkpoint, load_tensors,
+                    read_checkpoint, write_checkpoint)
+from ..data import get_dataset
+from ..errors import UserError
+from ..text import get_encoder
+
+SIGMA_BINS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+@dataclass
+class TeacherTrainConfig:
+    data: str = "shapes"
+    resolution: int = 32
+    num_train: int = 20000          # size of the fixed training pool (images + captions)
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    minutes: float = 30.0           # total training wall time (a resumed run continues up to this)
+    max_steps: int = 0              # 0 = no step limit
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 2
+    n_refiner_layers: int = 1
+    patch_size: int = 4
+    default_guidance: float = 2.0   # replaced by `twostep teacher tune-guidance` (chosen by FD)
+    skip_bad: bool = False
+
+
+def ema_decay(step: int, target: float) -> float:
+    """EMA warm-up (as in timm/EDM practice): decay grows as (1 + n)/(10 + n) up to the target."""
+    return min(target, (1 + step) / (10 + step))
+
+
+def model_config(cfg: TeacherTrainConfig, channels: int = 3, cap_dim: int = 384) -> dict:
+    return {
+        "kind": "teacher",
+        "backbone": "zimage",
+        "transformer": tiny_zimage_config(in_channels=channels, dim=cfg.dim, n_layers=cfg.n_layers,
+                                          n_heads=cfg.n_heads, n_refiner_layers=cfg.n_refiner_layers,
+                                          cap_feat_dim=cap_dim, patch_size=cfg.patch_size),
+        "resolution": cfg.resolution,
+        "text_encoder": "all-MiniLM-L6-v2",
+        "data": cfg.data,
+        "sampling": {"steps": 8, "shift": flow.DEFAULT_SHIFT, "guidance": cfg.default_guidance},
+    }
+
+
+def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckdir = out / "checkpoints"
+    saved_cfg = out / "train_config.json"
+    if saved_cfg.exists():
+        prev = json.loads(saved_cfg.read_text())
+        arch = ("data", "dim", "n_layers", "n_heads", "n_refiner_layers", "patch_size", "resolution", "seed")
+        diff = [k for k in arch if prev.get(k) != getattr(cfg, k)]
+        if diff:
+            raise UserError(f"{out}: holds a different teacher run ({', '.join(f'{k}={prev.get(k)}' for k in diff)});"
+                            " choose another --out or the same settings to resume")
+    atomic_write_text(saved_cfg, json.dumps(asdict(cfg), indent=1))
+    mcfg = model_config(cfg)
+
+    torch.manual_seed(cfg.seed)
+    ds = get_dataset(cfg.data, cfg.resolution, skip_bad=cfg.skip_bad)
+    pool = ds.sample(cfg.num_train, seed=cfg.seed, split="train") if hasattr(ds, "sample") else None
+    images = pool.images
+    captions = pool.captions
+    enc = get_encoder()
+    uniq = sorted(set(captions))
+    feats = dict(zip(uniq, enc.encode(uniq, progress=progress)))
+    text = [feats[c] for c in captions]
+    null = enc.encode([""])[0]
+
+    model = ZImageBackbone.from_config(mcfg["transformer"], seed=cfg.seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    step, elapsed = 0, 0.0
+    log: list[dict] = []
+    ck = latest_checkpoint(ckdir)
+    if ck is not None:
+        model.transformer.load_state_dict(load_tensors(ck / "model.safetensors"))
+        ema.transformer.load_state_dict(load_tensors(ck / "ema.safetensors"))
+        meta = read_checkpoint(ck, {"model": opt})
+        step, elapsed = meta["step"], meta["elapsed_s"]
+        log = meta.get("log", [])
+        print(f"resumed from {ck} (step {step}, {elapsed / 60:.1f} min trained)")
+
+    budget = cfg.minutes * 60
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=int(budget), initial=int(min(elapsed, budget)), unit="s", desc=f"teacher[{cfg.data}]",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}{postfix}]")
+    bin_sum = torch.zeros(len(SIGMA_BINS) - 1)
+    bin_cnt = torch.zeros(len(SIGMA_BINS) - 1)
+    run_loss, t_last_ck, t0 = None, time.time(), time.time() - elapsed
+    model.train()
+    while elapsed < budget and (cfg.max_steps <= 0 or step < cfg.max_steps):
+        ts = time.time()
+        idx = torch.randint(0, len(captions), (cfg.batch_size,))
+        x0 = images[idx]
+        drop = torch.rand(cfg.batch_size) < cfg.caption_dropout
+        cap = [null if d else text[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        sigma = torch.sigmoid(torch.randn(cfg.batch_size))  # logit-normal(0, 1) σ (SD3 / minRF)
+        noise = torch.randn_like(x0)
+        x_sigma = flow.add_noise(x0, noise, sigma)
+        u = model.raw_output(x_sigma, sigma, cap)
+        per = (u - flow.flow_target(x0, noise)).square().mean(dim=(1, 2, 3))
+        loss = per.mean()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(loss):
+            print(f"step {step}: non-finite loss, update skipped")
+            continue
+        opt.step()
+        step += 1
+        d = ema_decay(step, cfg.ema)
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        b = torch.bucketize(sigma.detach(), torch.tensor(SIGMA_BINS[1:-1]))
+        bin_sum.index_add_(0, b, per.detach())
+        bin_cnt.index_add_(0, b, torch.ones_like(per))
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        dt = time.time() - ts
+        elapsed = time.time() - t0
+        if bar is not None:
+            bar.n = int(min(elapsed, budget))
+            bar.set_postfix(step=step, loss=f"{run_loss:.4f}", it_s=f"{1 / max(dt, 1e-9):.2f}", refresh=False)
+            bar.refresh()
+        if step % 200 == 0:
+            bins = (bin_sum / bin_cnt.clamp(min=1)).tolist()
+            log.append({"step": step, "minutes": elapsed / 60, "loss": run_loss,
+                        "loss_per_sigma_bin": dict(zip([f"{a:.1f}-{b:.1f}" for a, b in zip(SIGMA_BINS, SIGMA_BINS[1:])],
+                                                       [round(v, 5) for v in bins]))})
+            bin_sum.zero_(); bin_cnt.zero_()
+            if bar is None:
+                print(json.dumps(log[-1]), flush=True)
+        if time.time() - t_last_ck > cfg.checkpoint_minutes * 60:
+            _save(ckdir, model, ema, opt, step, elapsed, log)
+            _export(out, ema, mcfg, step, elapsed, log, cfg)
+            t_last_ck = time.time()
+    if bar is not None:
+        bar.close()
+    _save(ckdir, model, ema, opt, step, elapsed, log)
+    _export(out, ema, mcfg, step, elapsed, log, cfg)
+    return out
+
+
+def _save(ckdir, model, ema, opt, step, elapsed, log):
+    sd = model.transformer.state_dict()
+    if not all_finite(sd):
+        print("non-finite weights: checkpoint not written")
+        return
+    write_checkpoint(ckdir, {"model": sd, "ema": ema.transformer.state_dict()},
+                     {"step": step, "elapsed_s": elapsed, "log": log}, optimizers={"model": opt})
+
+
+def _export(out: Path, ema, mcfg, step, elapsed, log, cfg):
+    """The usable model folder: EMA weights + config (guidance kept if it was already tuned)."""
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("guidance_tuned"):
+            mcfg = {**mcfg, "sampling": old["sampling"], "guidance_tuned": old["guidance_tuned"]}
+    mcfg = {**mcfg, "training": {"steps": step, "minutes": round(elapsed / 60, 2), "batch_size": cfg.batch_size,
+                                 "final_loss": log[-1]["loss"] if log else None}}
+    atomic_save_tensors(ema.transformer.state_dict(), out / "model.safetensors")
+    atomic_write_text(out / "loss_log.json", json.dumps(log, indent=1))
+    atomic_write_text(cfg_path, json.dumps(mcfg, indent=1))

