@@ -67,6 +67,12 @@ def eps_from_x0(x_sigma: torch.Tensor, sigma, x0: torch.Tensor) -> torch.Tensor:
     return (x_sigma - (1 - s) * x0) / s
 
 
+def x0_from_state(x_sigma: torch.Tensor, sigma, noise: torch.Tensor) -> torch.Tensor:
+    """The clean image implied by a state and its known noise: x0 = (x_σ − σ·ε) / (1 − σ) (σ < 1)."""
+    s = _bcast(sigma, x_sigma)
+    return (x_sigma - s * noise) / (1 - s)
+
+
 def velocity_from_u(u: torch.Tensor) -> torch.Tensor:
     """dx/dσ = ε − x0 = −u: the sign the pipeline applies before the scheduler's Euler step."""
     return -u

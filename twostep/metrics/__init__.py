@@ -1,0 +1,25 @@
+"""Evaluation metrics: FD/KID in a benchmark's own feature network (through torchmetrics), multi-scale
+SWD (weight-free), prompt alignment on `shapes`, PSNR and within-prompt diversity.
+
+The feature-net names (features.py) are resolved lazily so that `python -m twostep.metrics.features` does not
+import its own module twice. Note: the functions `fd`, `swd` and `alignment` shadow the submodules of the same
+name as package attributes; import the submodules as `from twostep.metrics.swd import swd_levels` etc.
+"""
+
+from importlib import import_module
+
+from .alignment import alignment, alignment_report
+from .fd import DistributionMetrics, TorchmetricsFeature, fd, fd_kid
+from .simple import diversity, psnr
+from .swd import swd, swd_levels
+
+_LAZY = {"FeatureNet", "load_feature_net", "train_feature_net", "accuracy"}
+
+__all__ = sorted(["alignment", "alignment_report", "DistributionMetrics", "TorchmetricsFeature", "fd", "fd_kid",
+                  "diversity", "psnr", "swd", "swd_levels", *_LAZY])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(".features", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

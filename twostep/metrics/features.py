@@ -1,0 +1,358 @@
+"""Feature networks for the distribution metrics (FD / KID / diversity) and for prompt alignment.
+
+No Inception / CLIP weights exist offline, so each benchmark gets its own small CNN, trained on real data:
+
+- `shapes`: an attribute classifier. From one image it predicts, for each of the 9 grid cells, the shape
+  (0 = empty, 1..4 = circle/square/triangle/cross), the colour (7) and the size (small/large) of the object
+  there, and the background type (4). Colour and size are trained and scored only on non-empty cells.
+- `photos`: a source-photo classifier (which of the 6 scikit-image photographs a crop comes from).
+
+Architecture (both): a VGG-style trunk of 3×3 convolutions with BatchNorm + ReLU at 32², 16² and 8², a
+flatten + linear layer to a `num_features`-d embedding (ReLU), then linear heads. The embedding (the
+penultimate layer, post-ReLU like Inception's pool3) is what FD/KID/diversity measure. The trunk keeps full
+resolution in its first layers and no augmentation blurs or resamples the images, so the embedding reacts
+to lost high-frequency detail (tests/test_metrics.py checks that FD grows monotonically with blur).
+
+Train with `python -m twostep.metrics.features --data shapes --out models/features-shapes --minutes 6`.
+A folder holds `config.json` (architecture, held-out accuracy per attribute, the training command) and
+`model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ckpt import atomic_save_tensors, atomic_write_text, load_tensors
+from ..errors import UserError
+
+NUM_CELLS = 9
+SHAPES_HEADS = {"shape": 5, "colour": 7, "size": 2}   # per cell
+NUM_BACKGROUNDS = 4
+NUM_SOURCES = 6
+FORMAT = "twostep-features-v1"
+
+
+def _heads_for(data: str) -> dict[str, int]:
+    if data == "shapes":
+        out = {f"{k} (per cell)": n for k, n in SHAPES_HEADS.items()}
+        out["background"] = NUM_BACKGROUNDS
+        return out
+    if data == "photos":
+        return {"source": NUM_SOURCES}
+    raise UserError(f"feature net: unknown benchmark {data!r}; use 'shapes' or 'photos'")
+
+
+class FeatureNet(nn.Module):
+    """Small CNN: images in [-1, 1], [N, 3, 32, 32] -> `num_features`-d embedding -> task heads.
+
+    Trunk (both benchmarks): 3×3 conv + BatchNorm + ReLU, width w at 32² (2 layers), 2w at 16² (2 layers, the
+    first strided), 4w at 16².
+    shapes: the 16² map is average- and max-pooled into the 3×3 grid cells, a per-cell MLP (1×1 convs, shared
+    by all cells) gives a `cell_dim` vector per cell, and shared linear heads read shape/colour/size from each
+    cell's vector (weight sharing across cells makes the shape head learn 9× faster). A global average pool
+    gives a `global_dim` vector for the background head. Embedding = [9 cell vectors, global vector]
+    (num_features = 9·cell_dim + global_dim).
+    photos: two more layers (4w at 8²), global average + max pooling, a linear layer to `num_features` (ReLU)
+    = the embedding, and a linear source head.
+    """
+
+    def __init__(self, data: str = "shapes", width: int = 32, num_features: int = 256, resolution: int = 32,
+                 cell_dim: int = 24):
+        super().__init__()
+        if resolution % 8:
+            raise UserError(f"feature net: resolution {resolution} must be a multiple of 8")
+        self.data, self.width, self.resolution = data, width, resolution
+        self.head_sizes = _heads_for(data)
+        w = width
+
+        def block(cin, cout, stride=1):
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.trunk = nn.Sequential(
+            *block(3, w), *block(w, w),                  # 32²
+            *block(w, 2 * w, 2), *block(2 * w, 2 * w),   # 16²
+            *block(2 * w, 4 * w),                        # 16²
+        )
+        if data == "shapes":
+            self.cell_dim = int(cell_dim)
+            self.global_dim = int(num_features) - NUM_CELLS * self.cell_dim
+            if self.global_dim < 4:
+                raise UserError(f"feature net: num_features {num_features} too small for 9 cells × {cell_dim}")
+            self.cell_mlp = nn.Sequential(nn.Conv2d(8 * w, 4 * w, 1), nn.ReLU(inplace=True),
+                                          nn.Conv2d(4 * w, self.cell_dim, 1), nn.ReLU(inplace=True))
+            self.global_mlp = nn.Sequential(nn.Linear(4 * w, self.global_dim), nn.ReLU(inplace=True))
+            self.cell_head = nn.Linear(self.cell_dim, sum(SHAPES_HEADS.values()))
+            self.bg_head = nn.Linear(self.global_dim, NUM_BACKGROUNDS)
+        else:
+            self.cell_dim = 0
+            self.tail = nn.Sequential(*block(4 * w, 4 * w, 2), *block(4 * w, 4 * w))   # 8²
+            self.embed = nn.Sequential(nn.Linear(8 * w, int(num_features)), nn.ReLU(inplace=True))
+            self.src_head = nn.Linear(int(num_features), NUM_SOURCES)
+        self.num_features = int(num_features)
+
+    def config(self) -> dict:
+        return {"data": self.data, "width": self.width, "num_features": self.num_features,
+                "cell_dim": self.cell_dim, "resolution": self.resolution, "storage_dtype": "float16"}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Embedding [N, num_features] (float32) of images in [-1, 1]."""
+        h = self.trunk(images.float())
+        if self.data == "shapes":
+            cells = torch.cat([F.adaptive_avg_pool2d(h, 3), F.adaptive_max_pool2d(h, 3)], 1)
+            cells = self.cell_mlp(cells).flatten(2).transpose(1, 2).flatten(1)   # [N, 9·cell_dim], cell-major
+            return torch.cat([cells, self.global_mlp(h.mean((2, 3)))], 1)
+        h = self.tail(h)
+        return self.embed(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per head. shapes: shape/colour/size as [N, 9, classes], background [N, 4]; photos: source [N, 6]."""
+        f = self.features(images)
+        if self.data == "photos":
+            return {"source": self.src_head(f)}
+        cells = f[:, :NUM_CELLS * self.cell_dim].view(len(f), NUM_CELLS, self.cell_dim)
+        y = self.cell_head(cells)
+        out, i = {}, 0
+        for k, n in SHAPES_HEADS.items():
+            out[k] = y[..., i:i + n]
+            i += n
+        out["background"] = self.bg_head(f[:, NUM_CELLS * self.cell_dim:])
+        return out
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Eval-mode embedding of a (large) image set, in batches; returns float32 [N, num_features] on CPU."""
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        out = [self.features(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)]
+        self.train(was)
+        return torch.cat(out) if out else torch.zeros(0, self.num_features)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Eval-mode class predictions (argmax) per head, on CPU."""
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        parts: dict[str, list] = {}
+        for i in range(0, len(images), batch_size):
+            for k, v in self(images[i:i + batch_size].to(dev)).items():
+                parts.setdefault(k, []).append(v.argmax(-1).cpu())
+        self.train(was)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------- losses / eval
+
+def _loss(net: FeatureNet, logits: dict, labels: dict) -> torch.Tensor:
+    if net.data == "photos":
+        return F.cross_entropy(logits["source"], labels["source"])
+    loss = F.cross_entropy(logits["shape"].reshape(-1, 5), labels["shape"].reshape(-1))
+    # colour / size: only where there is an object (label -1 elsewhere)
+    loss = loss + F.cross_entropy(logits["colour"].reshape(-1, 7), labels["colour"].reshape(-1), ignore_index=-1)
+    loss = loss + F.cross_entropy(logits["size"].reshape(-1, 2), labels["size"].reshape(-1), ignore_index=-1)
+    return loss + F.cross_entropy(logits["background"], labels["background"])
+
+
+def accuracy(net: FeatureNet, images: torch.Tensor, labels: dict) -> dict[str, float]:
+    """Held-out accuracy per attribute.
+
+    shapes: `shape` = shape class correct, over non-empty cells; `empty` = empty-vs-object correct, over all
+    cells; `colour`, `size` = over non-empty cells; `background` = per image; `object` = shape, colour and size
+    all correct, over non-empty cells. photos: `source` = per image.
+    """
+    pred = net.predict(images)
+    if net.data == "photos":
+        return {"source": (pred["source"] == labels["source"]).float().mean().item()}
+    obj = labels["shape"] > 0
+    sh_ok = pred["shape"] == labels["shape"]
+    col_ok = pred["colour"] == labels["colour"]
+    size_ok = pred["size"] == labels["size"]
+    return {
+        "shape": sh_ok[obj].float().mean().item(),
+        "empty": ((pred["shape"] > 0) == obj).float().mean().item(),
+        "colour": col_ok[obj].float().mean().item(),
+        "size": size_ok[obj].float().mean().item(),
+        "background": (pred["background"] == labels["background"]).float().mean().item(),
+        "object": (sh_ok & col_ok & size_ok)[obj].float().mean().item(),
+    }
+
+
+def _augment(data: str, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """photos: random horizontal flips (label-preserving, no resampling). shapes: none (any flip or shift would
+    move objects between cells or change stripe direction)."""
+    if data == "photos":
+        flip = torch.rand(len(x), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- train / io
+
+def _to_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in sd.items()}
+
+
+def _from_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def train_feature_net(data: str, out: Path, minutes: float = 6.0, num_train: int = 30000, seed: int = 0,
+                      progress: bool = True, batch_size: int = 64, lr: float = 2e-3, width: int = 32,
+                      num_features: int = 256, num_test: int = 2000, command: str | None = None) -> dict:
+    """Train the feature network of `data` ('shapes' | 'photos') for `minutes` of wall time (data generation
+    not included), evaluate on `num_test` held-out `split="test"` images and write `out/config.json` +
+    `out/model.safetensors`. Returns the config dict (with `heldout_accuracy`).
+
+    Adam with a time-based schedule: linear warm-up over the first 3% of the budget, then cosine decay to 0.
+    """
+    from ..data import get_dataset
+
+    out = Path(out)
+    t_start = time.time()
+    torch.manual_seed(seed)
+    ds = get_dataset(data)
+    if progress:
+        print(f"[features] generating {num_train} training images of {data} ...", file=sys.stderr, flush=True)
+    tr = ds.sample(num_train, seed=seed, split="train")
+    te = ds.sample(num_test, seed=seed, split="test")
+    t_data = time.time() - t_start
+
+    net = FeatureNet(data, width=width, num_features=num_features, resolution=tr.images.shape[-1])
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    budget = minutes * 60.0
+    t0 = time.time()
+    step, seen, last_log = 0, 0, t0
+    net.train()
+    while True:
+        el = time.time() - t0
+        frac = el / budget if budget > 0 else 1.0
+        if frac >= 1.0:
+            break
+        warm = 0.03
+        scale = frac / warm if frac < warm else 0.5 * (1 + math.cos(math.pi * (frac - warm) / (1 - warm)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        idx = torch.randint(0, num_train, (batch_size,), generator=g)
+        x = _augment(data, tr.images[idx], g)
+        labels = {k: v[idx] for k, v in tr.labels.items()}
+        loss = _loss(net, net(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        seen += batch_size
+        if progress and time.time() - last_log > 30:
+            last_log = time.time()
+            print(f"[features] {data} step {step} ({el / 60:.1f}/{minutes:g} min) loss {loss.item():.4f} "
+                  f"lr {lr * scale:.2e}", file=sys.stderr, flush=True)
+    train_s = time.time() - t0
+    # Weights are stored as float16 (keeps the committed folders small); evaluate the rounded weights so the
+    # recorded accuracy is exactly that of the saved model.
+    sd16 = _to_storage(net.state_dict())
+    net.load_state_dict(_from_storage(sd16))
+    net.eval()
+    acc = accuracy(net, te.images, te.labels)
+    if progress:
+        print(f"[features] {data}: {step} steps, held-out accuracy " +
+              ", ".join(f"{k} {v:.4f}" for k, v in acc.items()), file=sys.stderr, flush=True)
+    cfg = {
+        "format": FORMAT,
+        "arch": net.config(),
+        "heads": net.head_sizes,
+        "heldout_accuracy": {k: round(v, 5) for k, v in acc.items()},
+        "heldout": {"split": "test", "seed": seed, "num": num_test},
+        "train": {"num_train": num_train, "batch_size": batch_size, "lr": lr, "optimizer": "Adam",
+                  "schedule": "3% linear warm-up then cosine to 0 over the time budget", "minutes": minutes,
+                  "steps": step, "images_seen": seen, "seed": seed,
+                  "augment": "random horizontal flip" if data == "photos" else "none",
+                  "data_seconds": round(t_data, 1), "train_seconds": round(train_s, 1),
+                  "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
+                  "threads": torch.get_num_threads()},
+        "command": command or f"python -m twostep.metrics.features --data {data} --out {out} --minutes {minutes:g} "
+                              f"--num-train {num_train} --seed {seed}",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(sd16, out / "model.safetensors", metadata={"format": FORMAT})
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")  # last: marks completeness
+    return cfg
+
+
+def load_feature_net(folder: Path | str) -> FeatureNet:
+    """Load a feature net folder (config.json + model.safetensors) in eval mode, frozen."""
+    folder = Path(folder)
+    hint = ("re-create it with `python -m twostep.metrics.features --data shapes|photos --out "
+            f"{folder}`")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: feature-net folder does not exist; {hint}")
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{cfg_path}: missing, so {folder} is not a complete feature-net folder; {hint}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        arch = cfg["arch"]
+        if cfg.get("format") != FORMAT:
+            raise ValueError("format")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{cfg_path}: not a valid feature-net config ({type(e).__name__}); {hint}") from None
+    try:
+        net = FeatureNet(arch["data"], width=int(arch["width"]), num_features=int(arch["num_features"]),
+                         resolution=int(arch.get("resolution", 32)), cell_dim=int(arch.get("cell_dim", 24)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_path}: bad architecture entry ({type(e).__name__}: {e}); {hint}") from None
+    sd = _from_storage(load_tensors(folder / "model.safetensors"))
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError:
+        raise UserError(f"{folder / 'model.safetensors'}: weights do not match config.json's architecture; "
+                        f"{hint}") from None
+    if not all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()):
+        raise UserError(f"{folder / 'model.safetensors'}: contains NaN/inf weights; {hint}")
+    net.eval()
+    net.requires_grad_(False)
+    net.folder_config = cfg
+    return net
+
+
+def main(argv=None) -> int:
+    import argparse
+    import shlex
+
+    p = argparse.ArgumentParser(prog="python -m twostep.metrics.features",
+                                description="Train the small CNN feature network used by FD/KID/alignment.")
+    p.add_argument("--data", required=True, choices=["shapes", "photos"])
+    p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    p.add_argument("--minutes", type=float, default=6.0, help="training wall time (excluding data generation)")
+    p.add_argument("--num-train", dest="num_train", type=int, default=30000, help="size of the training pool")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--num-features", dest="num_features", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cmd = "python -m twostep.metrics.features " + " ".join(shlex.quote(s) for s in (argv or sys.argv[1:]))
+    try:
+        cfg = train_feature_net(a.data, Path(a.out), minutes=a.minutes, num_train=a.num_train, seed=a.seed,
+                                progress=not a.no_progress, batch_size=a.batch_size, lr=a.lr, width=a.width,
+                                num_features=a.num_features, command=cmd)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg["heldout_accuracy"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

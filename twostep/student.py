@@ -1,0 +1,197 @@
+"""The step-decoupled 2-step student (Turbo++ idea 2) and its run-folder I/O.
+
+    ε ~ N(0, I)
+    x̂0₁ = F_θ1(ε, σ = 1, c)                       step 1 (its Euler step to σm and same-noise re-noising coincide)
+    x_m  = (1 − σm)·x̂0₁ + σm·ε                     same noise (default) or fresh ε'
+    x̂0₂ = F_θ2(x_m, σm, c)                         step 2: the image
+
+decoupling: `full` = two full copies θ1, θ2; `lora` = one frozen base + one peft LoRA adapter per step, switched
+per step; `shared` = one set (ablation). All start from the teacher. No CFG: 2 NFE per image.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import flow
+from .backbones.zimage import ZImageBackbone
+from .errors import UserError
+
+STEP_NAMES = ("step1", "step2")
+
+
+class TwoStepStudent(nn.Module):
+    def __init__(self, teacher: ZImageBackbone, decoupling: str = "full", sigma_mid: float = 0.75,
+                 mid_noise: str = "same", lora_rank: int = 16, lora_alpha: float = 16.0,
+                 lora_targets=("to_q", "to_k", "to_v", "to_out.0")):
+        super().__init__()
+        if not 0.0 < sigma_mid < 1.0:
+            raise UserError(f"student.sigma_mid={sigma_mid}: must lie strictly between 0 and 1")
+        self.decoupling, self.sigma_mid, self.mid_noise = decoupling, float(sigma_mid), mid_noise
+        if decoupling == "full":
+            self.step1 = _trainable_copy(teacher)
+            self.step2 = _trainable_copy(teacher)
+        elif decoupling == "shared":
+            self.shared = _trainable_copy(teacher)
+        elif decoupling == "lora":
+            from peft import LoraConfig
+
+            self.base = copy.deepcopy(teacher).requires_grad_(False)
+            for name in STEP_NAMES:  # LoRA B starts at zero: both steps start exactly at the teacher
+                self.base.transformer.add_adapter(
+                    LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets),
+                               init_lora_weights=True), adapter_name=name)
+            self._lora_trainable()
+        else:
+            raise UserError(f"student.decoupling={decoupling!r}: use full, lora or shared")
+
+    # -- which parameters run which step --------------------------------------------------------------
+    def _lora_trainable(self):
+        for n, p in self.base.named_parameters():
+            p.requires_grad_(any(f".{s}." in n or n.endswith(f".{s}") for s in STEP_NAMES) and "lora_" in n)
+
+    def step_backbone(self, i: int) -> ZImageBackbone:
+        """The backbone that runs step i (1 or 2), with the right adapter active in lora mode."""
+        if self.decoupling == "full":
+            return self.step1 if i == 1 else self.step2
+        if self.decoupling == "shared":
+            return self.shared
+        self.base.transformer.set_adapter(STEP_NAMES[i - 1])
+        self._lora_trainable()  # peft's set_adapter freezes the inactive adapter; both stay trainable
+        return self.base
+
+    def step_parameters(self, i: int) -> list[nn.Parameter]:
+        if self.decoupling == "lora":
+            return [p for n, p in self.base.named_parameters() if "lora_" in n and f".{STEP_NAMES[i - 1]}." in n]
+        return [p for p in self.step_backbone(i).parameters()]
+
+    @property
+    def sigmas(self) -> list[float]:
+        return [1.0, self.sigma_mid, 0.0]
+
+    # -- the 2-step rollout ---------------------------------------------------------------------------
+    def forward(self, noise: torch.Tensor, text, gradient: str = "end_to_end",
+                fresh_noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        b = noise.shape[0]
+        one = torch.ones(b, dtype=noise.dtype, device=noise.device)
+        x0_1 = self.step_backbone(1).denoise(noise, one, text)                     # step 1 at σ = 1
+        eps_m = noise if self.mid_noise == "same" else fresh_noise
+        if eps_m is None:
+            eps_m = torch.randn_like(noise)
+        x_m = flow.add_noise(x0_1, eps_m, self.sigma_mid)                          # x_m = (1−σm)x̂0₁ + σm·ε
+        if gradient == "detach":
+            x_m = x_m.detach()                                                     # ablation: no grad into θ1
+        x0_2 = self.step_backbone(2).denoise(x_m, one * self.sigma_mid, text)     # step 2 at σm
+        return {"x0_1": x0_1, "x_m": x_m, "x0_2": x0_2}
+
+    # -- weights --------------------------------------------------------------------------------------
+    def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Files of a student folder: {filename stem: state dict}."""
+        if self.decoupling == "full":
+            return {"step1": self.step1.transformer.state_dict(), "step2": self.step2.transformer.state_dict()}
+        if self.decoupling == "shared":
+            return {"model": self.shared.transformer.state_dict()}
+        sd = self.base.transformer.state_dict()
+        return {"base": {k: v for k, v in sd.items() if "lora_" not in k},
+                **{s: {k: v for k, v in sd.items() if "lora_" in k and f".{s}." in k} for s in STEP_NAMES}}
+
+    def load_export_state(self, files: dict[str, dict[str, torch.Tensor]]):
+        if self.decoupling == "full":
+            self.step1.transformer.load_state_dict(files["step1"])
+            self.step2.transformer.load_state_dict(files["step2"])
+        elif self.decoupling == "shared":
+            self.shared.transformer.load_state_dict(files["model"])
+        else:
+            sd = {**files["base"], **files["step1"], **files["step2"]}
+            self.base.transformer.load_state_dict(sd)
+
+
+def _trainable_copy(bb: ZImageBackbone) -> ZImageBackbone:
+    c = copy.deepcopy(bb)
+    c.requires_grad_(True).train()
+    return c
+
+
+# -- run folder as a generator ---------------------------------------------------------------------------
+
+class StudentGenerator:
+    """A distilled student sampled with its own 2-step σ grid, no CFG (2 NFE)."""
+
+    def __init__(self, student: TwoStepStudent, config: dict, folder: Path | None = None):
+        self.student = student.eval()
+        self.config = config
+        self.folder = folder
+        self.resolution = int(config["resolution"])
+        self.channels = int(config["transformer"]["in_channels"])
+        self.steps, self.guidance = 2, 0.0
+
+    @property
+    def nfe(self) -> int:
+        return 2
+
+    def describe(self) -> str:
+        return f"student 2-step ({self.student.decoupling}, σm={self.student.sigma_mid:g}), 2 NFE"
+
+    def encode(self, prompts):
+        from .text import get_encoder
+        return get_encoder().encode(prompts)
+
+    def noise(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(n, self.channels, self.resolution, self.resolution, generator=g)
+
+    @torch.no_grad()
+    def generate(self, text, noise, return_trajectory: bool = False) -> flow.SampleResult:
+        fresh = None
+        if self.student.mid_noise == "fresh":
+            g = torch.Generator().manual_seed(int(noise.flatten()[:4].abs().sum().item() * 1e6) % (2**31))
+            fresh = torch.randn(noise.shape, generator=g)
+        out = self.student(noise, text, fresh_noise=fresh)
+        traj = [noise, out["x_m"], out["x0_2"]] if return_trajectory else []
+        return flow.SampleResult(x0=out["x0_2"], nfe=2, sigmas=torch.tensor(self.student.sigmas, dtype=torch.float64),
+                                 trajectory=traj)
+
+
+def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
+    return {"kind": "student", "backbone": teacher_cfg.get("backbone", "zimage"),
+            "transformer": teacher_cfg["transformer"], "resolution": teacher_cfg["resolution"],
+            "text_encoder": teacher_cfg.get("text_encoder"), "data": teacher_cfg.get("data"),
+            "teacher": str(teacher_folder) if teacher_folder else None,
+            "method": cfg.method, "decoupling": cfg.student.decoupling, "sigma_mid": cfg.student.sigma_mid,
+            "mid_noise": cfg.student.mid_noise, "lora_rank": cfg.student.lora_rank,
+            "lora_alpha": cfg.student.lora_alpha, "lora_targets": list(cfg.student.lora_targets),
+            "sampling": {"steps": 2, "sigmas": [1.0, cfg.student.sigma_mid, 0.0], "guidance": 0.0}}
+
+
+def build_student_from_config(c: dict) -> TwoStepStudent:
+    base = ZImageBackbone.from_config(c["transformer"])
+    return TwoStepStudent(base, c["decoupling"], c["sigma_mid"], c.get("mid_noise", "same"),
+                          c.get("lora_rank", 16), c.get("lora_alpha", 16.0), c.get("lora_targets", ["to_q"]))
+
+
+def save_student(student: TwoStepStudent, config: dict, folder: Path):
+    from .ckpt import atomic_save_tensors, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, sd in student.export_state().items():
+        atomic_save_tensors(sd, folder / f"{stem}.safetensors")
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
+
+
+def load_student_generator(folder) -> StudentGenerator:
+    from .ckpt import load_tensors
+    from .model import read_config
+
+    folder = Path(folder)
+    c = read_config(folder)
+    st = build_student_from_config(c)
+    stems = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base", "step1", "step2"]}[c["decoupling"]]
+    st.load_export_state({s: load_tensors(folder / f"{s}.safetensors") for s in stems})
+    st.requires_grad_(False)
+    return StudentGenerator(st, c, folder)
