@@ -34,7 +34,7 @@ class StudentConfig:
     mid_noise: str = choice("same", ["same", "fresh"], "x_m re-noises x̂0₁ with the initial ε (same) or a fresh ε")
     lora_rank: int = opt(16, "LoRA rank per step (decoupling=lora)")
     lora_alpha: float = opt(16.0, "LoRA alpha (decoupling=lora)")
-    lora_targets: list = opt(["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3", "adaLN_modulation.0"],
+    lora_targets: list = opt(["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"],
                              "module names that get LoRA adapters (decoupling=lora)")
 
 

@@ -1,0 +1,79 @@
+"""The shared training loop: resume reproduces an uninterrupted run; run folders and bad inputs."""
+
+import json
+
+import pytest
+import torch
+
+from twostep.config import load_config
+from twostep.errors import UserError
+from twostep.teacher.cache import build_cache
+from twostep.train import distill
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import sys, os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("loop")
+    teacher = make_tiny_teacher(root / "teacher")
+    cache = build_cache(teacher, "shapes", 16, root / "cache", shard_size=8, progress=False)
+    return root, teacher, cache
+
+
+def _cfg(updates, *extra):
+    return load_config(None, [f"train.updates={updates}", "train.batch_size=4", "train.log_every=1",
+                              "train.checkpoint_every=2", "train.grid_every=0", *extra])
+
+
+def _log(run):
+    return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_same_next_losses(setup):
+    root, teacher, cache = setup
+    full = distill(_cfg(4), teacher, cache, root / "full", progress=False)
+    part = distill(_cfg(2), teacher, cache, root / "part", progress=False)
+    part = distill(_cfg(4), teacher, cache, root / "part", resume=True, progress=False)
+    a, b = _log(full), _log(part)
+    keys = ("g_loss", "d_loss", "step1", "g_adv")
+    assert [r["update"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["update"], k)
+    from safetensors.torch import load_file
+    s1, s2 = load_file(str(full / "step2.safetensors")), load_file(str(part / "step2.safetensors"))
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-6) for k in s1)
+
+
+def test_run_folder_contents_and_refusals(setup):
+    root, teacher, cache = setup
+    run = distill(_cfg(2), teacher, cache, root / "r", progress=False)
+    for f in ("config.yaml", "config.json", "step1.safetensors", "step2.safetensors", "log.jsonl", "loss_curves.png"):
+        assert (run / f).exists(), f
+    with pytest.raises(UserError, match="already holds a run"):
+        distill(_cfg(2), teacher, cache, run, progress=False)
+    with pytest.raises(UserError, match="different config"):
+        distill(_cfg(4, "student.sigma_mid=0.5"), teacher, cache, run, resume=True, progress=False)
+
+
+def test_cache_of_another_teacher_is_refused(setup, tmp_path):
+    root, teacher, cache = setup
+    import sys, os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make_tiny_teacher
+    other = make_tiny_teacher(tmp_path / "other", seed=5)
+    with pytest.raises(UserError):
+        distill(_cfg(1), other, cache, tmp_path / "run", progress=False)
+
+
+def test_cli_bad_config_key_exits_2(setup, tmp_path, capsys):
+    from twostep.cli import main
+    root, teacher, cache = setup
+    rc = main(["distill", "--teacher", str(teacher), "--cache", str(cache), "--out", str(tmp_path / "x"),
+               "--set", "loss.nope=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "loss.nope" in err[0]
+    assert not (tmp_path / "x").exists()
