@@ -81,6 +81,63 @@ def _dry_run(cfg, a):
     print(f"# parameters: teacher {n_t:,} (frozen) | student trainable {n_s:,} | critic trainable {n_c:,}")
 
 
+def cmd_eval(a):
+    from .ckpt import atomic_write_text
+    from .evaluate import evaluate, format_table
+    from .generate import load_generator
+    import json
+
+    gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
+    res = evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
+                   teacher_dir=a.teacher, progress=not a.no_progress)
+    print(format_table([res]))
+    if a.json:
+        from pathlib import Path
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(a.json), json.dumps(res, indent=1))
+        print(f"metrics written to {a.json}")
+
+
+def cmd_tune_guidance(a):
+    import json
+    from pathlib import Path
+
+    from .ckpt import atomic_write_text
+    from .evaluate import evaluate
+    from .generate import TeacherSampler
+    from .model import load_teacher, read_config
+
+    teacher = load_teacher(a.teacher)
+    fds = {}
+    for g in a.grid:
+        r = evaluate(TeacherSampler(teacher, guidance=g), a.data, num=a.num, seed=a.seed, progress=False,
+                     features=a.features)
+        fds[g] = r["fd"]
+        print(f"g={g:g}: FD {r['fd']:.4g}  SWD {r['swd']:.4g}" + (f"  alignment {r['alignment']:.3f}"
+              if r["alignment"] is not None else ""), flush=True)
+    best = min(fds, key=fds.get)
+    cfg = read_config(Path(a.teacher))
+    cfg["sampling"]["guidance"] = best
+    cfg["guidance_tuned"] = {"metric": "fd", "data": a.data, "num": a.num, "seed": a.seed,
+                             "fd_by_guidance": {f"{g:g}": v for g, v in fds.items()}}
+    atomic_write_text(Path(a.teacher) / "config.json", json.dumps(cfg, indent=1))
+    print(f"default guidance set to g={best:g} (lowest FD) in {a.teacher}/config.json")
+
+
+def cmd_metrics_train(a):
+    from .metrics.features import train_feature_net
+
+    cfg = train_feature_net(a.data, a.out, minutes=a.minutes, seed=a.seed, progress=not a.no_progress)
+    print(f"feature net written to {a.out}: held-out accuracy {cfg.get('heldout_accuracy')}")
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+
+    run_demo(a.out, data=a.data, teacher_dir=a.teacher, cache_num=a.cache_num, minutes=a.minutes,
+             eval_num=a.eval_num, seed=a.seed, sets=a.set)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twostep", description="Distill a few-step flow-matching text-to-image model "
                                 "into a 2-step generator (Z-Image Turbo++), and measure it honestly.")
@@ -125,6 +182,46 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--no-progress", action="store_true")
     tc.set_defaults(fn=cmd_teacher_cache)
 
+    tg = tsub.add_parser("tune-guidance", help="choose the teacher's default CFG scale by FD",
+                         description="Evaluates the teacher at its default steps for each g of --grid and stores "
+                         "the g with the lowest FD (and all FDs) in the teacher's config.json.")
+    tg.add_argument("--teacher", required=True)
+    tg.add_argument("--data", required=True)
+    tg.add_argument("--grid", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0])
+    tg.add_argument("--num", type=int, default=500)
+    tg.add_argument("--seed", type=int, default=1, help="eval seed (default 1, so the reported seed 0 is not tuned on)")
+    tg.add_argument("--features", default=None, help="feature-net folder (default models/features-<data>)")
+    tg.set_defaults(fn=cmd_tune_guidance)
+
+    ev = sub.add_parser("eval", help="FD / KID / SWD / alignment / PSNR / diversity / NFE / sec per image",
+                        description="Evaluate a teacher (at any --steps/--guidance) or a student run on a benchmark. "
+                        "Prompts: --num captions of the held-out split; noise seeded by --seed; reference: --num "
+                        "images of the data's ref split (--ref data) or the teacher's default samples (--ref "
+                        "teacher). Deterministic on CPU at a fixed seed.")
+    ev.add_argument("--model", required=True, help="teacher folder or student run folder")
+    ev.add_argument("--data", required=True, help="shapes | photos | folder (needs --features)")
+    ev.add_argument("--steps", type=int, default=None, help="teacher only")
+    ev.add_argument("--guidance", type=float, default=None, help="teacher only (0 = no CFG)")
+    ev.add_argument("--num", type=int, default=1000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--ref", default="data", choices=["data", "teacher"])
+    ev.add_argument("--teacher", default=None, help="teacher folder for PSNR / --ref teacher (default: the "
+                    "student's own teacher, or the teacher itself)")
+    ev.add_argument("--features", default=None, help="feature-net folder (default models/features-<data>)")
+    ev.add_argument("--json", default=None, help="write the metrics as JSON here")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
+
+    mt = sub.add_parser("metrics", help="train the benchmarks' feature networks")
+    msub = mt.add_subparsers(dest="mcmd", required=True)
+    mtt = msub.add_parser("train", help="train a feature net (attribute / source classifier) on real data")
+    mtt.add_argument("--data", required=True, choices=["shapes", "photos"])
+    mtt.add_argument("--out", required=True)
+    mtt.add_argument("--minutes", type=float, default=6.0)
+    mtt.add_argument("--seed", type=int, default=0)
+    mtt.add_argument("--no-progress", action="store_true")
+    mtt.set_defaults(fn=cmd_metrics_train)
+
     d = sub.add_parser("distill", help="distill a 2-step student from a teacher and its cache (Turbo++)",
                        description="Train a 2-step student against the teacher's cached samples. Config: YAML file "
                        "(--config) + --set section.key=value overrides; see configs/turbopp.yaml. The resolved "
@@ -139,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_distill)
+
+    dm = sub.add_parser("demo", help="the main job: cache → distill → eval → report.html (≈15 min on 2 cores)",
+                        description="With the committed teacher: builds a teacher cache, distills a Turbo++ 2-step "
+                        "student within --minutes, evaluates teacher 8-step / naive 2-step / student 2-step and "
+                        "writes report.html + metrics.json in --out.")
+    dm.add_argument("--out", default="out/demo")
+    dm.add_argument("--data", default="shapes", choices=["shapes", "photos"])
+    dm.add_argument("--teacher", default=None, help="teacher folder (default models/teacher-<data>)")
+    dm.add_argument("--cache-num", dest="cache_num", type=int, default=1024)
+    dm.add_argument("--minutes", type=float, default=7.0, help="distillation time budget")
+    dm.add_argument("--eval-num", dest="eval_num", type=int, default=500)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    dm.set_defaults(fn=cmd_demo)
 
     sp = sub.add_parser("sample", help="sample a teacher or student model to a PNG grid",
                         description="One row per --prompt, --num images per row (seeds seed, seed+1, ...). "

@@ -1,0 +1,136 @@
+"""`twostep eval`: quality and cost of a generator on a benchmark, deterministic at a fixed seed on CPU.
+
+Protocol (every figure names it): prompts = `num` captions of the benchmark's held-out `test` split drawn with
+`seed`; noise = N(0, I) from a generator seeded with `seed`; reference = `num` images of the `ref` split
+(`--ref data`) or the teacher's default samples for the same prompts and noise (`--ref teacher`).
+Metrics: FD and KID (torchmetrics, in the benchmark's own feature net), multi-scale SWD (×1e3), alignment
+(`shapes` only), PSNR to the teacher's default sample for the same noise and prompt, within-prompt diversity
+(feature space, DIVERSITY_PROMPTS prompts × DIVERSITY_SAMPLES noises), NFE and sec/image of generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import get_dataset
+from .errors import UserError
+from .model import batched, load_teacher
+
+REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
+DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 25, 4
+NOISE_OFFSET = 777_000  # eval noise seeds live apart from training seeds
+
+
+def features_dir_for(data: str, features: str | None) -> Path:
+    if features:
+        return Path(features)
+    if data in ("shapes", "photos"):
+        return REPO_MODELS / f"features-{data}"
+    raise UserError(f"--data {data}: no built-in feature network for a folder dataset; train one and pass "
+                    "--features DIR")
+
+
+def generate_all(gen, text, noise, batch_size: int = 250, progress: bool = False, desc: str = "sample"):
+    outs, t = [], 0.0
+    it = list(batched(len(text), batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=desc, unit="batch", leave=False)
+    for sl in it:
+        t0 = time.perf_counter()
+        outs.append(gen.generate(text[sl], noise[sl]).x0)
+        t += time.perf_counter() - t0
+    return torch.cat(outs), t / max(1, len(text))
+
+
+def teacher_reference(teacher_dir: Path, data: str, captions, text, noise, seed: int, progress=False):
+    """The teacher's default samples for these prompts/noise, cached on disk (keyed by teacher + protocol)."""
+    from .ckpt import atomic_save_tensors
+    from .generate import TeacherSampler
+    from .teacher.cache import teacher_identity
+    from .text import default_cache_dir
+
+    key = hashlib.sha1(json.dumps([teacher_identity(teacher_dir), data, len(captions), seed]).encode()).hexdigest()[:20]
+    f = default_cache_dir().parent / "eval" / f"teacher-{key}.safetensors"
+    if f.exists():
+        try:
+            from safetensors.torch import load_file
+            return load_file(str(f))["x0"]
+        except Exception:
+            pass
+    ts = TeacherSampler(load_teacher(teacher_dir))
+    x, _ = generate_all(ts, text, noise, progress=progress, desc="teacher reference")
+    f.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors({"x0": x}, f)
+    return x
+
+
+def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", features: str | None = None,
+             teacher_dir: Path | None = None, progress: bool = True) -> dict:
+    from .metrics import alignment, diversity, load_feature_net, psnr, swd
+    from .metrics.fd import DistributionMetrics
+
+    if num < 10:
+        raise UserError(f"--num {num}: need at least 10 images for FD/KID")
+    if ref not in ("data", "teacher"):
+        raise UserError(f"--ref {ref}: use data or teacher")
+    net = load_feature_net(features_dir_for(data, features))
+    ds = get_dataset(data, gen.resolution)
+    ex = ds.sample(num, seed=seed, split="test")
+    text = gen.encode(ex.captions)
+    noise = gen.noise(num, NOISE_OFFSET + seed)
+    fake, spi = generate_all(gen, text, noise, progress=progress, desc=gen.describe())
+
+    # the teacher's default sample for the same noise and prompt (PSNR, and the reference when --ref teacher)
+    tdir = teacher_dir or (gen.config.get("teacher") if gen.config.get("kind") == "student" else None)
+    is_teacher_default = gen.config.get("kind") == "teacher" and (gen.steps, gen.guidance) == (
+        int(gen.config["sampling"]["steps"]), float(gen.config["sampling"]["guidance"]))
+    if gen.config.get("kind") == "teacher" and tdir is None:
+        tdir = gen.teacher.folder
+    tref = None
+    if is_teacher_default:
+        tref = fake
+    elif tdir is not None and Path(tdir).exists():
+        tref = teacher_reference(Path(tdir), data, ex.captions, text, noise, seed, progress)
+
+    if ref == "data":
+        reference = ds.sample(num, seed=seed, split="ref").images
+    else:
+        if tref is None:
+            raise UserError("--ref teacher: this model names no teacher folder; pass --teacher DIR")
+        reference = tref
+    dm = DistributionMetrics(net, reference, seed=seed)
+    d = dm(fake)
+    res = {
+        "fd": d["fd"], "kid": d["kid_mean"], "kid_std": d["kid_std"],
+        "swd": swd(reference, fake),
+        "alignment": alignment(fake, ex.labels, net) if getattr(ds, "has_attributes", False) else None,
+        "psnr_vs_teacher": None if (tref is None or is_teacher_default) else psnr(fake, tref),
+    }
+    # within-prompt diversity: the first prompts, each with several noises
+    k = min(DIVERSITY_PROMPTS, num)
+    dtext = [t for t in text[:k] for _ in range(DIVERSITY_SAMPLES)]
+    dnoise = gen.noise(k * DIVERSITY_SAMPLES, NOISE_OFFSET + 500_000 + seed)
+    dx, _ = generate_all(gen, dtext, dnoise)
+    res["diversity"] = diversity(dx, [i // DIVERSITY_SAMPLES for i in range(len(dx))], net)
+    res.update({"nfe": gen.nfe, "sec_per_image": spi, "num": num, "seed": seed, "ref": ref, "data": data,
+                "model": gen.describe(), "steps": gen.steps, "guidance": gen.guidance})
+    return res
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["model", "nfe", "fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "sec_per_image"]
+    def f(v):
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
