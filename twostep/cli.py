@@ -138,6 +138,24 @@ def cmd_demo(a):
              eval_num=a.eval_num, seed=a.seed, sets=a.set)
 
 
+def cmd_speed(a):
+    import json
+
+    from .generate import load_generator
+    from .speed import measure
+
+    r = measure(load_generator(a.teacher), load_generator(a.student), batch=a.batch, repeats=a.repeats)
+    for k in ("teacher", "student"):
+        print(f"{k:8s} {r[k]['model']:45s} NFE {r[k]['nfe']:3d}  {r[k]['images_per_sec']:8.1f} img/s  "
+              f"{1e3 * r[k]['sec_per_image']:.2f} ms/img")
+    print(f"student/teacher time ratio {r['time_ratio_student_over_teacher']:.3f} vs NFE ratio "
+          f"{r['nfe_ratio_student_over_teacher']:.3f} -> {r['ratio_over_nfe_limit']:.3f}x the NFE limit")
+    if a.json:
+        from pathlib import Path
+        from .ckpt import atomic_write_text
+        atomic_write_text(Path(a.json), json.dumps(r, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twostep", description="Distill a few-step flow-matching text-to-image model "
                                 "into a 2-step generator (Z-Image Turbo++), and measure it honestly.")
@@ -250,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     dm.set_defaults(fn=cmd_demo)
+
+    spd = sub.add_parser("speed", help="teacher vs student images/sec, interleaved in one process",
+                         description="Times the teacher (default steps and CFG) and the student (2 steps) "
+                         "interleaved after warm-up; prints images/sec, NFE and the ratio to the NFE limit.")
+    spd.add_argument("--teacher", required=True)
+    spd.add_argument("--student", required=True)
+    spd.add_argument("--batch", type=int, default=32)
+    spd.add_argument("--repeats", type=int, default=5)
+    spd.add_argument("--json", default=None)
+    spd.set_defaults(fn=cmd_speed)
 
     sp = sub.add_parser("sample", help="sample a teacher or student model to a PNG grid",
                         description="One row per --prompt, --num images per row (seeds seed, seed+1, ...). "

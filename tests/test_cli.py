@@ -1,0 +1,70 @@
+"""The CLI end to end on a tiny teacher; bad input gives one line naming the problem, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from twostep.cli import main
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err.strip().splitlines()
+
+
+def test_sample_teacher_writes_grid(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    rc, so, err = _run(["sample", "--model", str(tiny_teacher), "--prompt", "a red circle", "--prompt", "x",
+                        "--num", "2", "--steps", "2", "--out", str(out)], capsys)
+    assert rc == 0 and out.exists()
+    from PIL import Image
+    w, h = Image.open(out).size
+    assert (w, h) == (4 * (2 + 2 * 34), 4 * (2 + 2 * 34))  # 2 rows × 2 images, 2 px padding, ×4
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sample", "--model", "/nonexistent/x", "--prompt", "a", "--out", "o.png"], "/nonexistent/x"),
+    (["eval", "--model", "/nonexistent/x", "--data", "shapes"], "/nonexistent/x"),
+    (["teacher", "train", "--data", "/nonexistent/dir", "--out", "t"], "/nonexistent/dir"),
+])
+def test_bad_paths_exit_2_with_one_line(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, so, err = _run(argv, capsys)
+    assert rc == 2 and len(err) == 1 and needle in err[0] and err[0].startswith("error:")
+
+
+def test_teacher_folder_missing_weights(tiny_teacher, tmp_path, capsys):
+    (tiny_teacher / "model.safetensors").unlink()
+    rc, so, err = _run(["sample", "--model", str(tiny_teacher), "--prompt", "a", "--out", str(tmp_path / "o.png")],
+                       capsys)
+    assert rc == 2 and "model.safetensors" in err[0] and len(err) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_corrupt_teacher_weights(tiny_teacher, tmp_path, capsys):
+    p = tiny_teacher / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    rc, so, err = _run(["sample", "--model", str(tiny_teacher), "--prompt", "a", "--out", str(tmp_path / "o.png")],
+                       capsys)
+    assert rc == 2 and "model.safetensors" in err[0]
+
+
+def test_teacher_train_refuses_other_run_and_resumes_same(tmp_path, capsys):
+    out = tmp_path / "t"
+    base = ["teacher", "train", "--data", "shapes", "--out", str(out), "--dim", "32", "--n-heads", "1",
+            "--n-layers", "1", "--num-train", "64", "--batch-size", "8", "--no-progress"]
+    rc, so, err = _run(base + ["--max-steps", "2"], capsys)
+    assert rc == 0 and (out / "model.safetensors").exists() and (out / "config.json").exists()
+    rc, so, err = _run(base + ["--max-steps", "4"], capsys)
+    assert rc == 0 and "resumed" in so and json.loads((out / "config.json").read_text())["training"]["steps"] == 4
+    rc, so, err = _run([*base[:-9], "--dim", "64", "--n-heads", "1", "--n-layers", "1", "--num-train", "64",
+                        "--batch-size", "8", "--no-progress", "--max-steps", "2"], capsys)
+    assert rc == 2 and "different teacher run" in err[0]
+
+
+def test_help_explains():
+    out = subprocess.run([sys.executable, "-m", "twostep", "distill", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--set" in out.stdout and "--resume" in out.stdout

@@ -1,0 +1,34 @@
+"""`twostep speed`: teacher (default steps, with its CFG) vs student (2 steps) images/sec, timed interleaved in one
+process after warm-up (ratios measured in one run: these machines are noisy). Text features are cached for both."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def measure(teacher_gen, student_gen, batch: int = 32, repeats: int = 5, warmup: int = 1, prompts=None) -> dict:
+    prompts = prompts or ["a large red circle center, gray background"] * batch
+    text = teacher_gen.encode(prompts[:batch])  # cached text features, shared by both
+    noise = teacher_gen.noise(batch, 0)
+    times = {"teacher": [], "student": []}
+    gens = {"teacher": teacher_gen, "student": student_gen}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for g in gens.values():
+                g.generate(text, noise)
+        for _ in range(repeats):  # interleaved: teacher, student, teacher, student, ...
+            for k, g in gens.items():
+                t0 = time.perf_counter()
+                g.generate(text, noise)
+                times[k].append(time.perf_counter() - t0)
+    res = {"batch": batch, "repeats": repeats}
+    for k, g in gens.items():
+        med = statistics.median(times[k])
+        res[k] = {"model": g.describe(), "nfe": g.nfe, "sec_per_image": med / batch, "images_per_sec": batch / med}
+    res["time_ratio_student_over_teacher"] = res["student"]["sec_per_image"] / res["teacher"]["sec_per_image"]
+    res["nfe_ratio_student_over_teacher"] = res["student"]["nfe"] / res["teacher"]["nfe"]
+    res["ratio_over_nfe_limit"] = res["time_ratio_student_over_teacher"] / res["nfe_ratio_student_over_teacher"]
+    return res
