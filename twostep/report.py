@@ -49,7 +49,10 @@ def write_report(path: Path, title: str, grids: list[dict], captions: list[str],
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}
 img{{image-rendering:pixelated}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:right}}</style></head><body><h1>{html.escape(title)}</h1>
+text-align:right}}</style>
+<script>window.addEventListener("load", () => {{ const imgs = [...document.images];
+document.body.dataset.images = imgs.length;
+document.body.dataset.imagesOk = imgs.every(i => i.complete && i.naturalWidth > 0); }});</script></head><body><h1>{html.escape(title)}</h1>
 <p>{notes}</p><h2>Samples (rows = prompts below, same noise in every panel)</h2>{figs}<ol>{caps}</ol>
 <h2>Metrics</h2>{table}<pre>{html.escape(format_table(rows))}</pre>{extras}</body></html>"""
     atomic_write_text(Path(path), page)

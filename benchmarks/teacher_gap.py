@@ -1,0 +1,89 @@
+"""Is each embedded benchmark hard enough? The committed teacher at its default (8 steps, tuned CFG) vs naive
+2-step sampling without CFG (2 NFE, the student's cost) and with CFG (4 NFE).
+
+    .venv/bin/python benchmarks/teacher_gap.py [--num 1000] [--seeds 0 1 2] [--data shapes photos]
+
+One JSON record per (benchmark, setting, seed) in benchmarks/results/teacher_gap/ (finished records are skipped
+on restart), then benchmarks/results/teacher_gap.md: mean ± std over seeds and the FD ratio naive/8-step.
+Reference = held-out data (`twostep eval --ref data`), feature net = models/features-<data>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from twostep.ckpt import atomic_write_text  # noqa: E402
+from twostep.evaluate import evaluate  # noqa: E402
+from twostep.generate import TeacherSampler  # noqa: E402
+from twostep.model import load_teacher  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "teacher_gap"
+METRICS = ["fd", "kid", "swd", "alignment", "diversity", "psnr_vs_teacher", "sec_per_image"]
+
+
+def settings(teacher):
+    g = float(teacher.sampling["guidance"])
+    return [("teacher-8step", int(teacher.sampling["steps"]), g), ("naive-2step-nocfg", 2, 0.0),
+            ("naive-2step-cfg", 2, g)]
+
+
+def ms(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    m = statistics.mean(vals)
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{m:.4g} ± {s:.2g}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", default=["shapes", "photos"])
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = ["| benchmark | sampler | steps | CFG g | NFE | FD | KID | SWD | alignment | diversity | FD ÷ teacher FD |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for data in a.data:
+        tdir = ROOT / "models" / f"teacher-{data}"
+        teacher = load_teacher(tdir)
+        recs = {}
+        for name, steps, g in settings(teacher):
+            for seed in a.seeds:
+                f = OUT / f"{data}-{name}-n{a.num}-seed{seed}.json"
+                if f.exists():
+                    r = json.loads(f.read_text())
+                else:
+                    print(f"{data} {name} seed {seed} ...", flush=True)
+                    r = evaluate(TeacherSampler(teacher, steps, g), data, num=a.num, seed=seed, teacher_dir=tdir,
+                                 progress=False)
+                    r.update({"benchmark": data, "setting": name, "teacher": str(tdir.relative_to(ROOT))})
+                    atomic_write_text(f, json.dumps(r, indent=1))
+                recs.setdefault(name, []).append(r)
+        base = {r["seed"]: r["fd"] for r in recs["teacher-8step"]}
+        for name, steps, g in settings(teacher):
+            rs = recs[name]
+            ratio = [r["fd"] / base[r["seed"]] for r in rs if base.get(r["seed"])]
+            lines.append(f"| {data} | {name} | {steps} | {g:g} | {rs[0]['nfe']} | " +
+                         " | ".join(ms([r[k] for r in rs]) for k in ("fd", "kid", "swd", "alignment", "diversity"))
+                         + f" | {ms(ratio)} |")
+    md = "\n".join(lines) + (f"\n\nFD/KID in each benchmark's feature net (models/features-<data>), {a.num} samples "
+                             f"vs {a.num} held-out data images, seeds {a.seeds} (mean ± std); SWD ×1e3.\n")
+    atomic_write_text(ROOT / "benchmarks" / "results" / "teacher_gap.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
