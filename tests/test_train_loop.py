@@ -77,3 +77,26 @@ def test_cli_bad_config_key_exits_2(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "loss.nope" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_nonfinite_updates_are_skipped_then_rolled_back(setup, monkeypatch, capsys):
+    root, teacher, cache = setup
+    from twostep.methods.turbopp import TurboPP
+    orig = TurboPP.student_loss
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss, logs = orig(self, batch)
+        if 3 <= calls["n"] <= 5:       # updates 3..5 blow up (after the checkpoint at update 2)
+            loss = loss * float("nan")
+        return loss, logs
+
+    monkeypatch.setattr(TurboPP, "student_loss", flaky)
+    run = distill(_cfg(6, "train.max_nonfinite=3"), teacher, cache, root / "nan", progress=False)
+    out = capsys.readouterr().out
+    assert "rolled back to step-00000004" in out and "halved" in out  # the newest complete checkpoint
+    from safetensors.torch import load_file
+    w = load_file(str(run / "step2.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert [r["update"] for r in _log(run)][-1] == 6 and calls["n"] == 7  # 5 before the rollback + updates 5, 6

@@ -68,6 +68,28 @@ class LossConfig:
 
 
 @dataclass
+class DMDConfig:
+    guidance: float = opt(2.0, "DMD2: CFG scale of the real score (Z-Image form pos + g·(pos − neg); g = 0 is "
+                          "no guidance); set it to the teacher's tuned value")
+    gan_weight: float = opt(5e-3, "DMD2: weight of the GAN generator loss (DMD2 SDXL: 5e-3)")
+    critic_gan_weight: float = opt(1e-2, "DMD2: weight of the GAN classifier loss in the critic update "
+                                   "(DMD2 SDXL: 1e-2)")
+    sigma_min: float = opt(0.02, "DMD2: lowest σ of the uniform re-noising of the DMD term and fake-score loss")
+    sigma_max: float = opt(0.98, "DMD2: highest σ of the uniform re-noising")
+
+
+@dataclass
+class D2GConfig:
+    regression_weight: float = opt(1.0, "Diffusion2GAN: weight of the paired perceptual regression")
+    gan_weight: float = opt(0.5, "Diffusion2GAN: weight of the conditional GAN generator loss")
+    blocks: list = opt([], "Diffusion2GAN: teacher blocks the multi-scale discriminator reads ([] = all blocks)")
+    scales: list = opt([1, 2], "Diffusion2GAN: input scales of the discriminator (k = downsampled k× then "
+                       "upsampled back)")
+    translate: float = opt(0.125, "Diffusion2GAN: max translation of the paired augmentation (fraction of the side)")
+    flip: bool = opt(True, "Diffusion2GAN: random horizontal flip in the paired augmentation")
+
+
+@dataclass
 class TrainConfig:
     updates: int = opt(2000, "student updates")
     minutes: float = opt(0.0, "optional wall-time budget in minutes (0 = none); stops early when reached")
@@ -88,6 +110,8 @@ class TrainConfig:
     eval_num: int = opt(200, "images in a quick eval")
     checkpoint_every: int = opt(250, "updates between checkpoints")
     keep_checkpoints: int = opt(2, "complete checkpoints kept")
+    max_nonfinite: int = opt(5, "non-finite losses in a row before rolling back to the last checkpoint "
+                             "with half the learning rates")
 
 
 @dataclass
@@ -96,6 +120,8 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
+    d2g: D2GConfig = field(default_factory=D2GConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -144,7 +144,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         bar = tqdm(total=t.updates, initial=update, desc=f"distill[{cfg.method}]", unit="upd")
     t_start = time.time()
     logf = open(out / "log.jsonl", "a") if acc.is_main_process else None
-    skipped = 0
+    skipped = in_a_row = 0
     while update < t.updates:
         if t.minutes > 0 and time.time() - t_start > t.minutes * 60:
             acc.print(f"time budget of {t.minutes} min reached at update {update}")
@@ -156,24 +156,36 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                 for k in range(t.d_updates):
                     c_loss, clogs = method.critic_loss(src.get(update, 1 + k, t.batch_size))
                     opt_c.zero_grad(set_to_none=True)
+                    if not torch.isfinite(c_loss):
+                        skipped += 1
+                        continue
                     c_loss.backward()
                     _sync_grads(acc, c_params)
-                    if t.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(c_params, t.grad_clip)
-                    opt_c.step()
+                    if _clip(c_params, t.grad_clip):
+                        opt_c.step()
+                    else:
+                        skipped += 1
                     logs.update(clogs)
             s_loss, slogs = method.student_loss(src.get(update, 0, t.batch_size))
         logs.update(slogs)
         opt_s.zero_grad(set_to_none=True)
-        if not torch.isfinite(s_loss):
-            skipped += 1
-            logs["skipped"] = skipped
-        else:
+        ok = bool(torch.isfinite(s_loss))
+        if ok:
             s_loss.backward()
             _sync_grads(acc, s_params)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(s_params, t.grad_clip)
-            opt_s.step()
+            ok = _clip(s_params, t.grad_clip)
+            if ok:
+                opt_s.step()
+        if not ok:  # non-finite loss or gradient: skip the update, count it, roll back after too many in a row
+            skipped += 1
+            in_a_row += 1
+            logs["skipped_updates"] = skipped
+            if in_a_row >= t.max_nonfinite:
+                update, log = _rollback(acc, out, method, ema, opts, c_params)
+                in_a_row = 0
+                continue
+        else:
+            in_a_row = 0
         update += 1
         _ema_update(ema, method.student, min(t.ema, (1 + update) / (10 + update)))
         logs["sec_per_update"] = time.time() - ts
@@ -201,6 +213,32 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     if acc.is_main_process:
         _loss_curves(log, out / "loss_curves.png")
     return out
+
+
+def _clip(params, max_norm: float) -> bool:
+    """Clip gradients (when max_norm > 0); False when the gradient norm is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return bool(torch.isfinite(norm))
+
+
+def _rollback(acc, out, method, ema, opts, c_params):
+    """Too many non-finite updates in a row: reload the newest complete checkpoint and halve the learning rates."""
+    ck = latest_checkpoint(out / "checkpoints")
+    lrs = {k: [g["lr"] * 0.5 for g in o.param_groups] for k, o in opts.items()}
+    if ck is None:
+        raise RuntimeError("non-finite losses in a row and no checkpoint to roll back to; lower the learning "
+                           "rates (train.lr_student / train.lr_disc)")
+    method.student.load_state_dict(load_tensors(ck / "student.safetensors"))
+    ema.load_state_dict(load_tensors(ck / "ema.safetensors"))
+    if c_params:
+        method.critic.load_state_dict(load_tensors(ck / "critic.safetensors"))
+    meta = read_checkpoint(ck, opts)
+    for k, o in opts.items():
+        for g, lr in zip(o.param_groups, lrs[k]):
+            g["lr"] = lr
+    acc.print(f"rolled back to {ck.name} (update {meta['step']}) after repeated non-finite losses; learning "
+              f"rates halved to {', '.join(f'{k}={v[0]:.3g}' for k, v in lrs.items())}")
+    return meta["step"], meta.get("log", [])
 
 
 def _param_hash(module) -> float:

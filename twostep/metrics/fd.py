@@ -11,6 +11,8 @@ float64 too). FD is biased upward for small sample sizes; compare numbers only a
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,6 +46,7 @@ class TorchmetricsFeature(nn.Module):
         self.net = net
         self.num_features = int(net.num_features)   # torchmetrics' FID reads this instead of probing
         self.batch_size = batch_size
+        self._cache = None
         self.net.eval()
 
     def train(self, mode: bool = True):  # the feature net is frozen: never switch BatchNorm to batch stats
@@ -53,8 +56,14 @@ class TorchmetricsFeature(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # FID and KID are updated with the same batch one after the other: embed it once.
+        key = (images.data_ptr(), tuple(images.shape), images.dtype, images._version)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         x = _as_images(images, self.net.resolution)
-        return self.net.embed_images(x, self.batch_size).double()
+        f = self.net.embed_images(x, self.batch_size).double()
+        self._cache = (key, f)
+        return f
 
 
 def _kid_subset_size(n_real: int, n_fake: int, kid_subset_size: int | None) -> int:
@@ -79,8 +88,10 @@ class DistributionMetrics:
         self.n_real = len(ref)
         self.fid = FrechetInceptionDistance(feature=self.feature, reset_real_features=False)
         # KID's subset size is fixed at construction; the actual one is set per call in __call__.
-        self.kid = KernelInceptionDistance(feature=self.feature, reset_real_features=False,
-                                           subsets=kid_subsets, subset_size=2)
+        with warnings.catch_warnings():   # "KID will save all extracted features in buffer": intended here
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            self.kid = KernelInceptionDistance(feature=self.feature, reset_real_features=False,
+                                               subsets=kid_subsets, subset_size=2)
         for i in range(0, len(ref), batch_size):
             feats_batch = ref[i:i + batch_size]
             self.fid.update(feats_batch, real=True)

@@ -97,6 +97,9 @@ class FeatureNet(nn.Module):
             self.embed = nn.Sequential(nn.Linear(8 * w, int(num_features)), nn.ReLU(inplace=True))
             self.src_head = nn.Linear(int(num_features), NUM_SOURCES)
         self.num_features = int(num_features)
+        # One global factor fixed after training so the embedding has RMS 1 on real training images: FD/KID
+        # then have a scale independent of training details (KID's cubic kernel needs xᵀy/d ≈ O(1)).
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def config(self) -> dict:
         return {"data": self.data, "width": self.width, "num_features": self.num_features,
@@ -108,15 +111,16 @@ class FeatureNet(nn.Module):
         if self.data == "shapes":
             cells = torch.cat([F.adaptive_avg_pool2d(h, 3), F.adaptive_max_pool2d(h, 3)], 1)
             cells = self.cell_mlp(cells).flatten(2).transpose(1, 2).flatten(1)   # [N, 9·cell_dim], cell-major
-            return torch.cat([cells, self.global_mlp(h.mean((2, 3)))], 1)
+            return torch.cat([cells, self.global_mlp(h.mean((2, 3)))], 1) * self.feature_scale
         h = self.tail(h)
-        return self.embed(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+        return self.embed(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)) * self.feature_scale
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per head. shapes: shape/colour/size as [N, 9, classes], background [N, 4]; photos: source [N, 6]."""
         f = self.features(images)
         if self.data == "photos":
-            return {"source": self.src_head(f)}
+            return {"source": self.src_head(f / self.feature_scale)}
+        f = f / self.feature_scale
         cells = f[:, :NUM_CELLS * self.cell_dim].view(len(f), NUM_CELLS, self.cell_dim)
         y = self.cell_head(cells)
         out, i = {}, 0
@@ -256,6 +260,11 @@ def train_feature_net(data: str, out: Path, minutes: float = 6.0, num_train: int
             print(f"[features] {data} step {step} ({el / 60:.1f}/{minutes:g} min) loss {loss.item():.4f} "
                   f"lr {lr * scale:.2e}", file=sys.stderr, flush=True)
     train_s = time.time() - t0
+    net.eval()
+    with torch.no_grad():
+        net.feature_scale.fill_(1.0)
+        f = net.embed_images(tr.images[:2000])
+        net.feature_scale.fill_(float(f.pow(2).mean().rsqrt()))
     # Weights are stored as float16 (keeps the committed folders small); evaluate the rounded weights so the
     # recorded accuracy is exactly that of the saved model.
     sd16 = _to_storage(net.state_dict())

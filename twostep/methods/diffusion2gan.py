@@ -1,0 +1,176 @@
+"""Diffusion2GAN — "Distilling Diffusion Models into Conditional GANs" (Kang et al., ECCV 2024), as a peer.
+
+What defines it, and where it happens here:
+  - paired noise → image translation on the cached teacher ODE pairs: the student's image for batch["noise"]
+    regresses to the teacher's sample FOR THAT SAME NOISE (batch["teacher_final"]);
+  - the regression distance is perceptual, in the model's own space, with differentiable augmentations
+    (E-LatentLPIPS): the SAME random flip + translation is applied to both images (`paired_augment`), then the
+    frozen-teacher feature distance twostep.discriminator.feature_distance (no pretrained LPIPS exists for
+    these latents; the teacher's features play LPIPS's role);
+  - conditional (text) GAN, REAL = the paired teacher outputs, FAKE = the student's outputs for the same noise
+    and prompts; multi-scale discriminator built from the teacher backbone: heads on several blocks (d2g.blocks,
+    [] = all) at every input scale in d2g.scales (k = downsampled k× then upsampled back);
+  - the paper's student is one-step; here it runs at 2 steps with shared parameters, the loss on the final
+    image, gradient through both steps (the student's full rollout, end to end).
+The discriminator trunk is the frozen teacher (LADD-style heads), not a fine-tuned copy as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..discriminator import Discriminator, accuracy, d_loss, feature_distance, g_loss
+from ..errors import UserError
+from ..student import TwoStepStudent
+from .ladd import require_shared
+
+
+# ---- paired differentiable augmentation (same parameters for both images) --------------------------------
+
+def draw_augment(b: int, size: int, translate: float, flip: bool, generator=None) -> dict:
+    """Per-sample parameters: horizontal flip, integer shift (dy, dx) within ±translate·size."""
+    m = int(round(translate * size))
+    return {"flip": (torch.rand(b, generator=generator) < 0.5) if flip else torch.zeros(b, dtype=torch.bool),
+            "dy": torch.randint(-m, m + 1, (b,), generator=generator),
+            "dx": torch.randint(-m, m + 1, (b,), generator=generator), "pad": m}
+
+
+def apply_augment(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """Flip then translate with zero fill; differentiable w.r.t. x (indexing only)."""
+    m = p["pad"]
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (m, m, m, m)) if m else x
+    out = []
+    for i in range(x.shape[0]):
+        xi = xp[i].flip(-1) if bool(p["flip"][i]) else xp[i]
+        dy, dx = int(p["dy"][i]), int(p["dx"][i])
+        out.append(xi[:, m - dy:m - dy + h, m - dx:m - dx + w])
+    return torch.stack(out)
+
+
+def paired_augment(a: torch.Tensor, b: torch.Tensor, translate: float, flip: bool, generator=None):
+    """The same random augmentation applied to both images of each pair."""
+    p = draw_augment(a.shape[0], a.shape[-1], translate, flip, generator)
+    return apply_augment(a, p), apply_augment(b, p)
+
+
+# ---- multi-scale discriminator on the teacher backbone ---------------------------------------------------
+
+class MultiScaleDiscriminator(nn.Module):
+    """One set of heads (on teacher blocks `blocks`) per input scale; logits of all scales concatenated.
+    Every scale sees the image re-noised with the same σ and ε (the noise is added after rescaling)."""
+
+    def __init__(self, teacher, d, blocks, scales):
+        super().__init__()
+        blocks = list(blocks) or list(range(teacher.num_blocks))
+        self.scales = [int(s) for s in scales]
+        if not self.scales or any(s < 1 for s in self.scales):
+            raise UserError(f"d2g.scales={scales}: need a non-empty list of integers >= 1")
+        self.discs = nn.ModuleList([Discriminator(teacher, blocks, d.head, d.hidden, d.text_cond, d.sigma_dist,
+                                                  d.sigma_mean, d.sigma_std) for _ in self.scales])
+
+    @property
+    def teacher(self):
+        return self.discs[0].teacher
+
+    def sample_sigma(self, b, device):
+        return self.discs[0].sample_sigma(b, device)
+
+    @staticmethod
+    def rescale(x: torch.Tensor, s: int) -> torch.Tensor:
+        if s == 1:
+            return x
+        if x.shape[-1] % s or x.shape[-2] % s:
+            raise UserError(f"d2g.scales: {s} does not divide the image size {tuple(x.shape[-2:])}")
+        return F.interpolate(F.avg_pool2d(x, s), scale_factor=s, mode="bilinear", align_corners=False)
+
+    def features(self, x0, text, sigma, noise) -> list[list[torch.Tensor]]:
+        return [d.features(self.rescale(x0, s), text, sigma, noise) for d, s in zip(self.discs, self.scales)]
+
+    def heads_logits(self, feats, sigma, text) -> torch.Tensor:
+        return torch.cat([d.heads_logits(f, sigma, text) for d, f in zip(self.discs, feats)], dim=1)
+
+    def forward(self, x0, text, sigma=None, noise=None) -> torch.Tensor:
+        sigma = self.sample_sigma(x0.shape[0], x0.device) if sigma is None else sigma
+        noise = torch.randn_like(x0) if noise is None else noise
+        return self.heads_logits(self.features(x0, text, sigma, noise), sigma, text)
+
+
+class Diffusion2GAN:
+    name = "diffusion2gan"
+
+    def __init__(self, cfg, teacher):
+        require_shared(cfg, self.name)
+        self.cfg = cfg
+        s = cfg.student
+        self.teacher = teacher                   # frozen ZImageBackbone; never updated
+        self.student = TwoStepStudent(teacher, s.decoupling, s.sigma_mid, s.mid_noise, s.lora_rank,
+                                      s.lora_alpha, s.lora_targets)
+        self.critic = MultiScaleDiscriminator(teacher, cfg.disc, cfg.d2g.blocks, cfg.d2g.scales)
+
+    def student_parameters(self):
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def critic_parameters(self):
+        return list(self.critic.parameters())
+
+    def needs(self) -> set[str]:
+        return {"noise", "text", "teacher_final"}
+
+    def augment(self, a, b):
+        return paired_augment(a, b, self.cfg.d2g.translate, self.cfg.d2g.flip)
+
+    def regression(self, x, target, text) -> torch.Tensor:
+        """E-LatentLPIPS-like: the same augmentation on both, then the frozen-teacher feature distance."""
+        a, b = self.augment(x, target)
+        return feature_distance(self.critic.discs[0], a, b, text)
+
+    # ---- discriminator: REAL = the paired teacher outputs, FAKE = the student's for the same noise ----------
+    def critic_loss(self, batch):
+        d = self.cfg.disc
+        text = batch["text"]
+        with torch.no_grad():
+            fake = self.student(batch["noise"], text, fresh_noise=batch.get("fresh_noise"))["x0_2"]
+        real = batch["teacher_final"]
+        b = real.shape[0]
+        sig_r = self.critic.sample_sigma(b, real.device)
+        with torch.no_grad():
+            feats_r = self.critic.features(real, text, sig_r, torch.randn_like(real))
+        if d.r1 > 0:
+            feats_r = [[f.detach().requires_grad_(True) for f in fs] for fs in feats_r]
+        logits_r = self.critic.heads_logits(feats_r, sig_r, text)
+        logits_f = self.critic(fake.detach(), text)
+        loss = d_loss(logits_r, logits_f, d.loss)
+        logs = {}
+        if d.r1 > 0:
+            flat = [f for fs in feats_r for f in fs]
+            grads = torch.autograd.grad(logits_r.sum(), flat, create_graph=True)
+            r1 = sum(g.square().sum(dim=(1, 2)).mean() for g in grads)
+            loss = loss + 0.5 * d.r1 * r1
+            logs["r1"] = r1.item()
+        acc_r, acc_f = accuracy(logits_r.detach(), logits_f.detach())
+        logs.update({"d_loss": loss.item(), "d_acc_real": acc_r, "d_acc_fake": acc_f})
+        return loss, logs
+
+    # ---- student: paired perceptual regression + conditional GAN, through the full 2-step rollout ----------
+    def student_loss(self, batch):
+        c = self.cfg.d2g
+        text = batch["text"]
+        x = self.student(batch["noise"], text, gradient="end_to_end", fresh_noise=batch.get("fresh_noise"))["x0_2"]
+        reg = self.regression(x, batch["teacher_final"], text)
+        loss = c.regression_weight * reg
+        logs = {"paired": reg.item()}
+        if c.gan_weight > 0:
+            self.critic.requires_grad_(False)
+            try:
+                adv = g_loss(self.critic(x, text), self.cfg.disc.loss)
+            finally:
+                self.critic.requires_grad_(True)
+            loss = loss + c.gan_weight * adv
+            logs["g_adv"] = adv.item()
+        with torch.no_grad():
+            logs["mse_vs_teacher"] = F.mse_loss(x, batch["teacher_final"]).item()
+        logs["g_loss"] = loss.item()
+        return loss, logs
