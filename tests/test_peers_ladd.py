@@ -1,13 +1,11 @@
 """Semantics of the LADD peer pinned: the GAN head reads the frozen TEACHER's features, real = teacher samples,
 the earlier student step is rolled out without gradient, one parameter set for both steps, high-noise σ."""
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from twostep import flow
 from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
 from twostep.config import load_config
 from twostep.errors import UserError

@@ -110,7 +110,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     data_real = None
     if getattr(cfg, "disc", None) is not None and cfg.disc.real == "data":
         from .data import get_dataset
-        data_real = get_dataset(cache.data).sample(min(len(cache), 5000), seed=cfg.train.seed, split="train").images
+        data_real = get_dataset(cache.manifest["data"]).sample(min(len(cache), 5000), seed=cfg.train.seed, split="train").images
     src = BatchSource(cache, method.needs(), cfg.student.sigma_mid, cfg.train.seed, data_real,
                       acc.process_index, acc.num_processes)
 
@@ -286,7 +286,8 @@ def _loss_curves(log, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("g_adv", "step1", "paired", "d_loss", "d_acc_real", "d_acc_fake", "mse_vs_teacher")
+    keys = [k for k in ("g_adv", "step1", "paired", "g_dmd", "fake_fm", "d_loss", "d_acc_real", "d_acc_fake",
+                        "mse_vs_teacher")
             if any(k in r for r in log)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
