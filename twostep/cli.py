@@ -127,7 +127,10 @@ def cmd_tune_guidance(a):
 def cmd_metrics_train(a):
     from .metrics.features import train_feature_net
 
-    cfg = train_feature_net(a.data, a.out, minutes=a.minutes, seed=a.seed, progress=not a.no_progress)
+    import shlex
+    cmd = "twostep metrics train " + " ".join(shlex.quote(x) for x in sys.argv[sys.argv.index("train") + 1:]) \
+        if "train" in sys.argv else None
+    cfg = train_feature_net(a.data, a.out, minutes=a.minutes, seed=a.seed, progress=not a.no_progress, command=cmd)
     print(f"feature net written to {a.out}: held-out accuracy {cfg.get('heldout_accuracy')}")
 
 
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     mtt = msub.add_parser("train", help="train a feature net (attribute / source classifier) on real data")
     mtt.add_argument("--data", required=True, choices=["shapes", "photos"])
     mtt.add_argument("--out", required=True)
-    mtt.add_argument("--minutes", type=float, default=6.0)
+    mtt.add_argument("--minutes", type=float, default=5.0)
     mtt.add_argument("--seed", type=int, default=0)
     mtt.add_argument("--no-progress", action="store_true")
     mtt.set_defaults(fn=cmd_metrics_train)

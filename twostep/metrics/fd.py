@@ -23,13 +23,18 @@ from ..errors import UserError
 
 
 def _as_images(x: torch.Tensor, resolution: int, what: str = "images") -> torch.Tensor:
-    """Validate [N, 3, H, W]; uint8 [0, 255] is converted to float [-1, 1]; resized to the net's resolution."""
+    """Validate [N, 3, H, W]; uint8 [0, 255] is converted to float [-1, 1]; floats are clamped to [-1, 1] (as
+    when saved to 8-bit files); resized to the net's resolution (area when shrinking, bilinear when growing)."""
     if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
         shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise UserError(f"{what}: expected a tensor [N, 3, H, W] of images in [-1, 1], got {shape}")
     if x.dtype == torch.uint8:
         x = x.float() / 127.5 - 1
-    x = x.float()
+    x = x.detach().float()
+    if len(x) and x.abs().max() > 10:
+        raise UserError(f"{what}: values up to {x.abs().max():.0f} look like [0, 255] floats; pass images in "
+                        "[-1, 1] (or uint8)")
+    x = x.clamp(-1, 1)   # as when the images are written to 8-bit files
     if x.shape[-2:] != (resolution, resolution):
         mode = "area" if x.shape[-1] > resolution else "bilinear"
         x = F.interpolate(x, size=(resolution, resolution), mode=mode,
@@ -41,7 +46,7 @@ class TorchmetricsFeature(nn.Module):
     """Adapter that torchmetrics calls as `feature=`: images in [-1, 1] (float, [N, 3, H, W]) -> float64
     embeddings [N, num_features]. Always runs the wrapped net in eval mode without gradients, in batches."""
 
-    def __init__(self, net, batch_size: int = 256):
+    def __init__(self, net, batch_size: int = 128):
         super().__init__()
         self.net = net
         self.num_features = int(net.num_features)   # torchmetrics' FID reads this instead of probing
@@ -56,18 +61,21 @@ class TorchmetricsFeature(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # FID and KID are updated with the same batch one after the other: embed it once.
-        key = (images.data_ptr(), tuple(images.shape), images.dtype, images._version)
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        # FID and KID are updated with the same batch object one after the other: embed it once. The cache
+        # holds the batch itself (identity check, unchanged version), so a stale entry can never match.
+        if self._cache is not None and self._cache[0] is images and self._cache[1] == images._version:
+            return self._cache[2]
         x = _as_images(images, self.net.resolution)
         f = self.net.embed_images(x, self.batch_size).double()
-        self._cache = (key, f)
+        self._cache = (images, images._version, f)
         return f
+
+    def clear_cache(self):
+        self._cache = None
 
 
 def _kid_subset_size(n_real: int, n_fake: int, kid_subset_size: int | None) -> int:
-    s = min(1000, n_real, n_fake) if kid_subset_size is None else int(kid_subset_size)
+    s = min(1000, min(n_real, n_fake) // 2) if kid_subset_size is None else int(kid_subset_size)
     if not 2 <= s <= min(n_real, n_fake):
         raise UserError(f"kid_subset_size {s}: must be between 2 and the smaller set size "
                         f"({min(n_real, n_fake)}); pass a smaller kid_subset_size or more images")
@@ -76,11 +84,12 @@ def _kid_subset_size(n_real: int, n_fake: int, kid_subset_size: int | None) -> i
 
 class DistributionMetrics:
     """FD + KID against a fixed reference set whose features are extracted once (torchmetrics'
-    `reset_real_features=False`). `metrics(fake_images) -> {"fd", "kid_mean", "kid_std"}`."""
+    `reset_real_features=False`). `metrics(fake_images) -> {"fd", "kid_mean", "kid_std"}`. KID subsets are
+    drawn with a fixed `seed` (repeatable); `kid_subset_size` defaults to min(1000, min(N_real, N_fake) // 2)."""
 
     def __init__(self, net, reference_images: torch.Tensor, kid_subset_size: int | None = None,
                  kid_subsets: int = 100, seed: int = 0, batch_size: int = 512):
-        self.feature = TorchmetricsFeature(net, batch_size)
+        self.feature = TorchmetricsFeature(net)   # embeds in batches of 128 (faster on CPU than larger ones)
         self.kid_subset_size, self.kid_subsets, self.seed, self.batch_size = kid_subset_size, kid_subsets, seed, batch_size
         ref = _as_images(reference_images, net.resolution, "reference images")
         if len(ref) < 2:
@@ -93,21 +102,25 @@ class DistributionMetrics:
             self.kid = KernelInceptionDistance(feature=self.feature, reset_real_features=False,
                                                subsets=kid_subsets, subset_size=2)
         for i in range(0, len(ref), batch_size):
-            feats_batch = ref[i:i + batch_size]
-            self.fid.update(feats_batch, real=True)
-            self.kid.update(feats_batch, real=True)
+            chunk = ref[i:i + batch_size]
+            self.fid.update(chunk, real=True)
+            self.kid.update(chunk, real=True)
+        self.feature.clear_cache()
 
     def __call__(self, fake_images: torch.Tensor) -> dict[str, float]:
         fake = _as_images(fake_images, self.feature.net.resolution, "generated images")
         if len(fake) < 2:
             raise UserError("generated images: need at least 2 images for FD")
+        subset_size = _kid_subset_size(self.n_real, len(fake), self.kid_subset_size)
         self.fid.reset()
         self.kid.reset()
         for i in range(0, len(fake), self.batch_size):
-            self.fid.update(fake[i:i + self.batch_size], real=False)
-            self.kid.update(fake[i:i + self.batch_size], real=False)
+            chunk = fake[i:i + self.batch_size]
+            self.fid.update(chunk, real=False)
+            self.kid.update(chunk, real=False)
+        self.feature.clear_cache()
         fd = float(self.fid.compute())
-        self.kid.subset_size = _kid_subset_size(self.n_real, len(fake), self.kid_subset_size)
+        self.kid.subset_size = subset_size
         with torch.random.fork_rng(devices=[]):   # KID draws subsets from the global RNG: make it repeatable
             torch.manual_seed(self.seed)
             kid_mean, kid_std = self.kid.compute()
@@ -117,7 +130,8 @@ class DistributionMetrics:
 def fd_kid(real_images: torch.Tensor, fake_images: torch.Tensor, net, kid_subset_size: int | None = None,
            kid_subsets: int = 100, seed: int = 0) -> tuple[float, float, float]:
     """(FD, KID mean, KID std) between two image sets in [-1, 1], [N, 3, H, W], in `net`'s embedding.
-    `kid_subset_size` defaults to min(1000, N_real, N_fake). Tiny negative FD from round-off is clipped to 0."""
+    `kid_subset_size` defaults to min(1000, min(N_real, N_fake) // 2) (100 subsets by default). Tiny negative FD
+    from round-off is clipped to 0."""
     m = DistributionMetrics(net, real_images, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed)
     r = m(fake_images)
     return r["fd"], r["kid_mean"], r["kid_std"]

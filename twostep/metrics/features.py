@@ -7,13 +7,19 @@ No Inception / CLIP weights exist offline, so each benchmark gets its own small 
   there, and the background type (4). Colour and size are trained and scored only on non-empty cells.
 - `photos`: a source-photo classifier (which of the 6 scikit-image photographs a crop comes from).
 
-Architecture (both): a VGG-style trunk of 3×3 convolutions with BatchNorm + ReLU at 32², 16² and 8², a
-flatten + linear layer to a `num_features`-d embedding (ReLU), then linear heads. The embedding (the
-penultimate layer, post-ReLU like Inception's pool3) is what FD/KID/diversity measure. The trunk keeps full
-resolution in its first layers and no augmentation blurs or resamples the images, so the embedding reacts
-to lost high-frequency detail (tests/test_metrics.py checks that FD grows monotonically with blur).
+Architecture (details in `FeatureNet`): a small VGG-style trunk of 3×3 conv + BatchNorm + ReLU at 32² and 16².
+shapes pools the 16² map into the 3×3 grid cells and reads each cell with shared weights; photos adds two
+8² layers and global pooling. The embedding (the penultimate layer, post-ReLU like Inception's pool3,
+`num_features` = 256) is what FD/KID/diversity measure; it is rescaled by one fixed factor so its RMS on real
+training images is 1. The trunk keeps full resolution in its first layers and no augmentation blurs, resamples
+or adds noise, so the embedding reacts to lost high-frequency detail (tests/test_metrics.py checks that FD
+grows monotonically with blur and with noise). Weights are stored as float16 (< 1 MB per folder); the
+held-out accuracy in config.json is measured with the stored (rounded) weights.
 
-Train with `python -m twostep.metrics.features --data shapes --out models/features-shapes --minutes 6`.
+Training is time-budgeted (`--minutes`), so two runs differ in their number of steps (recorded in
+config.json) and are not bit-identical.
+
+Train with `python -m twostep.metrics.features --data shapes --out models/features-shapes --minutes 5`.
 A folder holds `config.json` (architecture, held-out accuracy per attribute, the training command) and
 `model.safetensors`.
 """
@@ -131,7 +137,7 @@ class FeatureNet(nn.Module):
         return out
 
     @torch.no_grad()
-    def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def embed_images(self, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
         """Eval-mode embedding of a (large) image set, in batches; returns float32 [N, num_features] on CPU."""
         was = self.training
         self.eval()
@@ -141,7 +147,7 @@ class FeatureNet(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.num_features)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    def predict(self, images: torch.Tensor, batch_size: int = 128) -> dict[str, torch.Tensor]:
         """Eval-mode class predictions (argmax) per head, on CPU."""
         was = self.training
         self.eval()
@@ -209,7 +215,7 @@ def _from_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def train_feature_net(data: str, out: Path, minutes: float = 6.0, num_train: int = 30000, seed: int = 0,
+def train_feature_net(data: str, out: Path, minutes: float = 5.0, num_train: int = 20000, seed: int = 0,
                       progress: bool = True, batch_size: int = 64, lr: float = 2e-3, width: int = 32,
                       num_features: int = 256, num_test: int = 2000, command: str | None = None) -> dict:
     """Train the feature network of `data` ('shapes' | 'photos') for `minutes` of wall time (data generation
@@ -221,6 +227,8 @@ def train_feature_net(data: str, out: Path, minutes: float = 6.0, num_train: int
     from ..data import get_dataset
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; pass a folder path")
     t_start = time.time()
     torch.manual_seed(seed)
     ds = get_dataset(data)
@@ -340,8 +348,8 @@ def main(argv=None) -> int:
                                 description="Train the small CNN feature network used by FD/KID/alignment.")
     p.add_argument("--data", required=True, choices=["shapes", "photos"])
     p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training wall time (excluding data generation)")
-    p.add_argument("--num-train", dest="num_train", type=int, default=30000, help="size of the training pool")
+    p.add_argument("--minutes", type=float, default=5.0, help="training wall time (excluding data generation)")
+    p.add_argument("--num-train", dest="num_train", type=int, default=20000, help="size of the training pool")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=32)

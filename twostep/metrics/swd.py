@@ -97,7 +97,11 @@ def _check(x: torch.Tensor, what: str) -> torch.Tensor:
         raise UserError(f"{what}: expected a tensor [N, 3, H, W] of images in [-1, 1], got {shape}")
     if x.dtype == torch.uint8:
         x = x.float() / 127.5 - 1
-    return x.detach().cpu().float()
+    x = x.detach().cpu().float()
+    if len(x) and x.abs().max() > 10:
+        raise UserError(f"{what}: values up to {x.abs().max():.0f} look like [0, 255] floats; pass images in "
+                        "[-1, 1] (or uint8)")
+    return x.clamp(-1, 1)
 
 
 def swd_levels(real_images: torch.Tensor, fake_images: torch.Tensor, nhood_size: int = 7,
