@@ -133,6 +133,11 @@ def _check(cls, name: str, value, path: str):
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 as a string; accept it as the float it is
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif hint is str:
