@@ -118,6 +118,7 @@ def cmd_tune_guidance(a):
     best = min(fds, key=fds.get)
     cfg = read_config(Path(a.teacher))
     cfg["sampling"]["guidance"] = best
+    cfg["num_parameters"] = sum(p.numel() for p in teacher.backbone.parameters())
     cfg["guidance_tuned"] = {"metric": "fd", "data": a.data, "num": a.num, "seed": a.seed,
                              "fd_by_guidance": {f"{g:g}": v for g, v in fds.items()}}
     atomic_write_text(Path(a.teacher) / "config.json", json.dumps(cfg, indent=1))

@@ -191,7 +191,7 @@ def _export(out: Path, ema, mcfg, step, elapsed, log, cfg):
         old = json.loads(cfg_path.read_text())
         if old.get("guidance_tuned"):
             mcfg = {**mcfg, "sampling": old["sampling"], "guidance_tuned": old["guidance_tuned"]}
-    mcfg = {**mcfg, "training": {"steps": step, "minutes": round(elapsed / 60, 2), "batch_size": cfg.batch_size,
+    mcfg = {**mcfg, "num_parameters": sum(p.numel() for p in ema.parameters()), "training": {"steps": step, "minutes": round(elapsed / 60, 2), "batch_size": cfg.batch_size,
                                  "final_loss": log[-1]["loss"] if log else None}}
     atomic_save_tensors(ema.transformer.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "loss_log.json", json.dumps(log, indent=1))
