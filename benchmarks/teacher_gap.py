@@ -31,9 +31,16 @@ METRICS = ["fd", "kid", "swd", "alignment", "diversity", "psnr_vs_teacher", "sec
 
 
 def settings(teacher):
+    """Teacher default, naive 2-step without CFG, naive 2-step with CFG. When FD chose g = 0 for the teacher,
+    the CFG row uses the tuned g > 0 with the lowest FD (so a CFG row exists at all)."""
     g = float(teacher.sampling["guidance"])
+    g_cfg = g
+    if g == 0:
+        fds = {float(k): v for k, v in (teacher.config.get("guidance_tuned") or {}).get("fd_by_guidance", {}).items()
+               if float(k) > 0}
+        g_cfg = min(fds, key=fds.get) if fds else 1.0
     return [("teacher-8step", int(teacher.sampling["steps"]), g), ("naive-2step-nocfg", 2, 0.0),
-            ("naive-2step-cfg", 2, g)]
+            (f"naive-2step-cfg", 2, g_cfg)]
 
 
 def ms(vals):

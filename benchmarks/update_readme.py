@@ -31,8 +31,35 @@ def teacher_guidance_table():
     (ROOT / "benchmarks" / "results" / "teacher_guidance.md").write_text(out)
 
 
+def demo_table():
+    """From out/demo (written by `make demo`): copy the report into benchmarks/results/demo/ and tabulate."""
+    import json
+    import shutil
+    src = ROOT / "out" / "demo"
+    if not (src / "metrics.json").exists():
+        return
+    dst = ROOT / "benchmarks" / "results" / "demo"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in list(src.glob("grid_*.png")) + [src / "report.html", src / "metrics.json", src / "loss_curves.png"]:
+        if f.exists():
+            shutil.copy(f, dst / f.name)
+    m = json.loads((src / "metrics.json").read_text())
+    cols = ["model", "nfe", "fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "sec_per_image"]
+    fmt = lambda v: "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in m["rows"]]
+    t = m["timings_s"]
+    lines.append(f"\n`make demo` on this 2-core machine: {m['wall_minutes']:.1f} min wall (cache {t['cache_s']:.0f} s, "
+                 f"distill {t['distill_s']:.0f} s, eval {t['eval_s']:.0f} s); {m['eval_num']} eval images, seed "
+                 f"{m['seed']}, reference = held-out {m['data']} data. Student FD ÷ naive 2-step FD = "
+                 f"{m['student_fd_over_naive_fd']:.3f}; ÷ teacher 8-step FD = {m['student_fd_over_teacher_fd']:.3f}. "
+                 "Report: benchmarks/results/demo/report.html.\n")
+    (ROOT / "benchmarks" / "results" / "demo.md").write_text("\n".join(lines))
+
+
 def main():
     teacher_guidance_table()
+    demo_table()
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, rel in TABLES.items():

@@ -141,10 +141,15 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     bar = None
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm
-        bar = tqdm(total=t.updates, initial=update, desc=f"distill[{cfg.method}]", unit="upd")
+        if t.minutes > 0:  # time-budgeted: the bar (and its ETA) counts minutes, updates go in the postfix
+            bar = tqdm(total=round(t.minutes, 2), desc=f"distill[{cfg.method}]", unit="min",
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]")
+        else:
+            bar = tqdm(total=t.updates, initial=update, desc=f"distill[{cfg.method}]", unit="upd")
     t_start = time.time()
     logf = open(out / "log.jsonl", "a") if acc.is_main_process else None
     skipped = in_a_row = 0
+    warned_chance = False
     while update < t.updates:
         if t.minutes > 0 and time.time() - t_start > t.minutes * 60:
             acc.print(f"time budget of {t.minutes} min reached at update {update}")
@@ -191,13 +196,23 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         logs["sec_per_update"] = time.time() - ts
         if update % t.log_every == 0 or update == t.updates:
             rec = {"update": update, **{k: round(v, 5) if isinstance(v, float) else v for k, v in logs.items()}}
+            if "d_acc_real" in logs:  # a discriminator at chance adds nothing over regression: say so
+                rec["d_at_chance"] = abs((logs["d_acc_real"] + logs["d_acc_fake"]) / 2 - 0.5) < 0.05
+                if rec["d_at_chance"] and not warned_chance and update >= 50:
+                    warned_chance = True
+                    msg = (f"update {update}: the discriminator sits at chance (acc real {logs['d_acc_real']:.2f}, "
+                           f"fake {logs['d_acc_fake']:.2f}); consider disc.sigma_mean<0, a higher lr_disc or disc.r1")
+                    (bar.write(msg) if bar is not None else acc.print(msg))
             log.append(rec)
             if logf:
                 logf.write(json.dumps(rec) + "\n"); logf.flush()
         if bar is not None:
-            bar.update(1)
-            show = {k: f"{logs[k]:.3f}" for k in ("g_loss", "d_loss", "d_acc_real", "d_acc_fake", "step1")
-                    if k in logs}
+            if t.minutes > 0:
+                bar.n = round(min((time.time() - t_start) / 60, t.minutes), 2)
+            else:
+                bar.update(1)
+            show = {"upd": update, **{k: f"{logs[k]:.3f}" for k in ("g_loss", "d_loss", "d_acc_real", "d_acc_fake",
+                                                                   "step1") if k in logs}}
             bar.set_postfix(show, refresh=False)
         if acc.is_main_process and t.grid_every and (update % t.grid_every == 0 or update == t.updates):
             _write_grid(out / "grids" / f"grid-{update:06d}.png", grid_inputs, ema)
