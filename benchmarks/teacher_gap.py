@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from twostep.ckpt import atomic_write_text  # noqa: E402
 from twostep.evaluate import evaluate  # noqa: E402
-from twostep.generate import TeacherSampler  # noqa: E402
+from twostep.generate import TeacherSampler, cfg_guidance  # noqa: E402
 from twostep.model import load_teacher  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "teacher_gap"
@@ -31,16 +31,10 @@ METRICS = ["fd", "kid", "swd", "alignment", "diversity", "psnr_vs_teacher", "sec
 
 
 def settings(teacher):
-    """Teacher default, naive 2-step without CFG, naive 2-step with CFG. When FD chose g = 0 for the teacher,
-    the CFG row uses the tuned g > 0 with the lowest FD (so a CFG row exists at all)."""
+    """Teacher default, naive 2-step without CFG, naive 2-step with CFG (twostep.generate.cfg_guidance)."""
     g = float(teacher.sampling["guidance"])
-    g_cfg = g
-    if g == 0:
-        fds = {float(k): v for k, v in (teacher.config.get("guidance_tuned") or {}).get("fd_by_guidance", {}).items()
-               if float(k) > 0}
-        g_cfg = min(fds, key=fds.get) if fds else 1.0
     return [("teacher-8step", int(teacher.sampling["steps"]), g), ("naive-2step-nocfg", 2, 0.0),
-            (f"naive-2step-cfg", 2, g_cfg)]
+            ("naive-2step-cfg", 2, cfg_guidance(teacher))]
 
 
 def ms(vals):

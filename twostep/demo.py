@@ -13,7 +13,7 @@ from pathlib import Path
 from .ckpt import atomic_write_text
 from .config import load_config
 from .evaluate import REPO_MODELS, evaluate, format_table
-from .generate import TeacherSampler, load_generator
+from .generate import TeacherSampler, cfg_guidance, load_generator
 from .model import load_teacher
 from .report import comparison_grids, write_report
 
@@ -43,11 +43,11 @@ def run_demo(out: Path, data: str = "shapes", teacher_dir: Path | None = None, c
 
     print(f"[3/4] eval ({eval_num} images each, seed {seed}, reference = {data} data)", flush=True)
     teacher = load_teacher(teacher_dir)
-    g = float(teacher.sampling["guidance"])
+    g, g_cfg = float(teacher.sampling["guidance"]), cfg_guidance(teacher)
     gens = {
         f"teacher 8-step (g={g:g})": TeacherSampler(teacher),
         "naive 2-step (no CFG)": TeacherSampler(teacher, steps=2, guidance=0.0),
-        f"naive 2-step (g={g:g})": TeacherSampler(teacher, steps=2, guidance=g),
+        f"naive 2-step (g={g_cfg:g})": TeacherSampler(teacher, steps=2, guidance=g_cfg),
         "Turbo++ student 2-step": load_generator(run),
     }
     rows = []

@@ -43,6 +43,17 @@ class TeacherSampler:
                                    return_trajectory=return_trajectory)
 
 
+def cfg_guidance(teacher) -> float:
+    """The g for a "with CFG" comparison row: the teacher's default, or, when FD chose g = 0, the tuned g > 0 with
+    the lowest FD (1.0 if the teacher was never tuned)."""
+    g = float(teacher.sampling["guidance"])
+    if g != 0:
+        return g
+    fds = {float(k): v for k, v in (teacher.config.get("guidance_tuned") or {}).get("fd_by_guidance", {}).items()
+           if float(k) > 0}
+    return min(fds, key=fds.get) if fds else 1.0
+
+
 def load_generator(folder, steps: int | None = None, guidance: float | None = None):
     cfg = read_config(Path(folder))
     kind = cfg.get("kind")
