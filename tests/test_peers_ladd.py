@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
 from twostep.config import load_config
 from twostep.errors import UserError
 from twostep.methods import build_method
@@ -15,17 +14,8 @@ from twostep.methods.ladd import LADD
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ladd.yaml"
 
 
-def _teacher():
-    bb = ZImageBackbone.from_config(tiny_zimage_config(dim=32, n_layers=2, n_heads=1), seed=0)
-    return bb.requires_grad_(False).eval()
-
-
-def _batch(b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda: torch.randn(b, 3, 32, 32, generator=g)
-    return {"noise": r(), "text": [torch.randn(6 + i, 384, generator=g) for i in range(b)],
-            "teacher_final": r().clamp(-1, 1), "teacher_mid": r(), "data_real": r().clamp(-1, 1),
-            "fresh_noise": r()}
+from tiny import fake_batch as _batch  # noqa: E402
+from tiny import tiny_teacher_backbone as _teacher  # noqa: E402
 
 
 def _method(*sets):
