@@ -148,3 +148,35 @@ def feature_distance(disc: Discriminator, a: torch.Tensor, b: torch.Tensor, text
         scale = y.std(dim=(0, 1), keepdim=True) + 1e-6
         total = total + ((x - y) / scale).square().mean()
     return total / len(fa)
+
+
+def critic_gan_loss(critic, real: torch.Tensor, text, fake: torch.Tensor, fake_text=None, kind: str = "ns",
+                    r1: float = 0.0):
+    """The discriminator update shared by Turbo++, LADD and Diffusion2GAN: real and (detached) fake re-noised
+    to random σ, GAN loss, optional R1 (Mescheder et al. 2018) on the heads' inputs for real samples only.
+    `critic` is any module with sample_sigma / features / heads_logits / forward (features may be nested lists,
+    as for a multi-scale discriminator). Returns (loss, logs)."""
+    sig_r = critic.sample_sigma(real.shape[0], real.device)
+    with torch.no_grad():
+        feats_r = critic.features(real, text, sig_r, torch.randn_like(real))
+    leaves = []
+    if r1 > 0:
+        def grad_leaf(f):
+            if isinstance(f, (list, tuple)):
+                return [grad_leaf(x) for x in f]
+            f = f.detach().requires_grad_(True)
+            leaves.append(f)
+            return f
+        feats_r = grad_leaf(feats_r)
+    logits_r = critic.heads_logits(feats_r, sig_r, text)
+    logits_f = critic(fake.detach(), text if fake_text is None else fake_text)
+    loss = d_loss(logits_r, logits_f, kind)
+    logs = {}
+    if r1 > 0:
+        grads = torch.autograd.grad(logits_r.sum(), leaves, create_graph=True)
+        penalty = sum(g.square().sum(dim=(1, 2)).mean() for g in grads)
+        loss = loss + 0.5 * r1 * penalty
+        logs["r1"] = penalty.item()
+    acc_r, acc_f = accuracy(logits_r.detach(), logits_f.detach())
+    logs.update({"d_loss": loss.item(), "d_acc_real": acc_r, "d_acc_fake": acc_f})
+    return loss, logs

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..discriminator import Discriminator, accuracy, d_loss, feature_distance, g_loss
+from ..discriminator import Discriminator, critic_gan_loss, feature_distance, g_loss
 from ..errors import UserError
 from ..student import TwoStepStudent
 from .ladd import require_shared
@@ -134,25 +134,7 @@ class Diffusion2GAN:
         with torch.no_grad():
             fake = self.student(batch["noise"], text, fresh_noise=batch.get("fresh_noise"))["x0_2"]
         real = batch["teacher_final"]
-        b = real.shape[0]
-        sig_r = self.critic.sample_sigma(b, real.device)
-        with torch.no_grad():
-            feats_r = self.critic.features(real, text, sig_r, torch.randn_like(real))
-        if d.r1 > 0:
-            feats_r = [[f.detach().requires_grad_(True) for f in fs] for fs in feats_r]
-        logits_r = self.critic.heads_logits(feats_r, sig_r, text)
-        logits_f = self.critic(fake.detach(), text)
-        loss = d_loss(logits_r, logits_f, d.loss)
-        logs = {}
-        if d.r1 > 0:
-            flat = [f for fs in feats_r for f in fs]
-            grads = torch.autograd.grad(logits_r.sum(), flat, create_graph=True)
-            r1 = sum(g.square().sum(dim=(1, 2)).mean() for g in grads)
-            loss = loss + 0.5 * d.r1 * r1
-            logs["r1"] = r1.item()
-        acc_r, acc_f = accuracy(logits_r.detach(), logits_f.detach())
-        logs.update({"d_loss": loss.item(), "d_acc_real": acc_r, "d_acc_fake": acc_f})
-        return loss, logs
+        return critic_gan_loss(self.critic, real, text, fake, None, d.loss, d.r1)
 
     # ---- student: paired perceptual regression + conditional GAN, through the full 2-step rollout ----------
     def student_loss(self, batch):

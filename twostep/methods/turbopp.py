@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import flow
-from ..discriminator import Discriminator, accuracy, d_loss, feature_distance, g_loss
+from ..discriminator import Discriminator, critic_gan_loss, feature_distance, g_loss
 from ..student import TwoStepStudent
 
 
@@ -65,24 +65,7 @@ class TurboPP:
         fake = self._fakes(out).detach()
         fake_text = list(text) * (fake.shape[0] // len(text))
         real = batch["teacher_final"] if d.real == "teacher" else batch["data_real"]   # REAL = teacher samples
-        b = real.shape[0]
-        sig_r = self.critic.sample_sigma(b, real.device)
-        with torch.no_grad():
-            feats_r = self.critic.features(real, text, sig_r, torch.randn_like(real))
-        if d.r1 > 0:
-            feats_r = [f.detach().requires_grad_(True) for f in feats_r]
-        logits_r = self.critic.heads_logits(feats_r, sig_r, text)
-        logits_f = self.critic(fake, fake_text)
-        loss = d_loss(logits_r, logits_f, d.loss)
-        logs = {}
-        if d.r1 > 0:  # R1 (Mescheder et al. 2018) on the heads' inputs, real samples only
-            grads = torch.autograd.grad(logits_r.sum(), feats_r, create_graph=True)
-            r1 = sum(g.square().sum(dim=(1, 2)).mean() for g in grads)
-            loss = loss + 0.5 * d.r1 * r1
-            logs["r1"] = r1.item()
-        acc_r, acc_f = accuracy(logits_r.detach(), logits_f.detach())
-        logs.update({"d_loss": loss.item(), "d_acc_real": acc_r, "d_acc_fake": acc_f})
-        return loss, logs
+        return critic_gan_loss(self.critic, real, text, fake, fake_text, d.loss, d.r1)
 
     # ---- (2)+(3) the student update: end-to-end through both decoupled steps -----------------------------
     def student_loss(self, batch):
