@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--num-train", dest="num_train", type=int, help="size of the fixed training pool")
     tt.add_argument("--ema", type=float)
     tt.add_argument("--seed", type=int)
+    tt.add_argument("--init", help="continue from this teacher folder's weights (same architecture; fresh optimizer)")
+    tt.add_argument("--lr-decay", dest="lr_decay", choices=["none", "linear"],
+                    help="after warm-up: constant LR (none, default) or linear decay to 0 over the budget")
     tt.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
                     help="skip (and count) unreadable images / caption lines of a folder dataset")
     tt.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")

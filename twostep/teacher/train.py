@@ -48,6 +48,8 @@ class TeacherTrainConfig:
     patch_size: int = 4
     default_guidance: float = 2.0   # replaced by `twostep teacher tune-guidance` (chosen by FD)
     skip_bad: bool = False
+    init: str = ""                  # start from this teacher folder's (EMA) weights — same architecture
+    lr_decay: str = "none"          # none | linear (to 0 at the end of the budget: minutes, or max_steps)
 
 
 def ema_decay(step: int, target: float) -> float:
@@ -96,6 +98,9 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
     null = enc.encode([""])[0]
 
     model = ZImageBackbone.from_config(mcfg["transformer"], seed=cfg.seed)
+    lineage = None
+    if cfg.init:
+        lineage = _init_from(model, Path(cfg.init), mcfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     step, elapsed = 0, 0.0
@@ -131,7 +136,7 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
         u = model.raw_output(x_sigma, sigma, cap)
         per = (u - flow.flow_target(x0, noise)).square().mean(dim=(1, 2, 3))
         loss = per.mean()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * _decay(cfg, step, time.time() - t0, budget)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -166,13 +171,33 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
                 print(json.dumps(log[-1]), flush=True)
         if time.time() - t_last_ck > cfg.checkpoint_minutes * 60:
             _save(ckdir, model, ema, opt, step, elapsed, log)
-            _export(out, ema, mcfg, step, elapsed, log, cfg)
+            _export(out, ema, mcfg, step, elapsed, log, cfg, lineage)
             t_last_ck = time.time()
     if bar is not None:
         bar.close()
     _save(ckdir, model, ema, opt, step, elapsed, log)
-    _export(out, ema, mcfg, step, elapsed, log, cfg)
+    _export(out, ema, mcfg, step, elapsed, log, cfg, lineage)
     return out
+
+
+def _decay(cfg: TeacherTrainConfig, step: int, elapsed: float, budget: float) -> float:
+    """Learning-rate multiplier after warm-up: 1 (none) or linear to 0 over the step or time budget."""
+    if cfg.lr_decay == "none":
+        return 1.0
+    frac = step / cfg.max_steps if cfg.max_steps > 0 else elapsed / budget
+    return max(0.0, 1.0 - frac)
+
+
+def _init_from(model: ZImageBackbone, src: Path, mcfg: dict) -> dict:
+    """Load a trained teacher's weights to continue from (a fresh optimizer; the warm-up re-runs)."""
+    if not (src / "config.json").exists() or not (src / "model.safetensors").exists():
+        raise UserError(f"--init {src}: not a teacher folder (needs config.json and model.safetensors)")
+    old = json.loads((src / "config.json").read_text())
+    if old.get("transformer") != mcfg["transformer"]:
+        raise UserError(f"--init {src}: its architecture differs from this run's; pass the same --dim/--n-layers/"
+                        "--n-heads/--patch-size it was trained with")
+    model.transformer.load_state_dict(load_tensors(src / "model.safetensors"))
+    return {"init_from": str(src), **(old.get("training") or {})}
 
 
 def _save(ckdir, model, ema, opt, step, elapsed, log):
@@ -184,7 +209,7 @@ def _save(ckdir, model, ema, opt, step, elapsed, log):
                      {"step": step, "elapsed_s": elapsed, "log": log}, optimizers={"model": opt})
 
 
-def _export(out: Path, ema, mcfg, step, elapsed, log, cfg):
+def _export(out: Path, ema, mcfg, step, elapsed, log, cfg, lineage=None):
     """The usable model folder: EMA weights + config (guidance kept if it was already tuned)."""
     cfg_path = out / "config.json"
     if cfg_path.exists():
@@ -192,7 +217,8 @@ def _export(out: Path, ema, mcfg, step, elapsed, log, cfg):
         if old.get("guidance_tuned"):
             mcfg = {**mcfg, "sampling": old["sampling"], "guidance_tuned": old["guidance_tuned"]}
     mcfg = {**mcfg, "num_parameters": sum(p.numel() for p in ema.parameters()), "training": {"steps": step, "minutes": round(elapsed / 60, 2), "batch_size": cfg.batch_size,
-                                 "final_loss": log[-1]["loss"] if log else None}}
+                                 "final_loss": log[-1]["loss"] if log else None,
+                                 **({"continued_from": lineage} if lineage else {})}}
     atomic_save_tensors(ema.transformer.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "loss_log.json", json.dumps(log, indent=1))
     atomic_write_text(cfg_path, json.dumps(mcfg, indent=1))
