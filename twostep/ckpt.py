@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import UserError
 
 
@@ -90,6 +91,7 @@ def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], 
     tmp.mkdir()
     for mname, sd in modules.items():
         atomic_save_tensors(sd, tmp / f"{mname}.safetensors")
+    faults.point("ckpt.mid")
     opt_meta = {}
     for oname, opt in (optimizers or {}).items():
         t, m = optimizer_to_tensors(opt)
@@ -99,9 +101,11 @@ def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], 
     atomic_write_text(tmp / "optim.json", json.dumps(opt_meta))
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # last: marks completeness
     final = folder / name
+    faults.point("ckpt.rename")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    faults.point("ckpt.prune")
     done = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""SIGKILL `twostep distill` at ≥ 10 points (mid-checkpoint-write included), resume each time: the final student
+is bit-identical to an uninterrupted run with the same seeds (CPU, 1 thread). docs/reliability.md lists the faults.
+
+Kill points come from twostep/faults.py (`TWOSTEP_FAULT=<point>:<n>`: the process SIGKILLs itself the n-th time it
+reaches <point>), drawn at random from a seeded RNG, plus kills from outside at random wall-clock instants.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twostep.ckpt import latest_checkpoint
+from twostep.teacher.cache import build_cache
+
+POINTS = ["update", "ckpt.mid", "ckpt.rename", "ckpt.prune", "model.save"]
+UPDATES = 16
+SETTINGS = [f"train.updates={UPDATES}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
+            "train.keep_checkpoints=2", "train.grid_every=0"]
+
+
+def _cmd(teacher, cache, out, resume):
+    cmd = [sys.executable, "-m", "twostep", "--threads", "1", "distill", "--teacher", str(teacher), "--cache",
+           str(cache), "--out", str(out), "--no-progress"]
+    for s in SETTINGS:
+        cmd += ["--set", s]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _env(fault=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TWOSTEP_FAULT", None)
+    if fault:
+        env["TWOSTEP_FAULT"] = fault
+    return env
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    """Everything that defines the final student: the run folder's model files and the last checkpoint."""
+    out = {}
+    for f in sorted(run.glob("*.safetensors")):
+        out.update({f"{f.name}/{k}": v for k, v in load_file(str(f)).items()})
+    ck = latest_checkpoint(run / "checkpoints")
+    for f in sorted(ck.glob("*.safetensors")):
+        if f.name != "rng.safetensors":
+            out.update({f"ckpt/{f.name}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("kill")
+    teacher = make_tiny_teacher(root / "teacher")
+    cache = build_cache(teacher, "shapes", 16, root / "cache", shard_size=8, progress=False)
+    return root, teacher, cache
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(setup):
+    root, teacher, cache = setup
+    ref = root / "uninterrupted"
+    r = subprocess.run(_cmd(teacher, cache, ref, False), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    rng = random.Random(int(os.environ.get("TWOSTEP_KILL_SEED", "0")))
+    faults = [f"{p}:{rng.randint(1, 2)}" for p in POINTS]               # every point at least once
+    faults += [f"{rng.choice(POINTS)}:{rng.randint(1, 3)}" for _ in range(3)]
+    run, killed, first = root / "killed", [], True
+    for fault in faults:
+        r = subprocess.run(_cmd(teacher, cache, run, not first), env=_env(fault), capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode == 0:  # the run finished before reaching this point: nothing left to interrupt
+            break
+        assert r.returncode == -signal.SIGKILL, (fault, r.stderr[-2000:])
+        killed.append(fault)
+        first = False
+        ck = latest_checkpoint(run / "checkpoints")  # what --resume will pick: never a partial one
+        assert ck is None or (not ck.name.endswith(".partial") and
+                              {"student.safetensors", "ema.safetensors", "optim.json", "rng.safetensors"}
+                              <= {f.name for f in ck.iterdir()}), (fault, ck)
+    for _ in range(2):  # and from outside, at a random instant
+        p = subprocess.Popen(_cmd(teacher, cache, run, not first), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 4.0))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed.append("external")
+        p.wait()
+        first = False
+    r = subprocess.run(_cmd(teacher, cache, run, not first), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(killed) >= 10, killed
+    assert {f.split(":")[0] for f in killed} >= {"ckpt.mid", "ckpt.rename", "model.save"}, killed
+
+    a, b = _weights(ref), _weights(run)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ after {killed}: {diff[:3]}"
+    assert len(list((run / "checkpoints").glob("step-*"))) <= 2  # the last K kept, partials cleaned up
+
+
+def test_interrupted_model_save_is_refused_until_resumed(setup):
+    root, teacher, cache = setup
+    run = root / "half-saved"
+    cmd = _cmd(teacher, cache, run, False)
+    r = subprocess.run(cmd, env=_env("model.save:1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    # the first model file holds the new update, config.json does not exist yet or names the old one
+    from twostep.errors import UserError
+    from twostep.student import load_student_generator
+    if (run / "config.json").exists():
+        with pytest.raises(UserError, match="interrupted"):
+            load_student_generator(run)
+    r = subprocess.run(_cmd(teacher, cache, run, True), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_student_generator(run).config["updates"] == UPDATES
