@@ -68,3 +68,20 @@ def test_teacher_train_refuses_other_run_and_resumes_same(tmp_path, capsys):
 def test_help_explains():
     out = subprocess.run([sys.executable, "-m", "twostep", "distill", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--set" in out.stdout and "--resume" in out.stdout
+
+
+@pytest.mark.parametrize("field,kw,needle", [("resolution", {"resolution": 16}, "resolution: model 32, teacher 16"),
+                                             ("caption dim", {"dim": 16}, None)])
+def test_student_teacher_mismatch(tiny_teacher, tmp_path, capsys, field, kw, needle):
+    from conftest import make_tiny_teacher
+    other = make_tiny_teacher(tmp_path / "other", **kw)
+    if field == "caption dim":  # same sample space, other caption features
+        cfg = json.loads((other / "config.json").read_text())
+        cfg["transformer"]["cap_feat_dim"] = 768
+        (other / "config.json").write_text(json.dumps(cfg))
+        needle = "caption dim: model 384, teacher 768"
+    for argv in (["eval", "--model", str(tiny_teacher), "--steps", "2", "--data", "shapes", "--num", "10",
+                  "--teacher", str(other), "--features", "models/features-shapes"],
+                 ["speed", "--teacher", str(other), "--student", str(tiny_teacher), "--batch", "2"]):
+        rc, so, err = _run(["--threads", "1", *argv], capsys)
+        assert rc == 2 and len(err) == 1 and needle in err[0] and str(other) in err[0], err

@@ -40,7 +40,7 @@ def cmd_sample(a):
     for j, pr in enumerate(prompts):
         text = gen.encode([pr] * a.num)
         noise = gen.noise(a.num, a.seed + 1000 * j)
-        rows.append(gen.generate(text, noise).x0)
+        rows.append(gen.decode(gen.generate(text, noise).x0))
     x = torch.cat(rows)
     save_png(grid(x, nrow=a.num, scale=a.scale), a.out)
     print(f"{len(x)} images ({gen.describe()}) -> {a.out}")
@@ -99,13 +99,11 @@ def cmd_eval(a):
 
 
 def cmd_tune_guidance(a):
-    import json
     from pathlib import Path
 
-    from .ckpt import atomic_write_text
     from .evaluate import evaluate
     from .generate import TeacherSampler
-    from .model import load_teacher, read_config
+    from .model import load_teacher, read_config, save_teacher_settings
 
     teacher = load_teacher(a.teacher)
     fds = {}
@@ -121,8 +119,9 @@ def cmd_tune_guidance(a):
     cfg["num_parameters"] = sum(p.numel() for p in teacher.backbone.parameters())
     cfg["guidance_tuned"] = {"metric": "fd", "data": a.data, "num": a.num, "seed": a.seed,
                              "fd_by_guidance": {f"{g:g}": v for g, v in fds.items()}}
-    atomic_write_text(Path(a.teacher) / "config.json", json.dumps(cfg, indent=1))
-    print(f"default guidance set to g={best:g} (lowest FD) in {a.teacher}/config.json")
+    save_teacher_settings(Path(a.teacher), cfg)
+    print(f"default guidance set to g={best:g} (lowest FD) in {a.teacher}/"
+          f"{'twostep.json' if cfg.get('pipeline') else 'config.json'}")
 
 
 def cmd_metrics_train(a):
@@ -148,7 +147,11 @@ def cmd_speed(a):
     from .generate import load_generator
     from .speed import measure
 
-    r = measure(load_generator(a.teacher), load_generator(a.student), batch=a.batch, repeats=a.repeats)
+    from .model import check_pair
+
+    student = load_generator(a.student)
+    check_pair(student.config, a.teacher)
+    r = measure(load_generator(a.teacher), student, batch=a.batch, repeats=a.repeats)
     for k in ("teacher", "student"):
         print(f"{k:8s} {r[k]['model']:45s} NFE {r[k]['nfe']:3d}  {r[k]['images_per_sec']:8.1f} img/s  "
               f"{1e3 * r[k]['sec_per_image']:.2f} ms/img")
@@ -158,6 +161,15 @@ def cmd_speed(a):
         from pathlib import Path
         from .ckpt import atomic_write_text
         atomic_write_text(Path(a.json), json.dumps(r, indent=1))
+
+
+def cmd_export(a):
+    from .export import export_student
+
+    out = export_student(a.model, a.out, merge=a.merge)
+    print(f"diffusers pipeline written to {out}; load it with:\n"
+          f"  from twostep.pipeline import TwoStepZImagePipeline\n"
+          f"  pipe = TwoStepZImagePipeline.from_pretrained({str(out)!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Per (prompt, seed): the initial noise, the text features, the teacher's state "
                          "at every σ of its default grid and its final sample. Sharded safetensors + manifest with "
                          "checksums; re-running completes missing or corrupt shards and never duplicates.")
-    tc.add_argument("--teacher", required=True, help="teacher folder")
+    tc.add_argument("--teacher", required=True, help="teacher folder, or a diffusers ZImagePipeline folder "
+                    "(latents + its own text features are cached)")
     tc.add_argument("--data", required=True, help="prompt source: shapes | photos | folder with captions.jsonl")
     tc.add_argument("--num", type=int, required=True, help="number of (prompt, noise) pairs")
     tc.add_argument("--out", required=True, help="cache folder")
@@ -223,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Prompts: --num captions of the held-out split; noise seeded by --seed; reference: --num "
                         "images of the data's ref split (--ref data) or the teacher's default samples (--ref "
                         "teacher). Deterministic on CPU at a fixed seed.")
-    ev.add_argument("--model", required=True, help="teacher folder or student run folder")
+    ev.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
     ev.add_argument("--data", required=True, help="shapes | photos | folder (needs --features)")
     ev.add_argument("--steps", type=int, default=None, help="teacher only")
     ev.add_argument("--guidance", type=float, default=None, help="teacher only (0 = no CFG)")
@@ -251,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a 2-step student against the teacher's cached samples. Config: YAML file "
                        "(--config) + --set section.key=value overrides; see configs/turbopp.yaml. The resolved "
                        "config is saved in the run folder; --resume continues from the newest complete checkpoint.")
-    d.add_argument("--teacher", required=True, help="teacher folder")
+    d.add_argument("--teacher", required=True, help="teacher folder or ZImagePipeline folder (only its "
+                   "transformer is loaded)")
     d.add_argument("--cache", required=True, help="teacher cache folder (twostep teacher cache)")
     d.add_argument("--config", default=None, help="YAML config file")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -290,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="One row per --prompt, --num images per row (seeds seed, seed+1, ...). "
                         "A teacher samples with its default steps/guidance unless --steps/--guidance are given; "
                         "a student run knows its own step count and σ grid.")
-    sp.add_argument("--model", required=True, help="teacher folder or student run folder")
+    sp.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
     sp.add_argument("--prompt", action="append", required=True, help="caption (repeat for several rows)")
     sp.add_argument("--steps", type=int, default=None, help="teacher only: Euler steps (default from config)")
     sp.add_argument("--guidance", type=float, default=None, help="teacher only: CFG scale g (0 = off)")
@@ -299,6 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscale of the grid PNG")
     sp.add_argument("--out", required=True, help="PNG file to write")
     sp.set_defaults(fn=cmd_sample)
+
+    ex = sub.add_parser("export", help="write a student run as a diffusers pipeline folder (2 NFE)",
+                        description="Write a student run folder as a diffusers pipeline (TwoStepZImagePipeline, "
+                        "twostep/pipeline.py) that reproduces `twostep sample` for the same prompt and seed: "
+                        "transformer (+ transformer_2 for full students), the per-step LoRA adapters under lora/ "
+                        "(lora students; --merge writes two merged transformers instead), the caption encoder "
+                        "(text_encoder + tokenizer), σ grid [1, σm, 0] and mid-noise mode in model_index.json. "
+                        "Load it with `TwoStepZImagePipeline.from_pretrained(DIR)`, or without twostep with "
+                        "`DiffusionPipeline.from_pretrained(DIR, custom_pipeline='pipeline', trust_remote_code=True)`. "
+                        "Written to DIR.partial and renamed when complete; a previous export in DIR is replaced.")
+    ex.add_argument("--model", required=True, help="student run folder (the --out of `twostep distill`)")
+    ex.add_argument("--out", required=True, help="pipeline folder to write (new, empty, or a previous export)")
+    ex.add_argument("--merge", action="store_true", help="lora students: merge each step's adapter into its own "
+                    "transformer copy (transformer + transformer_2) instead of shipping base + adapters")
+    ex.set_defaults(fn=cmd_export)
     return p
 
 

@@ -93,7 +93,8 @@ class D2GConfig:
 class TrainConfig:
     updates: int = opt(2000, "student updates")
     minutes: float = opt(0.0, "optional wall-time budget in minutes (0 = none); stops early when reached")
-    batch_size: int = opt(32, "global batch (split across processes)")
+    batch_size: int = opt(32, "GLOBAL batch over all processes: each of N processes takes batch_size/N rows of "
+                          "the same global draw (N must divide it); N processes reproduce one process's batches")
     lr_student: float = opt(2e-5, "AdamW learning rate of the student")
     lr_disc: float = opt(2e-4, "AdamW learning rate of the discriminator heads / critic")
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")

@@ -19,7 +19,7 @@ import torch
 
 from .data import get_dataset
 from .errors import UserError
-from .model import batched, load_teacher
+from .model import batched, check_pair, load_teacher
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 25, 4
@@ -65,6 +65,7 @@ def teacher_reference(teacher_dir: Path, data: str, captions, text, noise, seed:
             pass
     ts = TeacherSampler(load_teacher(teacher_dir))
     x, _ = generate_all(ts, text, noise, progress=progress, desc="teacher reference")
+    x = ts.decode(x)  # images (a ZImagePipeline teacher's latents through its VAE)
     f.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors({"x0": x}, f)
     return x
@@ -80,11 +81,15 @@ def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", 
     if ref not in ("data", "teacher"):
         raise UserError(f"--ref {ref}: use data or teacher")
     net = load_feature_net(features_dir_for(data, features))
-    ds = get_dataset(data, gen.resolution)
+    early = teacher_dir or (gen.config.get("teacher") if gen.config.get("kind") == "student" else None)
+    if early is not None and Path(early).exists():  # before any sampling: a mismatched teacher is bad input
+        check_pair(gen.config, Path(early))
+    ds = get_dataset(data, gen.image_resolution)
     ex = ds.sample(num, seed=seed, split="test")
     text = gen.encode(ex.captions)
     noise = gen.noise(num, NOISE_OFFSET + seed)
     fake, spi = generate_all(gen, text, noise, progress=progress, desc=gen.describe())
+    fake = gen.decode(fake)  # latents → images for a latent-space model (not timed: sec/image is generation)
 
     # the teacher's default sample for the same noise and prompt (PSNR, and the reference when --ref teacher)
     tdir = teacher_dir or (gen.config.get("teacher") if gen.config.get("kind") == "student" else None)
@@ -117,6 +122,7 @@ def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", 
     dtext = [t for t in text[:k] for _ in range(DIVERSITY_SAMPLES)]
     dnoise = gen.noise(k * DIVERSITY_SAMPLES, NOISE_OFFSET + 500_000 + seed)
     dx, _ = generate_all(gen, dtext, dnoise)
+    dx = gen.decode(dx)
     res["diversity"] = diversity(dx, [i // DIVERSITY_SAMPLES for i in range(len(dx))], net)
     res.update({"nfe": gen.nfe, "sec_per_image": spi, "num": num, "seed": seed, "ref": ref, "data": data,
                 "model": gen.describe(), "steps": gen.steps, "guidance": gen.guidance})

@@ -23,6 +23,7 @@ class TeacherSampler:
         self.guidance = float(s["guidance"] if guidance is None else guidance)
         self.shift = float(s.get("shift", flow.DEFAULT_SHIFT))
         self.resolution = teacher.resolution
+        self.image_resolution = teacher.image_resolution
         self.config = teacher.config
 
     @property
@@ -37,6 +38,9 @@ class TeacherSampler:
 
     def noise(self, n: int, seed: int):
         return self.teacher.noise(n, seed)
+
+    def decode(self, x):
+        return self.teacher.decode(x)
 
     def generate(self, text, noise, return_trajectory: bool = False) -> flow.SampleResult:
         return self.teacher.sample(text, noise, steps=self.steps, guidance=self.guidance,

@@ -20,9 +20,16 @@ WEIGHTS = "model.safetensors"
 
 
 def read_config(folder: Path) -> dict:
+    """A model folder's config; for a diffusers ZImagePipeline folder (model_index.json), the teacher config
+    twostep derives from its component configs (twostep.teacher.pipeline_folder)."""
+    from .teacher.pipeline_folder import is_pipeline_folder, pipeline_config
+
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder; pass a model folder written by `twostep teacher train` or `distill`")
+        raise UserError(f"{folder}: not a folder; pass a model folder written by `twostep teacher train` or `distill`"
+                        " (or a ZImagePipeline folder)")
+    if is_pipeline_folder(folder):
+        return pipeline_config(folder)
     p = folder / CONFIG
     if not p.exists():
         raise UserError(f"{p}: missing; the model folder is incomplete (train it again or copy the whole folder)")
@@ -34,11 +41,16 @@ def read_config(folder: Path) -> dict:
 
 @dataclass
 class Teacher:
-    """A flow model sampled with an Euler grid; default sampling (steps, shift, guidance) from its config."""
+    """A flow model sampled with an Euler grid; default sampling (steps, shift, guidance) from its config.
+
+    Pixel space with MiniLM text (a twostep teacher folder), or latent space with the pipeline's own text encoder
+    and VAE in `parts` (a ZImagePipeline folder; loaded lazily). `decode` maps samples to images in [-1, 1].
+    """
 
     backbone: ZImageBackbone
     config: dict
     folder: Path | None = None
+    parts: object | None = None  # twostep.teacher.pipeline_folder.PipelineParts for a pipeline teacher
 
     @property
     def sampling(self) -> dict:
@@ -49,14 +61,23 @@ class Teacher:
         return int(self.config["resolution"])
 
     @property
+    def image_resolution(self) -> int:
+        """Side of the decoded images (= resolution for a pixel-space teacher)."""
+        return int(self.config.get("image_resolution", self.config["resolution"]))
+
+    @property
     def channels(self) -> int:
         return int(self.config["transformer"]["in_channels"])
 
     def encode(self, prompts):
-        return get_encoder().encode(prompts)
+        return self.parts.encode(prompts) if self.parts is not None else get_encoder().encode(prompts)
 
     def null_text(self, n: int):
-        return get_encoder().encode([""] * n)
+        return self.encode([""] * n)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples → images in [-1, 1]: the VAE for a latent teacher, the identity for a pixel one."""
+        return self.parts.decode(x) if self.parts is not None else x
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(seed))
@@ -79,6 +100,12 @@ class Teacher:
 def load_teacher(folder: Path) -> Teacher:
     folder = Path(folder)
     cfg = read_config(folder)
+    if cfg.get("pipeline"):  # a ZImagePipeline folder: the transformer now, text encoder / VAE at first use
+        from .teacher.pipeline_folder import PipelineParts, load_pipeline_backbone
+
+        bb = load_pipeline_backbone(folder)
+        bb.requires_grad_(False).eval()
+        return Teacher(bb, cfg, folder, PipelineParts(folder, cfg))
     if "transformer" not in cfg:
         raise UserError(f"{folder / CONFIG}: has no 'transformer' section; not a twostep teacher folder")
     bb = load_backbone(cfg["transformer"], folder / WEIGHTS)
@@ -91,6 +118,18 @@ def batched(n: int, bs: int):
         yield slice(i, min(n, i + bs))
 
 
+def save_teacher_settings(folder: Path, config: dict):
+    """Write back a teacher's edited settings (e.g. tuned guidance): config.json of a twostep folder, twostep.json
+    of a ZImagePipeline folder (whose own files stay untouched)."""
+    from .ckpt import atomic_write_text
+
+    if config.get("pipeline"):
+        from .teacher.pipeline_folder import save_sidecar
+        save_sidecar(Path(folder), config)
+    else:
+        atomic_write_text(Path(folder) / CONFIG, json.dumps(config, indent=1))
+
+
 def save_model_folder(backbone: ZImageBackbone, config: dict, folder: Path):
     """Write config.json + model.safetensors (atomically)."""
     from .ckpt import atomic_save_tensors, atomic_write_text
@@ -99,3 +138,17 @@ def save_model_folder(backbone: ZImageBackbone, config: dict, folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(backbone.transformer.state_dict(), folder / WEIGHTS)
     atomic_write_text(folder / CONFIG, json.dumps(config, indent=1))
+
+
+def check_pair(model_cfg: dict, teacher_dir: Path, role: str = "--teacher"):
+    """A student (or another teacher) compared against a teacher must share its sample space: resolution,
+    channels and caption-feature dimension. Otherwise PSNR/speed/reference comparisons are meaningless."""
+    t = read_config(Path(teacher_dir))
+    pairs = [("resolution", model_cfg.get("resolution"), t.get("resolution")),
+             ("channels", model_cfg["transformer"].get("in_channels"), t["transformer"].get("in_channels")),
+             ("caption dim", model_cfg["transformer"].get("cap_feat_dim"), t["transformer"].get("cap_feat_dim"))]
+    for name, a, b in pairs:
+        if a != b:
+            hint = f" ({model_cfg['teacher']})" if model_cfg.get("teacher") else ""
+            raise UserError(f"{role} {teacher_dir}: does not match the model ({name}: model {a}, teacher {b}); "
+                            f"pass the teacher the model was distilled from{hint}")

@@ -21,7 +21,7 @@ def comparison_grids(gens: dict, captions: list[str], out_dir: Path, seed: int =
     items = []
     for i, (name, gen) in enumerate(gens.items()):
         with torch.no_grad():
-            x = gen.generate(text, noise).x0
+            x = gen.decode(gen.generate(text, noise).x0)
         f = out_dir / f"grid_{i}.png"
         save_png(grid(x, nrow=per_prompt, scale=3), f)
         items.append({"name": name, "file": f.name, "nfe": gen.nfe})

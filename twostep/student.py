@@ -127,8 +127,11 @@ class StudentGenerator:
         self.config = config
         self.folder = folder
         self.resolution = int(config["resolution"])
+        self.image_resolution = int(config.get("image_resolution", self.resolution))
         self.channels = int(config["transformer"]["in_channels"])
         self.steps, self.guidance = 2, 0.0
+        from .teacher.pipeline_folder import parts_for_model
+        self.parts = parts_for_model(config, folder)  # a ZImagePipeline teacher's text encoder / VAE (lazy)
 
     @property
     def nfe(self) -> int:
@@ -138,8 +141,14 @@ class StudentGenerator:
         return f"student 2-step ({self.student.decoupling}, σm={self.student.sigma_mid:g}), 2 NFE"
 
     def encode(self, prompts):
+        if self.parts is not None:
+            return self.parts.encode(prompts)
         from .text import get_encoder
         return get_encoder().encode(prompts)
+
+    def decode(self, x):
+        """Samples → images in [-1, 1] (the teacher pipeline's VAE for a latent-space student)."""
+        return self.parts.decode(x) if self.parts is not None else x
 
     def noise(self, n: int, seed: int):
         g = torch.Generator().manual_seed(int(seed))
@@ -165,7 +174,9 @@ def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
             "method": cfg.method, "decoupling": cfg.student.decoupling, "sigma_mid": cfg.student.sigma_mid,
             "mid_noise": cfg.student.mid_noise, "lora_rank": cfg.student.lora_rank,
             "lora_alpha": cfg.student.lora_alpha, "lora_targets": list(cfg.student.lora_targets),
-            "sampling": {"steps": 2, "sigmas": [1.0, cfg.student.sigma_mid, 0.0], "guidance": 0.0}}
+            "sampling": {"steps": 2, "sigmas": [1.0, cfg.student.sigma_mid, 0.0], "guidance": 0.0},
+            # a ZImagePipeline teacher: the latent space, and the folder whose text encoder and VAE the student uses
+            **{k: teacher_cfg[k] for k in ("format", "pipeline", "image_resolution", "vae") if k in teacher_cfg}}
 
 
 def build_student_from_config(c: dict) -> TwoStepStudent:
@@ -175,12 +186,17 @@ def build_student_from_config(c: dict) -> TwoStepStudent:
 
 
 def save_student(student: TwoStepStudent, config: dict, folder: Path):
+    """Write the usable model files. Each file is atomic and stamped with the update count; config.json goes
+    last, and loading refuses a folder whose files carry different stamps (a write interrupted between files)."""
+    from . import faults
     from .ckpt import atomic_save_tensors, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    stamp = {"updates": config.get("updates", 0)}
     for stem, sd in student.export_state().items():
-        atomic_save_tensors(sd, folder / f"{stem}.safetensors")
+        atomic_save_tensors(sd, folder / f"{stem}.safetensors", metadata=stamp)
+        faults.point("model.save")
     atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
 
 
@@ -192,6 +208,26 @@ def load_student_generator(folder) -> StudentGenerator:
     c = read_config(folder)
     st = build_student_from_config(c)
     stems = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base", "step1", "step2"]}[c["decoupling"]]
+    _check_stamps(folder, stems, c)
     st.load_export_state({s: load_tensors(folder / f"{s}.safetensors") for s in stems})
     st.requires_grad_(False)
     return StudentGenerator(st, c, folder)
+
+
+def _check_stamps(folder: Path, stems, config: dict):
+    """All weight files must come from the update that config.json names (see save_student)."""
+    from safetensors import safe_open
+
+    want = str(config.get("updates", 0))
+    for stem in stems:
+        p = folder / f"{stem}.safetensors"
+        if not p.exists():
+            raise UserError(f"{p}: missing; the run folder is incomplete (finish it with `twostep distill --resume`)")
+        try:
+            with safe_open(str(p), "pt") as f:
+                got = (f.metadata() or {}).get("updates", want)
+        except Exception as e:
+            raise UserError(f"{p}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt")
+        if got != want:
+            raise UserError(f"{folder}: {p.name} is from update {got} but config.json from update {want} (a save was "
+                            "interrupted); run `twostep distill --resume` on it to rewrite the model files")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import flow
+from . import faults
 from .ckpt import (all_finite, atomic_write_text, latest_checkpoint, load_tensors, read_checkpoint,
                    write_checkpoint)
 from .config import Config, dump_config, to_dict
@@ -33,8 +34,10 @@ def _accelerator(cfg: Config):
 
 
 class BatchSource:
-    """Deterministic batches from the teacher cache: update k of rank r draws its indices from a generator
-    seeded by (seed, k, r), so a resumed run sees exactly the batches an uninterrupted one would."""
+    """Deterministic batches from the teacher cache. `batch_size` is the GLOBAL batch: update k draws the global
+    batch's indices from a generator seeded by (seed, k) alone, and rank r of `world` processes takes rows
+    [r·B/W, (r+1)·B/W), so N processes see exactly the halves/quarters of the one-process batch, and a resumed
+    run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, cache, needs: set[str], sigma_mid: float, seed: int, data_real: torch.Tensor | None,
                  rank: int = 0, world: int = 1):
@@ -43,18 +46,24 @@ class BatchSource:
         self.data_real = data_real
 
     def get(self, update: int, sub: int, batch_size: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + update * 101 + sub * 7 + self.rank * 1_000_000_007)
-        per = max(1, batch_size // self.world)
-        idx = torch.randint(0, len(self.cache), (per,), generator=g)
+        if batch_size % self.world:
+            raise UserError(f"train.batch_size={batch_size} is the global batch and must be divisible by the "
+                            f"{self.world} processes")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + update * 101 + sub * 7)
+        per = batch_size // self.world
+        mine = slice(self.rank * per, (self.rank + 1) * per)
+        idx = torch.randint(0, len(self.cache), (batch_size,), generator=g)
+        j = torch.randint(0, len(self.data_real), (batch_size,), generator=g) if self.data_real is not None else None
+        fresh = torch.randn((batch_size, *self.cache.noise.shape[1:]), generator=g)
+        idx = idx[mine]
         b = {"noise": self.cache.noise[idx], "text": [self.cache.text[i] for i in idx.tolist()], "index": idx}
         if "teacher_final" in self.needs:
             b["teacher_final"] = self.cache.final[idx]
         if self.mid is not None:
             b["teacher_mid"] = self.mid[idx]
-        if self.data_real is not None:
-            j = torch.randint(0, len(self.data_real), (per,), generator=g)
-            b["data_real"] = self.data_real[j]
-        b["fresh_noise"] = torch.randn(b["noise"].shape, generator=g)
+        if j is not None:
+            b["data_real"] = self.data_real[j[mine]]
+        b["fresh_noise"] = fresh[mine]
         return b
 
 
@@ -67,6 +76,103 @@ def _sync_grads(acc, params):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         p.grad = acc.reduce(p.grad, reduction="mean")
+
+
+def _all_ranks(acc, flag: bool) -> bool:
+    """True when `flag` is true on every process (so all ranks take the same branch and no collective hangs)."""
+    if acc.num_processes == 1:
+        return bool(flag)
+    return bool(acc.reduce(torch.tensor([float(bool(flag))]), reduction="sum").item() == acc.num_processes)
+
+
+def _mean_over_ranks(acc, logs: dict) -> dict:
+    """Float log values averaged over processes (equal per-rank batches: the global-batch value of a mean loss)."""
+    keys = sorted(k for k, v in logs.items() if isinstance(v, float))
+    if acc.num_processes == 1 or not keys:
+        return logs
+    vals = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64), reduction="mean")
+    return {**logs, **{k: float(v) for k, v in zip(keys, vals.tolist())}}
+
+
+def _rank_seed(seed: int, rank: int, update: int) -> int:
+    """Seed of the global torch RNG (the methods' σ and re-noising draws) for update k on rank r of a multi-process
+    run: distinct per rank (no two ranks draw the same σ for different samples) and a function of k (resume-exact)."""
+    return (seed * 1_000_003 + update * 7_919 + (rank + 1) * 104_729) % (2**63)
+
+
+def enable_grad_checkpointing(method) -> int:
+    """train.grad_checkpointing: diffusers' activation checkpointing (non-reentrant) on every Z-Image transformer
+    the loop back-propagates through: the student's, the frozen teacher's (the discriminator pass reaches the
+    student through the teacher's blocks) and a critic's own (DMD2's fake score). Returns how many were switched on."""
+    mods = []
+    for name in ("student", "teacher", "critic"):
+        if isinstance(getattr(method, name, None), torch.nn.Module):
+            mods += list(getattr(method, name).modules())
+    n = 0
+    for m in mods:
+        if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(m, "enable_gradient_checkpointing"):
+            if not getattr(m, "gradient_checkpointing", False):
+                m.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_safe_checkpoint)
+                n += 1
+    return n
+
+
+def adapter_safe_checkpoint(block, *args):
+    """torch.utils.checkpoint (non-reentrant) of one transformer block that re-runs it, in the backward pass, with
+    the LoRA adapter that was active in its forward pass. The lora student runs both steps on one base and
+    switches adapters per step, so plain checkpointing would recompute step 1's blocks with step 2's adapter
+    (wrong gradients, silently; tests/test_grad_checkpointing.py). Also restores requires_grad, which peft's
+    set_adapter changes, so the recomputation saves the same tensors as the forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        BaseTunerLayer = ()
+    layers = [m for m in block.modules() if isinstance(m, BaseTunerLayer)] if BaseTunerLayer else []
+    if not layers:
+        return checkpoint(block, *args, use_reentrant=False)
+    active = [list(m.active_adapters) for m in layers]
+    flags = [(p, p.requires_grad) for p in block.parameters()]
+
+    def run(*a):
+        for m, names in zip(layers, active):
+            if list(m.active_adapters) != names:
+                m.set_adapter(names)
+        for p, f in flags:
+            if p.requires_grad != f:
+                p.requires_grad_(f)
+        return block(*a)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+def _digest(modules) -> int:
+    """A 63-bit digest of every tensor (names, dtypes, bytes) of the given modules' state dicts."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def check_ranks_in_sync(acc, out: Path, modules) -> dict:
+    """End of a run: all-gather a digest of the student, EMA and critic weights from every process; write
+    `distributed.json` (num_processes, ranks_in_sync, digests) to the run folder; raise if the ranks differ."""
+    n = acc.num_processes
+    digests = [] if n == 1 else [int(x) for x in acc.gather(torch.tensor([_digest(modules)])).tolist()]
+    rec = {"num_processes": n, "ranks_in_sync": len(set(digests)) <= 1, "distributed_type": str(acc.distributed_type),
+           "param_digests": [f"{d:016x}" for d in digests]}
+    if acc.is_main_process:
+        atomic_write_text(out / "distributed.json", json.dumps(rec, indent=1))
+    if not rec["ranks_in_sync"]:
+        raise RuntimeError(f"the {n} processes ended with different weights (digests {rec['param_digests']}): "
+                           "a gradient or update was not synchronised; this is a bug in the loop or the method")
+    return rec
 
 
 def _ema_update(ema, model, decay):
@@ -82,6 +188,10 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
 
     out = Path(out)
     acc = _accelerator(cfg)
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):  # docs/sizing.md: what is and is not verified
+        raise UserError(f"accelerate {acc.distributed_type.name} is not supported by twostep's loop yet (the student "
+                        "is replicated and its gradients all-reduced by hand, never wrapped by accelerator.prepare); "
+                        "launch with configs/accelerate/ddp.yaml (see docs/sizing.md)")
     ck = latest_checkpoint(out / "checkpoints")
     if ck is not None and not resume:
         raise UserError(f"{out}: already holds a run (checkpoint {ck.name}); pass --resume to continue it or "
@@ -102,13 +212,17 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                         f"({teacher.channels}×{teacher.resolution}²); rebuild the cache with this teacher")
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg, teacher.backbone)
+    if teacher.parts is not None and getattr(method, "_null", 0) is None:  # DMD2's "": the pipeline's encoder
+        method._null = (teacher.null_text(1)[0] if cfg.dmd.guidance != 0      # (loaded for CFG only)
+                        else torch.zeros(1, teacher.backbone.cap_feat_dim))
     teacher_hash = _param_hash(teacher.backbone)
     if cfg.train.grad_checkpointing:
-        for m in method.student.modules():
-            if hasattr(m, "enable_gradient_checkpointing") and hasattr(m, "_supports_gradient_checkpointing"):
-                m.enable_gradient_checkpointing()
+        enable_grad_checkpointing(method)
     data_real = None
     if getattr(cfg, "disc", None) is not None and cfg.disc.real == "data":
+        if teacher.parts is not None:
+            raise UserError("disc.real=data needs a pixel-space teacher; a ZImagePipeline teacher distills in latent "
+                            "space: use disc.real=teacher")
         from .data import get_dataset
         data_real = get_dataset(cache.manifest["data"]).sample(min(len(cache), 5000), seed=cfg.train.seed, split="train").images
     src = BatchSource(cache, method.needs(), cfg.student.sigma_mid, cfg.train.seed, data_real,
@@ -151,9 +265,11 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     skipped = in_a_row = 0
     warned_chance = False
     while update < t.updates:
-        if t.minutes > 0 and time.time() - t_start > t.minutes * 60:
+        if t.minutes > 0 and not _all_ranks(acc, time.time() - t_start <= t.minutes * 60):  # ranks stop together
             acc.print(f"time budget of {t.minutes} min reached at update {update}")
             break
+        if acc.num_processes > 1:  # per-rank σ / re-noising draws (one process keeps its single RNG stream)
+            torch.manual_seed(_rank_seed(t.seed, acc.process_index, update))
         ts = time.time()
         logs: dict = {}
         with acc.autocast():
@@ -161,7 +277,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                 for k in range(t.d_updates):
                     c_loss, clogs = method.critic_loss(src.get(update, 1 + k, t.batch_size))
                     opt_c.zero_grad(set_to_none=True)
-                    if not torch.isfinite(c_loss):
+                    if not _all_ranks(acc, bool(torch.isfinite(c_loss))):
                         skipped += 1
                         continue
                     c_loss.backward()
@@ -174,7 +290,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             s_loss, slogs = method.student_loss(src.get(update, 0, t.batch_size))
         logs.update(slogs)
         opt_s.zero_grad(set_to_none=True)
-        ok = bool(torch.isfinite(s_loss))
+        ok = _all_ranks(acc, bool(torch.isfinite(s_loss)))
         if ok:
             s_loss.backward()
             _sync_grads(acc, s_params)
@@ -192,9 +308,11 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         else:
             in_a_row = 0
         update += 1
+        faults.point("update")
         _ema_update(ema, method.student, min(t.ema, (1 + update) / (10 + update)))
         logs["sec_per_update"] = time.time() - ts
         if update % t.log_every == 0 or update == t.updates:
+            logs = _mean_over_ranks(acc, logs)
             rec = {"update": update, **{k: round(v, 5) if isinstance(v, float) else v for k, v in logs.items()}}
             if "d_acc_real" in logs:  # a discriminator at chance adds nothing over regression: say so
                 rec["d_at_chance"] = abs((logs["d_acc_real"] + logs["d_acc_fake"]) / 2 - 0.5) < 0.05
@@ -223,6 +341,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     if logf:
         logf.close()
     _checkpoint(acc, out, method, ema, opts, update, log, t.keep_checkpoints, scfg)
+    check_ranks_in_sync(acc, out, [method.student, ema] + ([method.critic] if c_params else []))
     if _param_hash(teacher.backbone) != teacher_hash:  # the teacher never changes
         raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")
     if acc.is_main_process:
@@ -281,7 +400,7 @@ def _grid_inputs(teacher, cache, n: int = 8):
     text = cache.text[:n]
     noise = cache.noise[:n]
     naive = teacher.sample(text, noise, steps=2, guidance=0.0).x0
-    return {"text": text, "noise": noise, "teacher": cache.final[:n], "naive": naive}
+    return {"text": text, "noise": noise, "teacher": cache.final[:n], "naive": naive, "decode": teacher.decode}
 
 
 @torch.no_grad()
@@ -291,7 +410,7 @@ def _write_grid(path, gi, student):
     student.eval()
     st = student(gi["noise"], gi["text"])["x0_2"]
     student.train(was)
-    save_png(grid(torch.cat([gi["teacher"], gi["naive"], st]), nrow=len(st), scale=3), path)
+    save_png(grid(gi["decode"](torch.cat([gi["teacher"], gi["naive"], st])), nrow=len(st), scale=3), path)
 
 
 def _loss_curves(log, path):

