@@ -71,12 +71,17 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    return {"torch_cpu": torch.get_rng_state()}
+    st = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["torch_cuda"] = torch.cuda.get_rng_state()
+    return st
 
 
 def set_rng_state(t: dict[str, torch.Tensor]):
     if "torch_cpu" in t:
         torch.set_rng_state(t["torch_cpu"])
+    if "torch_cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["torch_cuda"])
 
 
 def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2,

@@ -41,7 +41,7 @@ class TwoStepStudent(nn.Module):
         elif decoupling == "lora":
             from peft import LoraConfig
 
-            self.base = copy.deepcopy(teacher).requires_grad_(False)
+            self.base = deepcopy_sharing_frozen(teacher).requires_grad_(False)  # the frozen base IS the teacher
             for name in STEP_NAMES:  # LoRA B starts at zero: both steps start exactly at the teacher
                 self.base.transformer.add_adapter(
                     LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets),
@@ -109,6 +109,15 @@ class TwoStepStudent(nn.Module):
         else:
             sd = {**files["base"], **files["step1"], **files["step2"]}
             self.base.transformer.load_state_dict(sd)
+
+
+def deepcopy_sharing_frozen(module: nn.Module) -> nn.Module:
+    """deepcopy whose frozen parameters are the original Parameter objects, not copies. A lora student's frozen
+    base is the teacher, and the EMA of a frozen weight is that weight: one copy of the frozen transformer serves
+    all three (for the 6B model, two fewer copies; docs/sizing.md). Safe because nothing writes to frozen weights,
+    which the teacher-unchanged check at the end of every run verifies."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo)
 
 
 def _trainable_copy(bb: ZImageBackbone) -> ZImageBackbone:

@@ -7,7 +7,6 @@ draws fixed-noise grids, and writes atomic, resumable checkpoints. Batches come 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -24,7 +23,7 @@ from .errors import UserError
 from .images import grid, save_png
 from .methods import build_method
 from .model import load_teacher
-from .student import save_student, student_config
+from .student import deepcopy_sharing_frozen, save_student, student_config
 
 
 def _accelerator(cfg: Config):
@@ -40,8 +39,9 @@ class BatchSource:
     run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, cache, needs: set[str], sigma_mid: float, seed: int, data_real: torch.Tensor | None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, device="cpu"):
         self.cache, self.needs, self.seed, self.rank, self.world = cache, needs, seed, rank, world
+        self.device = torch.device(device)
         self.mid = cache.state_at(sigma_mid) if "teacher_mid" in needs else None
         self.data_real = data_real
 
@@ -64,6 +64,9 @@ class BatchSource:
         if j is not None:
             b["data_real"] = self.data_real[j[mine]]
         b["fresh_noise"] = fresh[mine]
+        if self.device.type != "cpu":  # drawn on the CPU (device-independent batches), used on the accelerator
+            b = {k: (v if k == "index" else [t.to(self.device) for t in v] if isinstance(v, list) else
+                     v.to(self.device, non_blocking=True)) for k, v in b.items()}
         return b
 
 
@@ -82,7 +85,8 @@ def _all_ranks(acc, flag: bool) -> bool:
     """True when `flag` is true on every process (so all ranks take the same branch and no collective hangs)."""
     if acc.num_processes == 1:
         return bool(flag)
-    return bool(acc.reduce(torch.tensor([float(bool(flag))]), reduction="sum").item() == acc.num_processes)
+    return bool(acc.reduce(torch.tensor([float(bool(flag))], device=acc.device), reduction="sum").item()
+                == acc.num_processes)
 
 
 def _mean_over_ranks(acc, logs: dict) -> dict:
@@ -90,7 +94,7 @@ def _mean_over_ranks(acc, logs: dict) -> dict:
     keys = sorted(k for k, v in logs.items() if isinstance(v, float))
     if acc.num_processes == 1 or not keys:
         return logs
-    vals = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64), reduction="mean")
+    vals = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=acc.device), reduction="mean")
     return {**logs, **{k: float(v) for k, v in zip(keys, vals.tolist())}}
 
 
@@ -164,7 +168,7 @@ def check_ranks_in_sync(acc, out: Path, modules) -> dict:
     """End of a run: all-gather a digest of the student, EMA and critic weights from every process; write
     `distributed.json` (num_processes, ranks_in_sync, digests) to the run folder; raise if the ranks differ."""
     n = acc.num_processes
-    digests = [] if n == 1 else [int(x) for x in acc.gather(torch.tensor([_digest(modules)])).tolist()]
+    digests = [] if n == 1 else [int(x) for x in acc.gather(torch.tensor([_digest(modules)], device=acc.device)).tolist()]
     rec = {"num_processes": n, "ranks_in_sync": len(set(digests)) <= 1, "distributed_type": str(acc.distributed_type),
            "param_digests": [f"{d:016x}" for d in digests]}
     if acc.is_main_process:
@@ -211,7 +215,11 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         raise UserError(f"{cache_dir}: cache images {tuple(cache.noise.shape[1:])} do not match the teacher "
                         f"({teacher.channels}×{teacher.resolution}²); rebuild the cache with this teacher")
     torch.manual_seed(cfg.train.seed)
+    teacher.backbone.to(acc.device)  # every module on the accelerator's device; batches follow (BatchSource)
     method = build_method(cfg, teacher.backbone)
+    for name in ("student", "critic"):
+        if isinstance(getattr(method, name, None), torch.nn.Module):
+            getattr(method, name).to(acc.device)
     if teacher.parts is not None and getattr(method, "_null", 0) is None:  # DMD2's "": the pipeline's encoder
         method._null = (teacher.null_text(1)[0] if cfg.dmd.guidance != 0      # (loaded for CFG only)
                         else torch.zeros(1, teacher.backbone.cap_feat_dim))
@@ -226,13 +234,13 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         from .data import get_dataset
         data_real = get_dataset(cache.manifest["data"]).sample(min(len(cache), 5000), seed=cfg.train.seed, split="train").images
     src = BatchSource(cache, method.needs(), cfg.student.sigma_mid, cfg.train.seed, data_real,
-                      acc.process_index, acc.num_processes)
+                      acc.process_index, acc.num_processes, acc.device)
 
     t = cfg.train
     s_params, c_params = method.student_parameters(), method.critic_parameters()
     opt_s = torch.optim.AdamW(s_params, lr=t.lr_student, betas=tuple(t.betas), weight_decay=t.weight_decay)
     opt_c = torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas)) if c_params else None
-    ema = copy.deepcopy(method.student).requires_grad_(False)
+    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # EMA of a frozen weight = that weight
     opts = {"student": opt_s, **({"critic": opt_c} if opt_c else {})}
 
     update, log = 0, []
@@ -251,7 +259,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     scfg = student_config(teacher.config, cfg, Path(teacher_dir))
     scfg["cache"] = str(cache_dir)
 
-    grid_inputs = _grid_inputs(teacher, cache)
+    grid_inputs = _grid_inputs(teacher, cache, acc.device)
     bar = None
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm
@@ -395,11 +403,11 @@ def _checkpoint(acc, out, method, ema, opts, update, log, keep, scfg):
     save_student(ema, {**scfg, "updates": update}, out)  # the usable model: EMA weights + config.json
 
 
-def _grid_inputs(teacher, cache, n: int = 8):
+def _grid_inputs(teacher, cache, device, n: int = 8):
     n = min(n, len(cache))
-    text = cache.text[:n]
-    noise = cache.noise[:n]
-    naive = teacher.sample(text, noise, steps=2, guidance=0.0).x0
+    text = [t.to(device) for t in cache.text[:n]]
+    noise = cache.noise[:n].to(device)
+    naive = teacher.sample(text, noise, steps=2, guidance=0.0).x0.cpu()
     return {"text": text, "noise": noise, "teacher": cache.final[:n], "naive": naive, "decode": teacher.decode}
 
 
@@ -408,7 +416,7 @@ def _write_grid(path, gi, student):
     """Rows: teacher 8-step | naive 2-step (2 NFE) | student 2-step — same noise and prompts."""
     was = student.training
     student.eval()
-    st = student(gi["noise"], gi["text"])["x0_2"]
+    st = student(gi["noise"], gi["text"])["x0_2"].float().cpu()
     student.train(was)
     save_png(grid(gi["decode"](torch.cat([gi["teacher"], gi["naive"], st])), nrow=len(st), scale=3), path)
 
