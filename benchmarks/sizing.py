@@ -99,8 +99,8 @@ def estimate(c: dict, caption_tokens: int, gpus: int, act: float) -> dict:
 
 def as_implemented(c: dict, e: dict) -> dict:
     """Static memory of the loop as it is today: every module fp32 (from_config / load_backbone), bf16 autocast
-    casting weights on the fly, the lora student a deep copy of the teacher, the EMA a deep copy of the whole
-    student. Autocast keeps bf16 casts of trainable weights (cached for the autocast region) and, without
+    casting weights on the fly; frozen weights shared, not copied (`deepcopy_sharing_frozen`: the lora student's
+    base is the teacher's parameters and the EMA holds copies of the trainable parameters only). Autocast keeps bf16 casts of trainable weights (cached for the autocast region) and, without
     checkpointing, of every frozen weight a grad-carrying input passes through (saved for the input gradient)."""
     P, PL, Pt = e["P"], e["PL"], e["Pt"]
     out = {}
@@ -110,7 +110,7 @@ def as_implemented(c: dict, e: dict) -> dict:
             casts_ckpt = 2 * 2 * P
             casts_none = casts_ckpt + 2 * Pt
         else:
-            static = 4 * P + 4 * P + PL * 16 + (4 * P + 4 * PL)
+            static = 4 * P + PL * 16 + 4 * PL   # one fp32 frozen transformer; LoRA: weights+grad+AdamW; EMA
             casts_ckpt = 2 * PL
             casts_none = casts_ckpt + 2 * 2 * P + 2 * Pt   # base cast once per step (2 steps) + teacher grad path
         out[dec] = {"static": static, "casts_ckpt": casts_ckpt, "casts_none": casts_none}

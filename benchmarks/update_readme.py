@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"teacher_gap": "benchmarks/results/teacher_gap.md", "demo": "benchmarks/results/demo.md",
-          "teacher_guidance": "benchmarks/results/teacher_guidance.md", "runs": "benchmarks/results/runs.md"}
+          "teacher_guidance": "benchmarks/results/teacher_guidance.md", "runs": "benchmarks/results/runs.md",
+          "memory": "benchmarks/results/memory_summary.md"}
 
 
 def teacher_guidance_table():
@@ -57,9 +58,27 @@ def demo_table():
     (ROOT / "benchmarks" / "results" / "demo.md").write_text("\n".join(lines))
 
 
+def memory_table():
+    """From benchmarks/results/memory.json (written by benchmarks/memory.py): peak RSS, full vs lora."""
+    import json
+    f = ROOT / "benchmarks" / "results" / "memory.json"
+    if not f.exists():
+        return
+    recs = {(r["decoupling"], bool(r["checkpointing"])): r for r in json.loads(f.read_text())}
+    lines = ["| checkpointing | full peak MB | lora peak MB | lora ÷ full (target ≤ 0.6) | full s/update | lora s/update |",
+             "|---|---|---|---|---|---|"]
+    for ck in (False, True):
+        a, b = recs.get(("full", ck)), recs.get(("lora", ck))
+        if a and b:
+            lines.append(f"| {'on' if ck else 'off'} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | "
+                         f"{b['peak_mb'] / a['peak_mb']:.2f} | {a['sec_per_update']:.1f} | {b['sec_per_update']:.1f} |")
+    (ROOT / "benchmarks" / "results" / "memory_summary.md").write_text("\n".join(lines) + "\n")
+
+
 def main():
     teacher_guidance_table()
     demo_table()
+    memory_table()
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name, rel in TABLES.items():

