@@ -25,6 +25,7 @@ from twostep.ckpt import atomic_write_text  # noqa: E402
 from twostep.evaluate import evaluate  # noqa: E402
 from twostep.generate import TeacherSampler, cfg_guidance  # noqa: E402
 from twostep.model import load_teacher  # noqa: E402
+from twostep.teacher.cache import file_sha256  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "teacher_gap"
 METRICS = ["fd", "kid", "swd", "alignment", "diversity", "psnr_vs_teacher", "sec_per_image"]
@@ -52,6 +53,8 @@ def main():
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--redo-unstamped", dest="redo_unstamped", action="store_true",
+                   help="recompute records written before they carried the teacher weights sha256")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -60,17 +63,21 @@ def main():
     for data in a.data:
         tdir = ROOT / "models" / f"teacher-{data}"
         teacher = load_teacher(tdir)
+        wsha = file_sha256(tdir / "model.safetensors")  # a record of another teacher is stale: redo it
         recs = {}
         for name, steps, g in settings(teacher):
             for seed in a.seeds:
                 f = OUT / f"{data}-{name}-n{a.num}-seed{seed}.json"
-                if f.exists():
-                    r = json.loads(f.read_text())
-                else:
+                r = json.loads(f.read_text()) if f.exists() else None
+                if r is None or r.get("teacher_weights_sha256", wsha) != wsha or ("teacher_weights_sha256" not in r
+                                                                               and a.redo_unstamped):
+                    r = None
+                if r is None:
                     print(f"{data} {name} seed {seed} ...", flush=True)
                     r = evaluate(TeacherSampler(teacher, steps, g), data, num=a.num, seed=seed, teacher_dir=tdir,
                                  progress=False)
-                    r.update({"benchmark": data, "setting": name, "teacher": str(tdir.relative_to(ROOT))})
+                    r.update({"benchmark": data, "setting": name, "teacher": str(tdir.relative_to(ROOT)),
+                              "teacher_weights_sha256": wsha})
                     atomic_write_text(f, json.dumps(r, indent=1))
                 recs.setdefault(name, []).append(r)
         base = {r["seed"]: r["fd"] for r in recs["teacher-8step"]}
