@@ -2,13 +2,21 @@
 
     .venv/bin/python benchmarks/run.py [--data shapes photos] [--variants ...] [--seeds 0 1 2]
                                        [--updates 600] [--cache-num 2048] [--eval-num 1000] [--quick]
+                                       [--summary-only] [--out DIR]
 
 Each (benchmark, variant, seed) is one `twostep distill` + `twostep eval` in a fresh process (so its peak RSS
 is its own); its record goes to benchmarks/results/runs/<benchmark>-<variant>-seed<k>.json as soon as it
 finishes, and finished records are skipped on restart, so the sweep can accumulate in the background over
 several sittings. `--quick` is a tiny version for CI-style smoke runs (writes under a temporary folder).
 Equal budget: the same number of student updates, batch and teacher cache for every method.
-Afterwards: benchmarks/results/runs.md (mean ± std over seeds).
+
+Sample grids (`twostep sample --eval-prompts`, each in a fresh process, skipped when present): per finished run
+runs/<same stem>.png, and once per benchmark the teacher 8-step and naive 2-step (without / with CFG) grids, all
+for the same prompts and noise (the first 8 test-split prompts and the noise of `twostep eval --seed 0`);
+runs/<benchmark>-grids.json names them and the teacher's weights (its grids are redone when the teacher changes).
+Afterwards (benchmarks/sweep_outputs.py, from all records on disk with this budget; `--summary-only` does just
+this): benchmarks/results/runs.md (mean ± std over seeds), fd_vs_nfe_<b>.png, ablations_<b>.png (FD-vs-NFE also
+uses benchmarks/results/teacher_gap/) and comparison.html.
 """
 
 from __future__ import annotations
@@ -23,8 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_outputs import grid_file, load_records, run_stem, summarize  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 TWOSTEP = [sys.executable, "-m", "twostep"]
+GRID_SEED, GRID_NOISES = 0, 4  # every grid: the prompts and noise of `twostep eval --seed 0`, 4 noises per prompt
 
 # variant -> (config file or None, overrides). One change per ablation.
 VARIANTS = {
@@ -46,12 +59,6 @@ VARIANTS = {
 }
 DEFAULT = ["turbopp", "turbopp-lora", "ablate-shared", "ablate-detach", "ablate-step1-none", "ablate-disc-real-data",
            "ablate-no-adv (regression only)", "ladd", "dmd2", "diffusion2gan"]
-KEYS = ["fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "nfe", "sec_per_image",
-        "train_sec_per_update", "peak_rss_mb"]
-
-
-def slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in s).strip("_")
 
 
 def run_child(cmd, env, log):
@@ -75,12 +82,12 @@ def ensure_cache(data, num, work, env, log, seed=0):
 
 
 def one_run(data, variant, seed, a, work, env, log, out_dir):
-    rec_path = out_dir / f"{data}-{slug(variant)}-seed{seed}.json"
+    rec_path = out_dir / f"{run_stem(data, variant, seed)}.json"
     if rec_path.exists():
         return json.loads(rec_path.read_text())
     cfg_file, sets = VARIANTS[variant]
     cache = ensure_cache(data, a.cache_num, work, env, log)
-    run = work / f"run-{data}-{slug(variant)}-seed{seed}"
+    run = work / f"run-{run_stem(data, variant, seed)}"
     cmd = TWOSTEP + ["distill", "--teacher", f"models/teacher-{data}", "--cache", str(cache), "--out", str(run),
                      "--no-progress", "--set", f"train.updates={a.updates}", "--set", f"train.seed={seed}",
                      "--set", f"train.batch_size={a.batch}", "--set", "train.grid_every=0",
@@ -99,7 +106,7 @@ def one_run(data, variant, seed, a, work, env, log, out_dir):
     train_s = time.time() - t0
     log_lines = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     spu = statistics.median([r["sec_per_update"] for r in log_lines if "sec_per_update" in r])
-    ev = work / f"eval-{data}-{slug(variant)}-seed{seed}.json"
+    ev = work / f"eval-{run_stem(data, variant, seed)}.json"
     rc, _ = run_child(TWOSTEP + ["eval", "--model", str(run), "--data", data, "--num", str(a.eval_num),
                                  "--seed", str(seed), "--json", str(ev), "--no-progress"], env, log)
     if rc != 0:
@@ -115,25 +122,79 @@ def one_run(data, variant, seed, a, work, env, log, out_dir):
     return rec
 
 
-def ms(vals):
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    m = statistics.mean(vals)
-    return f"{m:.4g} ± {statistics.stdev(vals):.2g}" if len(vals) > 1 else f"{m:.4g}"
+def sample_grid(model, data, png, env, log, extra=()):
+    """`twostep sample --eval-prompts` in a fresh process; True when the PNG exists afterwards."""
+    rc, _ = run_child(TWOSTEP + ["sample", "--model", str(model), "--eval-prompts", data, "--seed", str(GRID_SEED),
+                                 "--num", str(GRID_NOISES), "--scale", "2", "--out", str(png), *extra], env, log)
+    if rc != 0:
+        print(f"  GRID FAILED: {png.name}; see {log}", flush=True)
+    return png.exists()
 
 
-def table(records):
-    lines = ["| benchmark | method | seeds | " + " | ".join(KEYS) + " |", "|---|---|---|" + "---|" * len(KEYS)]
-    groups = {}
-    for r in records:
-        groups.setdefault((r["benchmark"], r["method"]), []).append(r)
-    for (b, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], statistics.mean(r["fd"] for r in kv[1]))):
-        lines.append(f"| {b} | {m} | {len(rs)} | " + " | ".join(ms([r.get(k) for r in rs]) for k in KEYS) + " |")
-    return "\n".join(lines)
+def grid_meta(data, teacher_dir):
+    """Prompts, noise seed and teacher of a benchmark's grids, and the reference grids' settings
+    (teacher default; naive 2 steps without CFG and with twostep.generate.cfg_guidance)."""
+    from types import SimpleNamespace
+
+    from twostep.data import get_dataset
+    from twostep.flow import nfe
+    from twostep.generate import cfg_guidance
+    from twostep.model import read_config
+    from twostep.report import GRID_PROMPTS
+    from twostep.teacher.cache import file_sha256
+
+    cfg = read_config(teacher_dir)
+    res = int(cfg.get("image_resolution", cfg["resolution"]))
+    g, steps = float(cfg["sampling"]["guidance"]), int(cfg["sampling"]["steps"])
+    g_cfg = cfg_guidance(SimpleNamespace(sampling=cfg["sampling"], config=cfg))
+    caps = get_dataset(data, res).sample(GRID_PROMPTS, seed=GRID_SEED, split="test").captions
+    return {"benchmark": data, "prompts": caps, "seed": GRID_SEED, "noises_per_prompt": GRID_NOISES,
+            "teacher": Path(teacher_dir).relative_to(ROOT).as_posix(),
+            "teacher_weights_sha256": file_sha256(Path(teacher_dir) / "model.safetensors"),
+            "grids": {"teacher-8step": {"label": f"teacher {steps}-step (g={g:g})", "nfe": nfe(steps, g),
+                                        "args": []},
+                      "naive-2step-nocfg": {"label": "naive 2-step, no CFG", "nfe": 2,
+                                            "args": ["--steps", "2", "--guidance", "0"]},
+                      "naive-2step-cfg": {"label": f"naive 2-step (g={g_cfg:g})", "nfe": nfe(2, g_cfg),
+                                          "args": ["--steps", "2", "--guidance", f"{g_cfg:g}"]}}}
 
 
-def main():
+def reference_grids(data, out_dir, env, log):
+    """Teacher 8-step and naive 2-step grids of a benchmark, once (redone when the teacher's weights change)."""
+    tdir = ROOT / "models" / f"teacher-{data}"
+    meta_f = grid_file(out_dir, data, "grids")
+    meta = grid_meta(data, tdir)
+    old = json.loads(meta_f.read_text()) if meta_f.exists() else {}
+    stale = old.get("teacher_weights_sha256") != meta["teacher_weights_sha256"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, info in meta["grids"].items():
+        png = grid_file(out_dir, data, name)
+        if stale or not png.exists():
+            print(f"{data} | grid {name}", flush=True)
+            sample_grid(tdir, data, png, env, log, info["args"])
+    meta_f.write_text(json.dumps(meta, indent=1))
+
+
+def run_grid(data, variant, seed, work, out_dir, env, log):
+    """The student grid of a finished run, next to its record (skipped when present or when the run folder is gone)."""
+    stem = run_stem(data, variant, seed)
+    png, run = out_dir / f"{stem}.png", work / f"run-{stem}"
+    if png.exists():
+        return
+    if not (run / "config.json").exists():
+        print(f"  no run folder {run} for its grid; skipped", flush=True)
+        return
+    sample_grid(run, data, png, env, log)
+
+
+def budget_note(a):
+    return (f"{a.updates} student updates at batch {a.batch} on a {a.cache_num}-sample teacher cache; eval: "
+            f"`twostep eval --num {a.eval_num} --seed <seed>` vs held-out data; mean ± std over seeds. Grids: the "
+            f"first 8 test-split prompts and the noise of `twostep eval --seed {GRID_SEED}`, identical for every "
+            "method.")
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="twostep comparison sweep (resumable)")
     p.add_argument("--data", nargs="+", default=["shapes", "photos"])
     p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
@@ -144,31 +205,38 @@ def main():
     p.add_argument("--eval-num", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny smoke version (results in a temporary folder)")
-    a = p.parse_args()
-    out_dir = ROOT / "benchmarks" / "results" / "runs"
-    work = ROOT / "benchmarks" / "work"
+    p.add_argument("--summary-only", action="store_true",
+                   help="only rebuild runs.md, the plots and comparison.html from the records on disk")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --quick: a temp folder)")
+    a = p.parse_args(argv)
     if a.quick:
         a.updates, a.cache_num, a.eval_num, a.seeds, a.batch = 2, 16, 20, a.seeds[:1], 4
-        tmp = Path(tempfile.mkdtemp(prefix="twostep-bench-"))
-        out_dir, work = tmp / "runs", tmp / "work"
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    results = Path(a.out) if a.out else (Path(tempfile.mkdtemp(prefix="twostep-bench-")) if a.quick else RESULTS)
+    out_dir = results / "runs"
+    work = results / "work" if (a.quick or a.out) else ROOT / "benchmarks" / "work"
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONUNBUFFERED": "1"}
     log = work / "sweep.log"
-    recs = []
-    for data in a.data:
-        for variant in a.variants:
-            for seed in a.seeds:
+    for data in [] if a.summary_only else a.data:
+        reference_grids(data, out_dir, env, log)
+        for seed in a.seeds:  # seed-major: every method gets seed 0 before any gets seed 1 (partial sweeps compare)
+            for variant in a.variants:
                 print(f"{data} | {variant} | seed {seed}", flush=True)
                 r = one_run(data, variant, seed, a, work, env, log, out_dir)
                 if r:
-                    recs.append(r)
-                    print(f"  FD {r['fd']:.4g}  SWD {r['swd']:.4g}  {r['train_sec_per_update']:.2f} s/update", flush=True)
-    md = table(recs) + (f"\n\n{a.updates} student updates at batch {a.batch} on a {a.cache_num}-sample teacher cache; "
-                        f"eval: `twostep eval --num {a.eval_num} --seed <seed>` vs held-out data; mean ± std over "
-                        f"seeds {a.seeds}.\n")
-    if not a.quick:
-        (ROOT / "benchmarks" / "results" / "runs.md").write_text(md)
-    print(md)
+                    print(f"  FD {r['fd']:.4g}  SWD {r['swd']:.4g}  {r['train_sec_per_update']:.2f} s/update",
+                          flush=True)
+                    run_grid(data, variant, seed, work, out_dir, env, log)
+    budget = {"updates": a.updates, "batch": a.batch, "cache_num": a.cache_num, "num": a.eval_num}
+    recs = load_records(out_dir, budget)
+    written = summarize(recs, results, out_dir, RESULTS / "teacher_gap", budget_note(a), eval_num=a.eval_num)
+    print((results / "runs.md").read_text())
+    print("written: " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":

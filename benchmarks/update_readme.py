@@ -75,6 +75,23 @@ def memory_table():
     (ROOT / "benchmarks" / "results" / "memory_summary.md").write_text("\n".join(lines) + "\n")
 
 
+def runs_links() -> str:
+    """Links to what the comparison sweep's summary step wrote next to runs.md (only those that exist)."""
+    res = ROOT / "benchmarks" / "results"
+    lines = []
+    if (res / "comparison.html").exists():
+        lines.append("Sample grids side by side (same prompts and noise for every method), this table and the plots: "
+                     "[benchmarks/results/comparison.html](benchmarks/results/comparison.html).")
+    benches = sorted({f.stem.split("_", 3)[-1] for f in res.glob("fd_vs_nfe_*.png")} |
+                     {f.stem[len("ablations_"):] for f in res.glob("ablations_*.png")})
+    for b in benches:
+        imgs = [f"![{title}, {b}](benchmarks/results/{name}_{b}.png)"
+                for name, title in (("fd_vs_nfe", "FD vs NFE"), ("ablations", "Turbo++ ablations"))
+                if (res / f"{name}_{b}.png").exists()]
+        lines.append(" ".join(imgs))
+    return "\n\n".join(lines)
+
+
 def main():
     teacher_guidance_table()
     demo_table()
@@ -85,8 +102,11 @@ def main():
         f = ROOT / rel
         if not f.exists():
             continue
+        body = f.read_text().rstrip()
+        if name == "runs" and runs_links():
+            body += "\n\n" + runs_links()
         pat = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
-        text = pat.sub(lambda m: m.group(1) + f.read_text().rstrip() + "\n" + m.group(2), text)
+        text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     readme.write_text(text)
 
 

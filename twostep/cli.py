@@ -31,10 +31,20 @@ def cmd_teacher_train(a):
 def cmd_sample(a):
     import torch
 
+    from .errors import UserError
     from .generate import load_generator
     from .images import grid, save_png
 
+    if bool(a.prompt) == bool(a.eval_prompts):
+        raise UserError("give either --prompt (repeatable) or --eval-prompts DATA")
     gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
+    if a.eval_prompts:
+        from .report import protocol_grid
+
+        caps = protocol_grid(gen, a.eval_prompts, a.out, seed=a.seed, prompts=a.rows, per_prompt=a.num,
+                             scale=a.scale)
+        print(f"{len(caps)} eval prompts x {a.num} noises ({gen.describe()}) -> {a.out}")
+        return
     prompts = a.prompt
     rows = []
     for j, pr in enumerate(prompts):
@@ -305,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "A teacher samples with its default steps/guidance unless --steps/--guidance are given; "
                         "a student run knows its own step count and σ grid.")
     sp.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
-    sp.add_argument("--prompt", action="append", required=True, help="caption (repeat for several rows)")
+    sp.add_argument("--prompt", action="append", help="caption (repeat for several rows)")
+    sp.add_argument("--eval-prompts", dest="eval_prompts", metavar="DATA", default=None,
+                    help="instead of --prompt: the first --rows test-split captions and the noise that `twostep eval "
+                    "--data DATA --seed SEED` uses (column 0 = eval's own noise), the same for every model")
+    sp.add_argument("--rows", type=int, default=8, help="with --eval-prompts: number of prompts (rows)")
     sp.add_argument("--steps", type=int, default=None, help="teacher only: Euler steps (default from config)")
     sp.add_argument("--guidance", type=float, default=None, help="teacher only: CFG scale g (0 = off)")
     sp.add_argument("--seed", type=int, default=0)

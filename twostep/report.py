@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,53 @@ def comparison_grids(gens: dict, captions: list[str], out_dir: Path, seed: int =
     return items
 
 
+GRID_PROMPTS, GRID_NOISES = 8, 4
+
+
+def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID_PROMPTS,
+                  per_prompt: int = GRID_NOISES, scale: int = 2) -> list[str]:
+    """A grid for the eval protocol's fixed prompts and noise, identical for every generator of a benchmark:
+    rows = the first `prompts` test-split captions `twostep eval --seed seed` draws, columns = `per_prompt` noises
+    drawn with the eval noise seed (column 0 is exactly the noise eval gives those prompts, so it shows the first
+    images eval scores). Returns the captions."""
+    from .data import get_dataset
+    from .evaluate import NOISE_OFFSET
+
+    caps = get_dataset(data, gen.image_resolution).sample(prompts, seed=seed, split="test").captions
+    noise = gen.noise(prompts * per_prompt, NOISE_OFFSET + seed)  # noise[j * prompts + i]: prompt i, column j
+    order = [j * prompts + i for i in range(prompts) for j in range(per_prompt)]
+    text = gen.encode([c for c in caps for _ in range(per_prompt)])
+    with torch.no_grad():
+        x = gen.decode(gen.generate(text, noise[order]).x0)
+    save_png(grid(x, nrow=per_prompt, scale=scale), path)
+    return caps
+
+
+# Every page sets body[data-images] / body[data-images-ok] once loaded: the images-load check (tests/test_report.py).
+STYLE = """body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}
+img{image-rendering:pixelated}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}"""
+IMAGES_LOAD_CHECK = """<script>window.addEventListener("load", () => { const imgs = [...document.images];
+document.body.dataset.images = imgs.length;
+document.body.dataset.imagesOk = imgs.every(i => i.complete && i.naturalWidth > 0); });</script>"""
+
+
+def html_page(title: str, body: str, style: str = "") -> str:
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+            f"<style>{STYLE}{style}</style>\n{IMAGES_LOAD_CHECK}</head><body><h1>{html.escape(title)}</h1>\n"
+            f"{body}</body></html>")
+
+
+def figure_html(src: str, caption: str, extra_html: str = "") -> str:
+    return (f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}{extra_html}</figcaption></figure>")
+
+
+def table_html(header: list[str], rows: list[list]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in header) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+
+
 def write_report(path: Path, title: str, grids: list[dict], captions: list[str], rows: list[dict],
                  extra_images: list[tuple[str, str]] = (), notes: str = ""):
     from .evaluate import format_table
@@ -37,22 +83,13 @@ def write_report(path: Path, title: str, grids: list[dict], captions: list[str],
     def cell(v):
         if v is None:
             return "—"
-        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    table = "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows) + "</table>"
-    figs = "".join(f'<figure><img src="{html.escape(g["file"])}" alt="{html.escape(g["name"])}">'
-                   f'<figcaption>{html.escape(g["name"])} ({g["nfe"]} NFE)</figcaption></figure>' for g in grids)
+    table = table_html(cols, [[cell(r.get(c)) for c in cols] for r in rows])
+    figs = "".join(figure_html(g["file"], f'{g["name"]} ({g["nfe"]} NFE)') for g in grids)
     caps = "".join(f"<li>{html.escape(c)}</li>" for c in captions)
     extras = "".join(f'<h2>{html.escape(t)}</h2><img src="{html.escape(f)}" alt="{html.escape(t)}">'
                      for t, f in extra_images)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}
-img{{image-rendering:pixelated}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;
-text-align:right}}</style>
-<script>window.addEventListener("load", () => {{ const imgs = [...document.images];
-document.body.dataset.images = imgs.length;
-document.body.dataset.imagesOk = imgs.every(i => i.complete && i.naturalWidth > 0); }});</script></head><body><h1>{html.escape(title)}</h1>
-<p>{notes}</p><h2>Samples (rows = prompts below, same noise in every panel)</h2>{figs}<ol>{caps}</ol>
-<h2>Metrics</h2>{table}<pre>{html.escape(format_table(rows))}</pre>{extras}</body></html>"""
-    atomic_write_text(Path(path), page)
+    body = (f"<p>{notes}</p><h2>Samples (rows = prompts below, same noise in every panel)</h2>{figs}<ol>{caps}</ol>\n"
+            f"<h2>Metrics</h2>{table}<pre>{html.escape(format_table(rows))}</pre>{extras}")
+    atomic_write_text(Path(path), html_page(title, body))

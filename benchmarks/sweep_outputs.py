@@ -1,0 +1,283 @@
+"""The comparison sweep's summary step (benchmarks/run.py): from the run records, the teacher-gap records and the
+sample grids on disk, write runs.md (mean ± std over seeds), per benchmark fd_vs_nfe_<b>.png and
+ablations_<b>.png, and comparison.html (grids side by side for the same prompts and noise, table, plots).
+
+Everything is read from files, so it can be rerun any time (`run.py --summary-only`) and shows whatever the sweep
+has finished so far: a method without records is simply absent.
+
+Files in the runs folder: <benchmark>-<variant>-seed<k>.json (record) and .png (student grid);
+<benchmark>-grids.json (prompts, noise seed and teacher of the benchmark's grids) with the reference grids
+<benchmark>-teacher-8step.png, <benchmark>-naive-2step-nocfg.png, <benchmark>-naive-2step-cfg.png.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from twostep.ckpt import atomic_write_text  # noqa: E402
+from twostep.report import figure_html, html_page, table_html  # noqa: E402
+
+KEYS = ["fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "nfe", "sec_per_image",
+        "train_sec_per_update", "peak_rss_mb"]
+FULL = "turbopp"  # the full method, highlighted in the ablation plot
+# teacher-gap settings shown as reference points / grids: setting -> label
+REFERENCES = {"teacher-8step": "teacher 8-step", "naive-2step-nocfg": "naive 2-step, no CFG",
+              "naive-2step-cfg": "naive 2-step, CFG"}
+
+
+def slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in s).strip("_")
+
+
+def run_stem(benchmark: str, variant: str, seed: int) -> str:
+    return f"{slug(benchmark)}-{slug(variant)}-seed{seed}"
+
+
+def grid_file(runs_dir: Path, benchmark: str, name: str) -> Path:
+    """A benchmark's reference grid (name = a REFERENCES setting) or its grids.json (name = "grids")."""
+    return Path(runs_dir) / f"{slug(benchmark)}-{name}.{'json' if name == 'grids' else 'png'}"
+
+
+def is_ablation(method: str) -> bool:
+    """Turbo++ variants: the full method, its lora form, one-change ablations and design choices."""
+    return method.startswith(("turbopp", "ablate-", "choice-"))
+
+
+def is_method(method: str) -> bool:
+    """Distilled methods shown against the teacher in the FD-vs-NFE plot (not the one-change ablations)."""
+    return not method.startswith(("ablate-", "choice-"))
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+def load_records(runs_dir: Path, budget: dict | None = None) -> list[dict]:
+    """Every finished run record in runs_dir; with `budget` only those run with exactly that budget."""
+    recs = []
+    for f in sorted(Path(runs_dir).glob("*-seed*.json")):
+        r = json.loads(f.read_text())
+        if "method" in r and all(r.get(k) == v for k, v in (budget or {}).items()):
+            recs.append(r)
+    return recs
+
+
+def load_gap(gap_dir: Path, num: int | None = None) -> dict:
+    """Teacher-gap records {(benchmark, setting): [records]}, only those with `num` eval images when given (FD
+    depends on the sample count: compare like with like)."""
+    recs = [json.loads(f.read_text()) for f in sorted(Path(gap_dir).glob("*.json"))] if Path(gap_dir).is_dir() else []
+    if num is not None:
+        recs = [r for r in recs if r.get("num") == num]
+    out = {}
+    for r in recs:
+        out.setdefault((r["benchmark"], r["setting"]), []).append(r)
+    return out
+
+
+def by_method(records: list[dict], benchmark: str) -> dict:
+    """{method: [records]} of one benchmark, ordered by mean FD."""
+    g = {}
+    for r in records:
+        if r["benchmark"] == benchmark:
+            g.setdefault(r["method"], []).append(r)
+    return dict(sorted(g.items(), key=lambda kv: statistics.mean(r["fd"] for r in kv[1])))
+
+
+def mean_std(vals) -> tuple[float, float] | None:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def ms(vals) -> str:
+    m = mean_std(vals)
+    if m is None:
+        return "—"
+    n = sum(v is not None for v in vals)
+    return f"{m[0]:.4g} ± {m[1]:.2g}" if n > 1 else f"{m[0]:.4g}"
+
+
+def benchmarks_of(records: list[dict], runs_dir: Path) -> list[str]:
+    bs = {r["benchmark"] for r in records}
+    bs |= {json.loads(f.read_text()).get("benchmark", f.name[:-len("-grids.json")])
+           for f in Path(runs_dir).glob("*-grids.json")}
+    return sorted(bs)
+
+
+# ---------------------------------------------------------------------------------------------------- table
+
+def table_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for b in sorted({r["benchmark"] for r in records}):
+        for m, rs in by_method(records, b).items():
+            rows.append([b, m, str(len(rs))] + [ms([r.get(k) for r in rs]) for k in KEYS])
+    return rows
+
+
+TABLE_HEADER = ["benchmark", "method", "seeds"] + KEYS
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|" + "---|" * len(KEYS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(records)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+def _save(fig, path: Path):
+    plt = _pyplot()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_fd_vs_nfe(benchmark: str, records: list[dict], gap: dict, path: Path) -> bool:
+    """FD vs NFE: teacher 8-step and naive 2-step (with / without CFG) from the teacher-gap records, every
+    distilled method at its NFE; mean ± std over seeds. Points sharing an NFE are spread slightly apart."""
+    pts = []  # (label, nfe, mean, std, marker)
+    for setting, label in REFERENCES.items():
+        rs = gap.get((benchmark, setting), [])
+        if rs:
+            m, s = mean_std([r["fd"] for r in rs])
+            pts.append((f"{label} ({len(rs)} seeds)", rs[0]["nfe"], m, s, "s"))
+    for meth, rs in by_method(records, benchmark).items():
+        if is_method(meth):
+            m, s = mean_std([r["fd"] for r in rs])
+            pts.append((f"{meth} ({len(rs)} seeds)", rs[0].get("nfe", 2), m, s, "o"))
+    if not pts:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    seen = {}
+    for label, nfe, m, s, marker in pts:
+        k = seen[nfe] = seen.get(nfe, -1) + 1
+        x = nfe * 2 ** (0.06 * (k - 0.5 * (sum(p[1] == nfe for p in pts) - 1)))
+        ax.errorbar([x], [m], yerr=[s], fmt=marker, capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    nfes = sorted({p[1] for p in pts})
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
+    ax.set_xlabel("NFE per image (CFG doubles it)")
+    ax.set_ylabel("FD (lower is better)")
+    ax.set_title(f"{benchmark}: FD vs NFE (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+    return True
+
+
+def plot_ablations(benchmark: str, records: list[dict], gap: dict, path: Path) -> bool:
+    """FD per Turbo++ variant / ablation (mean ± std over seeds), full Turbo++ highlighted; teacher 8-step and
+    naive 2-step FD as reference lines."""
+    rows = [(m, *mean_std([r["fd"] for r in rs]), len(rs)) for m, rs in by_method(records, benchmark).items()
+            if is_ablation(m)]
+    if not rows:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.35 * len(rows)))
+    ys = range(len(rows))
+    colors = ["tab:red" if m == FULL else "tab:gray" for m, *_ in rows]
+    ax.barh(list(ys), [r[1] for r in rows], xerr=[r[2] for r in rows], color=colors, capsize=3)
+    ax.set_yticks(list(ys), [f"{m} ({n})" for m, _, _, n in rows])
+    for lbl in ax.get_yticklabels():
+        if lbl.get_text().startswith(FULL + " ("):
+            lbl.set_fontweight("bold")
+    ax.invert_yaxis()
+    for setting, style in (("teacher-8step", "--"), ("naive-2step-nocfg", ":")):
+        rs = gap.get((benchmark, setting), [])
+        if rs:
+            ax.axvline(statistics.mean(r["fd"] for r in rs), color="k", ls=style, lw=1, label=REFERENCES[setting])
+    ax.set_xlabel("FD (lower is better); (n) = seeds")
+    ax.set_title(f"{benchmark}: Turbo++ ablations (full Turbo++ in red)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- HTML
+
+def grid_panels(benchmark: str, records: list[dict], runs_dir: Path, meta: dict) -> list[tuple[Path, str, list]]:
+    """(png, caption, [(seed, png) of the other seeds]) in page order: teacher 8-step, naive 2-step (no CFG, CFG),
+    then each method's seed-0 grid (its lowest seed with a grid when seed 0 has none). Only grids that exist."""
+    out = []
+    for setting, label in REFERENCES.items():
+        f = grid_file(runs_dir, benchmark, setting)
+        info = meta.get("grids", {}).get(setting, {})
+        if f.exists():
+            out.append((f, info.get("label", label) + (f", {info['nfe']} NFE" if "nfe" in info else ""), []))
+    for meth, rs in by_method(records, benchmark).items():
+        seeds = [(k, runs_dir / f"{run_stem(benchmark, meth, k)}.png") for k in sorted({r["seed"] for r in rs})]
+        seeds = [(k, f) for k, f in seeds if f.exists()]
+        if seeds:
+            (k, f), others = seeds[0], seeds[1:]
+            out.append((f, f"{meth}, seed {k}, {rs[0].get('nfe', 2)} NFE", others))
+    return out
+
+
+def _rel(f: Path, page: Path) -> str:
+    return Path(os.path.relpath(f, page.parent)).as_posix()
+
+
+def benchmark_section(benchmark: str, records: list[dict], runs_dir: Path, page: Path, plots: list[Path]) -> str:
+    mf = grid_file(runs_dir, benchmark, "grids")
+    meta = json.loads(mf.read_text()) if mf.exists() else {}
+    panels = grid_panels(benchmark, records, runs_dir, meta)
+    figs = "".join(figure_html(_rel(f, page), cap, "".join(
+        f' <a href="{_rel(g, page)}">seed {k}</a>' for k, g in others)) for f, cap, others in panels)
+    prompts = "".join(f"<li>{html.escape(c)}</li>" for c in meta.get("prompts", []))
+    noise = (f"rows = the prompts below (the first {len(meta['prompts'])} test-split prompts of "
+             f"<code>twostep eval --seed {meta['seed']}</code>), columns = {meta['noises_per_prompt']} noises from "
+             f"the eval noise seed; the same prompts and noise in every panel" if meta.get("prompts") else
+             "the same prompts and noise in every panel")
+    rows = [r[1:] for r in table_rows([r for r in records if r["benchmark"] == benchmark])]
+    tab = table_html(TABLE_HEADER[1:], rows) if rows else "<p>no finished runs yet</p>"
+    imgs = "".join(f'<p><img src="{_rel(p, page)}" alt="{html.escape(p.stem)}"></p>' for p in plots)
+    return (f"<h2>{html.escape(benchmark)}</h2>\n<h3>Samples</h3><p>{noise}.</p>"
+            f'<div class="grids">{figs}</div><ol>{prompts}</ol>\n<h3>Metrics (mean ± std over seeds)</h3>{tab}\n'
+            f"<h3>Plots</h3>{imgs}\n")
+
+
+def write_comparison_html(page: Path, records: list[dict], runs_dir: Path, plots: dict, note: str = ""):
+    body = f"<p>{html.escape(note)}</p>" + "".join(
+        benchmark_section(b, records, runs_dir, page, plots.get(b, [])) for b in benchmarks_of(records, runs_dir))
+    style = ".grids{white-space:nowrap;overflow-x:auto}.grids figure{white-space:normal;max-width:300px}"
+    atomic_write_text(page, html_page("twostep comparison sweep", body, style))
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+
+def summarize(records: list[dict], results_dir: Path, runs_dir: Path, gap_dir: Path, note: str = "",
+              eval_num: int | None = None) -> dict:
+    """Write runs.md, the plots and comparison.html under results_dir; return {name: path} of what was written."""
+    results_dir, runs_dir = Path(results_dir), Path(runs_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    gap = load_gap(gap_dir, eval_num)
+    written = {"runs.md": results_dir / "runs.md"}
+    atomic_write_text(written["runs.md"], table(records) + (f"\n\n{note}\n" if note else "\n"))
+    plots = {}
+    for b in benchmarks_of(records, runs_dir):
+        for name, fn in ((f"fd_vs_nfe_{slug(b)}.png", plot_fd_vs_nfe), (f"ablations_{slug(b)}.png", plot_ablations)):
+            if fn(b, records, gap, results_dir / name):
+                plots.setdefault(b, []).append(results_dir / name)
+                written[name] = results_dir / name
+    written["comparison.html"] = results_dir / "comparison.html"
+    write_comparison_html(written["comparison.html"], records, runs_dir, plots, note)
+    return written
