@@ -53,6 +53,7 @@ VARIANTS = {
     "choice-step1-adv": (None, ["loss.step1_loss=adv"]),
     "choice-traj-perceptual": (None, ["loss.traj_distance=perceptual"]),
     "choice-disc-pooled": (None, ["disc.head=pooled"]),
+    "choice-paired": (None, ["loss.paired_weight=1.0"]),
     "ladd": ("configs/ladd.yaml", []),
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),

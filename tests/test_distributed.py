@@ -80,18 +80,25 @@ def test_two_processes_stay_in_sync_and_match_one_process(setup):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
 
 
-def test_fsdp_launch_is_refused_with_a_pointer_to_the_docs(setup, monkeypatch):
-    """FSDP would need the student wrapped by accelerator.prepare; the loop does not do that, so it says so."""
+@pytest.mark.parametrize("kind,settings,match", [
+    ("DEEPSPEED", [], "DEEPSPEED.*ddp.yaml"),
+    ("FSDP", ["student.decoupling=lora"], "lora.*ddp.yaml"),        # accelerate's FSDP plugin switches FSDP on
+    ("MULTI_CPU", ["student.decoupling=lora", "train.fsdp=true"], "lora.*ddp.yaml"),
+])
+def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(setup, monkeypatch, kind, settings, match):
+    """DeepSpeed is not supported; FSDP (tests/test_fsdp.py) shards full/shared students only: a lora student's
+    trainable adapters are small and its frozen base is the teacher, so lora + FSDP is refused, not half-sharded."""
     from accelerate.utils import DistributedType
 
     import twostep.train as train
     from twostep.errors import UserError
 
     class FakeAcc:
-        distributed_type = DistributedType.FSDP
+        distributed_type = DistributedType[kind]
+        num_processes = 2
 
     root, teacher, cache = setup
     monkeypatch.setattr(train, "_accelerator", lambda cfg: FakeAcc())
-    with pytest.raises(UserError, match="FSDP.*ddp.yaml"):
-        distill(load_config(None, SETTINGS), teacher, cache, root / "fsdp", progress=False)
-    assert not (root / "fsdp").exists()
+    with pytest.raises(UserError, match=match):
+        distill(load_config(None, SETTINGS + settings), teacher, cache, root / "refused", progress=False)
+    assert not (root / "refused").exists()

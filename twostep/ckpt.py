@@ -36,19 +36,27 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     tmp.replace(path)
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, transform=None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file. With `transform(name, tensor)`, tensors are read one at a time and
+    only the transformed values are kept (an FSDP rank keeps its shard of each full tensor, never the whole file)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: missing; the folder is not a complete twostep checkpoint/model")
     try:
+        if transform is not None:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return {k: transform(k, f.get_tensor(k)) for k in f.keys()}
         return load_file(str(path))
     except Exception as e:
         raise UserError(f"{path}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt, "
                         "delete it and re-create it")
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def optimizer_to_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer, or a state dict already gathered from one (FSDP: full tensors), as tensors + JSON metadata."""
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -85,7 +93,7 @@ def set_rng_state(t: dict[str, torch.Tensor]):
 
 
 def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2,
-                     optimizers: dict[str, torch.optim.Optimizer] | None = None):
+                     optimizers: dict | None = None):
     """Write `folder/step-XXXXXXXX/` atomically (tmp dir + rename), then prune to the newest `keep`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,11 +135,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def read_checkpoint(ck: Path, optimizers: dict[str, torch.optim.Optimizer] | None = None):
+def read_checkpoint(ck: Path, optimizers: dict[str, torch.optim.Optimizer] | None = None, transforms=None):
+    """Load optimizer and RNG state; return meta.json. transforms: {optimizer name: transform(name, tensor)} applied
+    while reading its state (FSDP: each full tensor becomes this rank's shard; see load_tensors)."""
     meta = json.loads((ck / "meta.json").read_text())
     opt_meta = json.loads((ck / "optim.json").read_text()) if (ck / "optim.json").exists() else {}
     for oname, opt in (optimizers or {}).items():
-        optimizer_from_tensors(opt, load_tensors(ck / f"optim_{oname}.safetensors"), opt_meta[oname])
+        tf = (transforms or {}).get(oname)
+        optimizer_from_tensors(opt, load_tensors(ck / f"optim_{oname}.safetensors", tf), opt_meta[oname])
     set_rng_state(load_tensors(ck / "rng.safetensors"))
     return meta
 

@@ -103,6 +103,9 @@ class TrainConfig:
     ema: float = opt(0.99, "EMA decay of the student (with warm-up)")
     grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
     grad_checkpointing: bool = opt(False, "gradient checkpointing on the backbone blocks")
+    fsdp: bool = opt(False, "shard the student's trainable transformers with torch FSDP2 (each Z-Image block, then "
+                     "the transformer; the EMA sharded alike; full/shared decoupling, 2+ processes; on by itself "
+                     "under an accelerate FSDP launch); checkpoints hold full tensors (docs/sizing.md)")
     mixed_precision: str = choice("no", ["no", "bf16"], "bf16 autocast (GPUs)")
     seed: int = opt(0, "seed of the run")
     log_every: int = opt(10, "updates between log lines")

@@ -71,6 +71,14 @@ class TwoStepStudent(nn.Module):
         return [p for p in self.step_backbone(i).parameters()]
 
     @property
+    def sharded(self) -> bool:
+        """True when FSDP holds the parameters as shards (train.fsdp). Every process must then make the same
+        sequence of student calls: each call all-gathers parameters, and a call one process skips hangs the rest."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in self.parameters())
+
+    @property
     def sigmas(self) -> list[float]:
         return [1.0, self.sigma_mid, 0.0]
 
@@ -90,13 +98,19 @@ class TwoStepStudent(nn.Module):
         return {"x0_1": x0_1, "x_m": x_m, "x0_2": x0_2}
 
     # -- weights --------------------------------------------------------------------------------------
-    def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Files of a student folder: {filename stem: state dict}."""
+    def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Files of a student folder: {filename stem: state dict}. `state`: this module's full state dict when the
+        module itself holds shards (FSDP; train.py gathers it), else self.state_dict()."""
+        sd = self.state_dict() if state is None else state
+
+        def sub(prefix):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
         if self.decoupling == "full":
-            return {"step1": self.step1.transformer.state_dict(), "step2": self.step2.transformer.state_dict()}
+            return {"step1": sub("step1.transformer."), "step2": sub("step2.transformer.")}
         if self.decoupling == "shared":
-            return {"model": self.shared.transformer.state_dict()}
-        sd = self.base.transformer.state_dict()
+            return {"model": sub("shared.transformer.")}
+        sd = sub("base.transformer.")
         return {"base": {k: v for k, v in sd.items() if "lora_" not in k},
                 **{s: {k: v for k, v in sd.items() if "lora_" in k and f".{s}." in k} for s in STEP_NAMES}}
 
@@ -194,16 +208,17 @@ def build_student_from_config(c: dict) -> TwoStepStudent:
                           c.get("lora_rank", 16), c.get("lora_alpha", 16.0), c.get("lora_targets", ["to_q"]))
 
 
-def save_student(student: TwoStepStudent, config: dict, folder: Path):
+def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dict | None = None):
     """Write the usable model files. Each file is atomic and stamped with the update count; config.json goes
-    last, and loading refuses a folder whose files carry different stamps (a write interrupted between files)."""
+    last, and loading refuses a folder whose files carry different stamps (a write interrupted between files).
+    `state`: the student's full state dict, when the module holds FSDP shards (see export_state)."""
     from . import faults
     from .ckpt import atomic_save_tensors, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp = {"updates": config.get("updates", 0)}
-    for stem, sd in student.export_state().items():
+    for stem, sd in student.export_state(state).items():
         atomic_save_tensors(sd, folder / f"{stem}.safetensors", metadata=stamp)
         faults.point("model.save")
     atomic_write_text(folder / "config.json", json.dumps(config, indent=1))

@@ -152,13 +152,13 @@ def adapter_safe_checkpoint(block, *args):
 
 
 def _digest(modules) -> int:
-    """A 63-bit digest of every tensor (names, dtypes, bytes) of the given modules' state dicts."""
+    """A 63-bit digest of every tensor (names, dtypes, bytes) of the given modules' state dicts (full tensors)."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
     for m in modules:
-        for k, v in sorted(m.state_dict().items()):
-            v = v.detach().cpu().contiguous()
+        for k, v in sorted(m.state_dict().items()):  # FSDP shards: gathered (every rank, same order) and hashed whole
+            v = (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous()
             h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
             h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return int.from_bytes(h.digest(), "little") >> 1
@@ -180,10 +180,123 @@ def check_ranks_in_sync(acc, out: Path, modules) -> dict:
 
 
 def _ema_update(ema, model, decay):
+    """EMA of the trainable parameters. Under FSDP both modules hold DTensor shards with the same placement, and
+    lerp_ works shard by shard (no communication)."""
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
             if pm.requires_grad:
                 pe.lerp_(pm, 1 - decay)
+
+
+# -- FSDP2 (train.fsdp): the student's trainable transformers sharded, everything else replicated ------------
+
+def _use_fsdp(acc, cfg) -> bool:
+    """FSDP on: train.fsdp, or an accelerate FSDP launch (its plugin is only read as the switch: the loop shards
+    with its own settings, see shard_student). Refuses what it cannot do. One process: nothing to shard."""
+    kind = acc.distributed_type.name
+    if kind == "DEEPSPEED":
+        raise UserError("accelerate DEEPSPEED is not supported by twostep's loop; launch with "
+                        "configs/accelerate/fsdp.yaml (or train.fsdp=true) or ddp.yaml (see docs/sizing.md)")
+    want = bool(cfg.train.fsdp) or kind == "FSDP"
+    if want and cfg.student.decoupling == "lora":
+        raise UserError("FSDP with student.decoupling=lora: not supported and not needed (the trainable LoRA "
+                        "adapters are ~1.3 % of the model and the frozen base is the teacher's own weights, "
+                        "shared); launch with configs/accelerate/ddp.yaml and train.fsdp=false (docs/sizing.md)")
+    if want and acc.num_processes == 1:
+        acc.print("train.fsdp: one process, nothing to shard (the student stays whole)")
+    return want and acc.num_processes > 1
+
+
+def shard_student(acc, *students) -> int:
+    """torch FSDP2 (`fully_shard`) over all processes: every ZImageTransformerBlock of each trainable transformer of
+    each student (the training student and its EMA), then the transformer itself (embedders, final layer, pad
+    tokens), all resharded after forward. Parameters become DTensors sharded on dim 0; FSDP all-gathers them per
+    unit in forward/backward and reduce-scatters (averages) their gradients. Returns the number of units."""
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    n = 0
+    for st in students:
+        for name in ("step1", "step2", "shared"):
+            bb = getattr(st, name, None)
+            if bb is None:
+                continue
+            for m in bb.transformer.modules():
+                if isinstance(m, ZImageTransformerBlock):
+                    fully_shard(m, mesh=mesh, reshard_after_forward=True)
+                    n += 1
+            fully_shard(bb.transformer, mesh=mesh, reshard_after_forward=True)
+            n += 1
+    return n
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t, keep: bool):
+    """The whole tensor of a DTensor shard (a collective: every rank calls it, in the same order); on the CPU
+    when `keep`, dropped (None) otherwise. A plain tensor is returned as is."""
+    if _is_dtensor(t):
+        t = t.full_tensor()
+        return t.cpu() if keep else None
+    return t
+
+
+def _full_state(module, keep: bool) -> dict | None:
+    """A module's state dict with full tensors, kept on the rank that writes files (None elsewhere)."""
+    out = {k: _full(v.detach(), keep) for k, v in module.state_dict().items()}
+    return out if keep else None
+
+
+def _full_optim_state(opt, keep: bool) -> dict | None:
+    """An optimizer's state dict (integer parameter ids, as torch writes it) with full tensors: the same file
+    format as an unsharded run (tests/test_fsdp.py compares them; resuming across the two is not tested)."""
+    sd = opt.state_dict()
+    state = {pid: {k: _full(v, keep) for k, v in sorted(sd["state"][pid].items())} for pid in sorted(sd["state"])}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+
+def _shard_like(full: torch.Tensor, like):
+    """A full tensor read from a file, as this rank's part of `like` (its shard when `like` is a DTensor)."""
+    if _is_dtensor(like):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)  # every rank read the file: slice locally, no communication
+    return full
+
+
+def _load_module(module, path: Path, fsdp: bool):
+    if not fsdp:
+        module.load_state_dict(load_tensors(path))
+        return
+    like = module.state_dict()
+    module.load_state_dict(load_tensors(path, lambda k, t: _shard_like(t, like[k]) if k in like else t))
+
+
+def _optim_transform(opt):
+    """read_checkpoint transform for an optimizer over FSDP parameters: each saved full moment → its shard."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def tf(key, t):
+        p = params[int(key.split(".", 1)[0])]
+        return _shard_like(t, p) if t.dim() > 0 and tuple(t.shape) == tuple(p.shape) else t
+    return tf
+
+
+def _load_state(acc, ck: Path, method, ema, opts, c_params, fsdp: bool) -> dict:
+    """Student, EMA, critic and optimizer state from a checkpoint (full tensors; sharded on load under FSDP)."""
+    _load_module(method.student, ck / "student.safetensors", fsdp)
+    _load_module(ema, ck / "ema.safetensors", fsdp)
+    if c_params:
+        method.critic.load_state_dict(load_tensors(ck / "critic.safetensors"))
+    tfs = {"student": _optim_transform(opts["student"])} if fsdp else None
+    return read_checkpoint(ck, opts, tfs)
 
 
 def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool = False,
@@ -192,10 +305,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
 
     out = Path(out)
     acc = _accelerator(cfg)
-    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):  # docs/sizing.md: what is and is not verified
-        raise UserError(f"accelerate {acc.distributed_type.name} is not supported by twostep's loop yet (the student "
-                        "is replicated and its gradients all-reduced by hand, never wrapped by accelerator.prepare); "
-                        "launch with configs/accelerate/ddp.yaml (see docs/sizing.md)")
+    fsdp = _use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
     ck = latest_checkpoint(out / "checkpoints")
     if ck is not None and not resume:
         raise UserError(f"{out}: already holds a run (checkpoint {ck.name}); pass --resume to continue it or "
@@ -237,19 +347,18 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                       acc.process_index, acc.num_processes, acc.device)
 
     t = cfg.train
+    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # EMA of a frozen weight = that weight
+    if fsdp:  # before the optimizers: fully_shard replaces the parameters by DTensor shards
+        units = shard_student(acc, method.student, ema)
+        acc.print(f"FSDP2: student and EMA sharded over {acc.num_processes} processes ({units} units)")
     s_params, c_params = method.student_parameters(), method.critic_parameters()
     opt_s = torch.optim.AdamW(s_params, lr=t.lr_student, betas=tuple(t.betas), weight_decay=t.weight_decay)
     opt_c = torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas)) if c_params else None
-    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # EMA of a frozen weight = that weight
     opts = {"student": opt_s, **({"critic": opt_c} if opt_c else {})}
 
     update, log = 0, []
     if ck is not None:
-        method.student.load_state_dict(load_tensors(ck / "student.safetensors"))
-        ema.load_state_dict(load_tensors(ck / "ema.safetensors"))
-        if c_params:
-            method.critic.load_state_dict(load_tensors(ck / "critic.safetensors"))
-        meta = read_checkpoint(ck, opts)
+        meta = _load_state(acc, ck, method, ema, opts, c_params, fsdp)
         update, log = meta["step"], meta.get("log", [])
         acc.print(f"resumed from {ck} at update {update}")
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +410,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         ok = _all_ranks(acc, bool(torch.isfinite(s_loss)))
         if ok:
             s_loss.backward()
-            _sync_grads(acc, s_params)
+            if not fsdp:  # FSDP has reduce-scattered (averaged) the sharded gradients in backward
+                _sync_grads(acc, s_params)
             ok = _clip(s_params, t.grad_clip)
             if ok:
                 opt_s.step()
@@ -310,7 +420,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             in_a_row += 1
             logs["skipped_updates"] = skipped
             if in_a_row >= t.max_nonfinite:
-                update, log = _rollback(acc, out, method, ema, opts, c_params)
+                update, log = _rollback(acc, out, method, ema, opts, c_params, fsdp)
                 in_a_row = 0
                 continue
         else:
@@ -340,15 +450,16 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             show = {"upd": update, **{k: f"{logs[k]:.3f}" for k in ("g_loss", "d_loss", "d_acc_real", "d_acc_fake",
                                                                    "step1") if k in logs}}
             bar.set_postfix(show, refresh=False)
-        if acc.is_main_process and t.grid_every and (update % t.grid_every == 0 or update == t.updates):
-            _write_grid(out / "grids" / f"grid-{update:06d}.png", grid_inputs, ema)
+        if (acc.is_main_process or fsdp) and t.grid_every and (update % t.grid_every == 0 or update == t.updates):
+            _write_grid(out / "grids" / f"grid-{update:06d}.png", grid_inputs, ema,  # FSDP: every rank runs the
+                        save=acc.is_main_process)                                    # sharded EMA, rank 0 saves
         if t.checkpoint_every and update % t.checkpoint_every == 0 and update < t.updates:
-            _checkpoint(acc, out, method, ema, opts, update, log, t.keep_checkpoints, scfg)
+            _checkpoint(acc, out, method, ema, opts, update, log, t.keep_checkpoints, scfg, fsdp)
     if bar is not None:
         bar.close()
     if logf:
         logf.close()
-    _checkpoint(acc, out, method, ema, opts, update, log, t.keep_checkpoints, scfg)
+    _checkpoint(acc, out, method, ema, opts, update, log, t.keep_checkpoints, scfg, fsdp)
     check_ranks_in_sync(acc, out, [method.student, ema] + ([method.critic] if c_params else []))
     if _param_hash(teacher.backbone) != teacher_hash:  # the teacher never changes
         raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")
@@ -360,21 +471,19 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
 def _clip(params, max_norm: float) -> bool:
     """Clip gradients (when max_norm > 0); False when the gradient norm is not finite."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if _is_dtensor(norm):  # FSDP shards: the norm over all shards of all ranks (clip_grad_norm_ reduces it)
+        norm = norm.full_tensor()
     return bool(torch.isfinite(norm))
 
 
-def _rollback(acc, out, method, ema, opts, c_params):
+def _rollback(acc, out, method, ema, opts, c_params, fsdp=False):
     """Too many non-finite updates in a row: reload the newest complete checkpoint and halve the learning rates."""
     ck = latest_checkpoint(out / "checkpoints")
     lrs = {k: [g["lr"] * 0.5 for g in o.param_groups] for k, o in opts.items()}
     if ck is None:
         raise RuntimeError("non-finite losses in a row and no checkpoint to roll back to; lower the learning "
                            "rates (train.lr_student / train.lr_disc)")
-    method.student.load_state_dict(load_tensors(ck / "student.safetensors"))
-    ema.load_state_dict(load_tensors(ck / "ema.safetensors"))
-    if c_params:
-        method.critic.load_state_dict(load_tensors(ck / "critic.safetensors"))
-    meta = read_checkpoint(ck, opts)
+    meta = _load_state(acc, ck, method, ema, opts, c_params, fsdp)
     for k, o in opts.items():
         for g, lr in zip(o.param_groups, lrs[k]):
             g["lr"] = lr
@@ -388,19 +497,26 @@ def _param_hash(module) -> float:
         return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(module.parameters())))
 
 
-def _checkpoint(acc, out, method, ema, opts, update, log, keep, scfg):
+def _checkpoint(acc, out, method, ema, opts, update, log, keep, scfg, fsdp=False):
+    """Rank 0 writes a checkpoint and the run folder's model files, always full tensors (under FSDP every rank
+    takes part in gathering them first), in the same format with or without FSDP."""
     acc.wait_for_everyone()
-    if not acc.is_main_process:
+    main = acc.is_main_process
+    if fsdp:
+        sd, ema_sd = _full_state(method.student, main), _full_state(ema, main)
+        opt_state = {**opts, "student": _full_optim_state(opts["student"], main)}
+    elif main:
+        sd, ema_sd, opt_state = method.student.state_dict(), ema.state_dict(), opts
+    if not main:
         return
-    sd = method.student.state_dict()
     if not all_finite(sd):
         acc.print(f"update {update}: non-finite student weights; checkpoint NOT written")
         return
-    mods = {"student": sd, "ema": ema.state_dict()}
+    mods = {"student": sd, "ema": ema_sd}
     if method.critic_parameters():
         mods["critic"] = method.critic.state_dict()
-    write_checkpoint(out / "checkpoints", mods, {"step": update, "log": log}, keep=keep, optimizers=opts)
-    save_student(ema, {**scfg, "updates": update}, out)  # the usable model: EMA weights + config.json
+    write_checkpoint(out / "checkpoints", mods, {"step": update, "log": log}, keep=keep, optimizers=opt_state)
+    save_student(ema, {**scfg, "updates": update}, out, state=ema_sd)  # the usable model: EMA weights + config
 
 
 def _grid_inputs(teacher, cache, device, n: int = 8):
@@ -412,13 +528,14 @@ def _grid_inputs(teacher, cache, device, n: int = 8):
 
 
 @torch.no_grad()
-def _write_grid(path, gi, student):
+def _write_grid(path, gi, student, save: bool = True):
     """Rows: teacher 8-step | naive 2-step (2 NFE) | student 2-step — same noise and prompts."""
     was = student.training
     student.eval()
     st = student(gi["noise"], gi["text"])["x0_2"].float().cpu()
     student.train(was)
-    save_png(grid(gi["decode"](torch.cat([gi["teacher"], gi["naive"], st])), nrow=len(st), scale=3), path)
+    if save:
+        save_png(grid(gi["decode"](torch.cat([gi["teacher"], gi["naive"], st])), nrow=len(st), scale=3), path)
 
 
 def _loss_curves(log, path):

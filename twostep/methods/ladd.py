@@ -47,6 +47,9 @@ def step_input(student: TwoStepStudent, noise, text, k: torch.Tensor, fresh_nois
             else:
                 eps_m = fresh_noise[two] if fresh_noise is not None else torch.randn_like(noise[two])
             x_in[two] = flow.add_noise(x0_1, eps_m, student.sigma_mid)
+    elif student.sharded:  # FSDP: this rank drew no k = 2 sample, but the others may run step 1; join their
+        with torch.no_grad():  # all-gathers with a 1-sample call whose result is unused (no RNG drawn)
+            student.step_backbone(1).denoise(noise[:1], sigma.new_ones(1), [text[0]])
     return x_in.detach(), sigma
 
 
