@@ -519,7 +519,7 @@ def _checkpoint(acc, out, method, ema, opts, update, log, keep, scfg, fsdp=False
     save_student(ema, {**scfg, "updates": update}, out, state=ema_sd)  # the usable model: EMA weights + config
 
 
-def _grid_inputs(teacher, cache, device, n: int = 8):
+def _grid_inputs(teacher, cache, device="cpu", n: int = 8):
     n = min(n, len(cache))
     text = [t.to(device) for t in cache.text[:n]]
     noise = cache.noise[:n].to(device)
