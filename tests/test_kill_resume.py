@@ -21,7 +21,7 @@ from twostep.ckpt import latest_checkpoint
 from twostep.teacher.cache import build_cache
 
 POINTS = ["update", "ckpt.mid", "ckpt.rename", "ckpt.prune", "model.save"]
-UPDATES = 16
+UPDATES = 48  # > the most progress 10 kills can keep (≤ 4 updates per kill), so ≥ 10 kills always happen
 SETTINGS = [f"train.updates={UPDATES}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
             "train.keep_checkpoints=2", "train.grid_every=0"]
 
@@ -40,6 +40,11 @@ def _env(fault=None):
     if fault:
         env["TWOSTEP_FAULT"] = fault
     return env
+
+
+def _lines(run: Path) -> list[str]:
+    f = run / "log.jsonl"
+    return f.read_text().splitlines() if f.exists() else []
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +78,21 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(setup):
 
     rng = random.Random(int(os.environ.get("TWOSTEP_KILL_SEED", "0")))
     faults = [f"{p}:{rng.randint(1, 2)}" for p in POINTS]               # every point at least once
-    faults += [f"{rng.choice(POINTS)}:{rng.randint(1, 3)}" for _ in range(3)]
+    faults += [f"{rng.choice(POINTS)}:{rng.randint(1, 2)}" for _ in range(3)]
     run, killed, first = root / "killed", [], True
+    for _ in range(2):  # from outside, at a random instant: once 1–4 more updates have been logged
+        n0 = len(_lines(run))
+        p = subprocess.Popen(_cmd(teacher, cache, run, not first), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        want, t0 = n0 + rng.randint(1, 4), time.time()
+        while p.poll() is None and len(_lines(run)) < want and time.time() - t0 < 240:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            killed.append("external")
+        p.wait()
+        first = False
     for fault in faults:
         r = subprocess.run(_cmd(teacher, cache, run, not first), env=_env(fault), capture_output=True, text=True,
                            timeout=300)
@@ -87,15 +105,6 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(setup):
         assert ck is None or (not ck.name.endswith(".partial") and
                               {"student.safetensors", "ema.safetensors", "optim.json", "rng.safetensors"}
                               <= {f.name for f in ck.iterdir()}), (fault, ck)
-    for _ in range(2):  # and from outside, at a random instant
-        p = subprocess.Popen(_cmd(teacher, cache, run, not first), env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 4.0))
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            killed.append("external")
-        p.wait()
-        first = False
     r = subprocess.run(_cmd(teacher, cache, run, not first), env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
