@@ -25,3 +25,18 @@ def make_tiny_teacher(folder, seed=0, dim=32, guidance=1.5, resolution=32):
 @pytest.fixture
 def tiny_teacher(tmp_path):
     return make_tiny_teacher(tmp_path / "teacher")
+
+
+def make_tiny_teacher_and_cache(root, num=16, shard_size=8):
+    """A tiny teacher folder and a teacher cache of `num` shapes prompts under `root`, for loop-level tests."""
+    from twostep.teacher.cache import build_cache
+
+    teacher = make_tiny_teacher(root / "teacher")
+    return teacher, build_cache(teacher, "shapes", num, root / "cache", shard_size=shard_size, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_loop(tmp_path_factory):
+    """(root, teacher, cache) shared by one test module's training-loop tests."""
+    root = tmp_path_factory.mktemp("loop")
+    return (root, *make_tiny_teacher_and_cache(root))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from twostep.config import load_config
-from twostep.teacher.cache import build_cache
 from twostep.train import BatchSource, distill
 
 UPDATES = 4
@@ -22,25 +21,14 @@ SETTINGS = [f"train.updates={UPDATES}", "train.batch_size=4", "train.log_every=1
 KEYS = ("g_loss", "g_adv", "step1", "d_loss", "mse_vs_teacher")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make_tiny_teacher
-
-    root = tmp_path_factory.mktemp("ddp")
-    teacher = make_tiny_teacher(root / "teacher")
-    cache = build_cache(teacher, "shapes", 16, root / "cache", shard_size=8, progress=False)
-    return root, teacher, cache
-
-
 def _log(run):
     return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_rank_batches_are_the_halves_of_the_global_batch(setup):
+def test_rank_batches_are_the_halves_of_the_global_batch(tiny_loop):
     from twostep.teacher.cache import load_cache
 
-    root, teacher, cache_dir = setup
+    root, teacher, cache_dir = tiny_loop
     cache = load_cache(cache_dir, expect_teacher=teacher)
     needs = {"noise", "text", "teacher_final", "teacher_mid"}
     one = BatchSource(cache, needs, 0.75, seed=3, data_real=None).get(5, 1, 4)
@@ -50,8 +38,8 @@ def test_rank_batches_are_the_halves_of_the_global_batch(setup):
     assert [t for h in halves for t in h["text"]] == one["text"]
 
 
-def test_two_processes_stay_in_sync_and_match_one_process(setup):
-    root, teacher, cache = setup
+def test_two_processes_stay_in_sync_and_match_one_process(tiny_loop):
+    root, teacher, cache = tiny_loop
     ref = distill(load_config(None, SETTINGS), teacher, cache, root / "one", progress=False)
     rec1 = json.loads((ref / "distributed.json").read_text())
     assert rec1["num_processes"] == 1 and rec1["ranks_in_sync"]
@@ -85,7 +73,7 @@ def test_two_processes_stay_in_sync_and_match_one_process(setup):
     ("FSDP", ["student.decoupling=lora"], "lora.*ddp.yaml"),        # accelerate's FSDP plugin switches FSDP on
     ("MULTI_CPU", ["student.decoupling=lora", "train.fsdp=true"], "lora.*ddp.yaml"),
 ])
-def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(setup, monkeypatch, kind, settings, match):
+def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(tiny_loop, monkeypatch, kind, settings, match):
     """DeepSpeed is not supported; FSDP (tests/test_fsdp.py) shards full/shared students only: a lora student's
     trainable adapters are small and its frozen base is the teacher, so lora + FSDP is refused, not half-sharded."""
     from accelerate.utils import DistributedType
@@ -97,7 +85,7 @@ def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(setup, monke
         distributed_type = DistributedType[kind]
         num_processes = 2
 
-    root, teacher, cache = setup
+    root, teacher, cache = tiny_loop
     monkeypatch.setattr(train, "_accelerator", lambda cfg: FakeAcc())
     with pytest.raises(UserError, match=match):
         distill(load_config(None, SETTINGS + settings), teacher, cache, root / "refused", progress=False)

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from twostep.config import load_config
-from twostep.teacher.cache import build_cache
 from twostep.train import distill
 
 UPDATES = 4
@@ -32,11 +31,10 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make_tiny_teacher
+    from conftest import make_tiny_teacher_and_cache
 
     root = tmp_path_factory.mktemp("fsdp")
-    teacher = make_tiny_teacher(root / "teacher")
-    cache = build_cache(teacher, "shapes", 16, root / "cache", shard_size=8, progress=False)
+    teacher, cache = make_tiny_teacher_and_cache(root)
     one = distill(load_config(None, SETTINGS), teacher, cache, root / "one", progress=False)
     two = _launch(teacher, cache, root / "two", SETTINGS + FSDP)
     return root, teacher, cache, one, two

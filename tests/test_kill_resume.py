@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from twostep.ckpt import latest_checkpoint
-from twostep.teacher.cache import build_cache
 
 POINTS = ["update", "ckpt.mid", "ckpt.rename", "ckpt.prune", "model.save"]
 UPDATES = 48  # > the most progress 10 kills can keep (≤ 4 updates per kill), so ≥ 10 kills always happen
@@ -59,19 +58,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make_tiny_teacher
-
-    root = tmp_path_factory.mktemp("kill")
-    teacher = make_tiny_teacher(root / "teacher")
-    cache = build_cache(teacher, "shapes", 16, root / "cache", shard_size=8, progress=False)
-    return root, teacher, cache
-
-
-def test_sigkill_anywhere_then_resume_is_bit_identical(setup):
-    root, teacher, cache = setup
+def test_sigkill_anywhere_then_resume_is_bit_identical(tiny_loop):
+    root, teacher, cache = tiny_loop
     ref = root / "uninterrupted"
     r = subprocess.run(_cmd(teacher, cache, ref, False), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -118,8 +106,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(setup):
     assert len(list((run / "checkpoints").glob("step-*"))) <= 2  # the last K kept, partials cleaned up
 
 
-def test_interrupted_model_save_is_refused_until_resumed(setup):
-    root, teacher, cache = setup
+def test_interrupted_model_save_is_refused_until_resumed(tiny_loop):
+    root, teacher, cache = tiny_loop
     run = root / "half-saved"
     cmd = _cmd(teacher, cache, run, False)
     r = subprocess.run(cmd, env=_env("model.save:1"), capture_output=True, text=True, timeout=300)

@@ -7,20 +7,7 @@ import torch
 
 from twostep.config import load_config
 from twostep.errors import UserError
-from twostep.teacher.cache import build_cache
 from twostep.train import distill
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    import sys, os
-    sys.path.insert(0, os.path.dirname(__file__))
-    from conftest import make_tiny_teacher
-
-    root = tmp_path_factory.mktemp("loop")
-    teacher = make_tiny_teacher(root / "teacher")
-    cache = build_cache(teacher, "shapes", 16, root / "cache", shard_size=8, progress=False)
-    return root, teacher, cache
 
 
 def _cfg(updates, *extra):
@@ -32,8 +19,8 @@ def _log(run):
     return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_gives_the_same_next_losses(setup):
-    root, teacher, cache = setup
+def test_resume_gives_the_same_next_losses(tiny_loop):
+    root, teacher, cache = tiny_loop
     full = distill(_cfg(4), teacher, cache, root / "full", progress=False)
     part = distill(_cfg(2), teacher, cache, root / "part", progress=False)
     part = distill(_cfg(4), teacher, cache, root / "part", resume=True, progress=False)
@@ -48,8 +35,8 @@ def test_resume_gives_the_same_next_losses(setup):
     assert all(torch.allclose(s1[k], s2[k], atol=1e-6) for k in s1)
 
 
-def test_run_folder_contents_and_refusals(setup):
-    root, teacher, cache = setup
+def test_run_folder_contents_and_refusals(tiny_loop):
+    root, teacher, cache = tiny_loop
     run = distill(_cfg(2), teacher, cache, root / "r", progress=False)
     for f in ("config.yaml", "config.json", "step1.safetensors", "step2.safetensors", "log.jsonl", "loss_curves.png"):
         assert (run / f).exists(), f
@@ -59,8 +46,8 @@ def test_run_folder_contents_and_refusals(setup):
         distill(_cfg(4, "student.sigma_mid=0.5"), teacher, cache, run, resume=True, progress=False)
 
 
-def test_cache_of_another_teacher_is_refused(setup, tmp_path):
-    root, teacher, cache = setup
+def test_cache_of_another_teacher_is_refused(tiny_loop, tmp_path):
+    root, teacher, cache = tiny_loop
     import sys, os
     sys.path.insert(0, os.path.dirname(__file__))
     from conftest import make_tiny_teacher
@@ -69,9 +56,9 @@ def test_cache_of_another_teacher_is_refused(setup, tmp_path):
         distill(_cfg(1), other, cache, tmp_path / "run", progress=False)
 
 
-def test_cli_bad_config_key_exits_2(setup, tmp_path, capsys):
+def test_cli_bad_config_key_exits_2(tiny_loop, tmp_path, capsys):
     from twostep.cli import main
-    root, teacher, cache = setup
+    root, teacher, cache = tiny_loop
     rc = main(["distill", "--teacher", str(teacher), "--cache", str(cache), "--out", str(tmp_path / "x"),
                "--set", "loss.nope=1"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -79,8 +66,8 @@ def test_cli_bad_config_key_exits_2(setup, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_nonfinite_updates_are_skipped_then_rolled_back(setup, monkeypatch, capsys):
-    root, teacher, cache = setup
+def test_nonfinite_updates_are_skipped_then_rolled_back(tiny_loop, monkeypatch, capsys):
+    root, teacher, cache = tiny_loop
     from twostep.methods.turbopp import TurboPP
     orig = TurboPP.student_loss
     calls = {"n": 0}
