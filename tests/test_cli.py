@@ -85,3 +85,39 @@ def test_student_teacher_mismatch(tiny_teacher, tmp_path, capsys, field, kw, nee
                  ["speed", "--teacher", str(other), "--student", str(tiny_teacher), "--batch", "2"]):
         rc, so, err = _run(["--threads", "1", *argv], capsys)
         assert rc == 2 and len(err) == 1 and needle in err[0] and str(other) in err[0], err
+
+
+def test_teacher_train_init_starts_from_the_given_weights_and_lr_decay_is_linear(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from twostep.teacher import train as tt
+
+    src = tmp_path / "src"
+    base = ["--threads", "1", "teacher", "train", "--data", "shapes", "--dim", "32", "--n-heads", "1",
+            "--n-layers", "1", "--num-train", "64", "--batch-size", "8", "--no-progress"]
+    assert _run(base + ["--out", str(src), "--max-steps", "2"], capsys)[0] == 0
+    # --init with 0 updates: the exported EMA is exactly the source's weights (no fresh initialisation)
+    cont = tmp_path / "cont"
+    seen = {}
+    orig = tt._init_from
+    tt._init_from = lambda model, s, m: (seen.update(w={k: v.clone() for k, v in model.transformer.state_dict().items()}),
+                                         orig(model, s, m))[1]
+    try:
+        rc, so, err = _run(base + ["--out", str(cont), "--init", str(src), "--max-steps", "1", "--lr-decay", "linear"],
+                           capsys)
+    finally:
+        tt._init_from = orig
+    assert rc == 0
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(cont / "model.safetensors"))
+    assert any(not torch.equal(seen["w"][k], a[k]) for k in a)          # a fresh init differs from the source ...
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2      # ... the continued teacher starts from it
+    assert json.loads((cont / "config.json").read_text())["training"]["continued_from"]["steps"] == 2
+    # an architecture that does not match is one line, exit 2
+    rc, so, err = _run([("64" if a == "32" else a) for a in base] + ["--out", str(tmp_path / "x"), "--init", str(src),
+                        "--max-steps", "1"], capsys)
+    assert rc == 2 and len(err) == 1 and "--init" in err[0] and "architecture differs" in err[0]
+    # lr decay: 1 without decay; linear from 1 to 0 over max_steps (or the time budget)
+    cfg = tt.TeacherTrainConfig(lr_decay="linear", max_steps=10)
+    assert [tt._decay(cfg, s, 0, 60) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert tt._decay(tt.TeacherTrainConfig(lr_decay="linear"), 0, 30, 60) == 0.5
+    assert tt._decay(tt.TeacherTrainConfig(), 7, 59, 60) == 1.0
