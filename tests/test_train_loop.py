@@ -87,3 +87,22 @@ def test_nonfinite_updates_are_skipped_then_rolled_back(tiny_loop, monkeypatch, 
     w = load_file(str(run / "step2.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
     assert [r["update"] for r in _log(run)][-1] == 6 and calls["n"] == 7  # 5 before the rollback + updates 5, 6
+
+
+def test_discriminator_warmup_runs_once_before_the_first_update(tiny_loop):
+    """train.d_warmup: critic-only updates before update 1, logged as update 0; the student is untouched by
+    them (its step-1 loss at update 1 equals a run without warm-up) and a resume never repeats them."""
+    root, teacher, cache = tiny_loop
+    full = distill(_cfg(4, "train.d_warmup=3"), teacher, cache, root / "wfull", progress=False)
+    part = distill(_cfg(2, "train.d_warmup=3"), teacher, cache, root / "wpart", progress=False)
+    part = distill(_cfg(4, "train.d_warmup=3"), teacher, cache, root / "wpart", resume=True, progress=False)
+    plain = distill(_cfg(1), teacher, cache, root / "wnone", progress=False)
+    a, b, c = _log(full), _log(part), _log(plain)
+    assert a[0]["update"] == 0 and a[0]["d_warmup"] == 3 and "d_loss" in a[0]
+    assert [r["update"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("g_loss", "d_loss", "step1"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["update"], k)
+    assert a[1]["step1"] == pytest.approx(c[0]["step1"], rel=1e-6)   # the student did not move in warm-up
+    assert a[1]["d_loss"] != pytest.approx(c[0]["d_loss"], rel=1e-4)  # the critic did

@@ -100,6 +100,7 @@ class TrainConfig:
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     d_updates: int = opt(1, "discriminator / critic updates per student update")
+    d_warmup: int = opt(0, "discriminator / critic-only updates before the first student update")
     ema: float = opt(0.99, "EMA decay of the student (with warm-up)")
     grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
     grad_checkpointing: bool = opt(False, "gradient checkpointing on the backbone blocks")

@@ -71,6 +71,24 @@ def teacher_reference(teacher_dir: Path, data: str, captions, text, noise, seed:
     return x
 
 
+def check_data_version(ds, net, model_cfg: dict, data: str) -> None:
+    """A versioned benchmark (shapes v1/v2) must match the version its feature net and the model were made on:
+    otherwise FD compares a model of one benchmark with the reference images of another."""
+    want = getattr(ds, "version", None)
+    if want is None:
+        return
+    got = net.folder_config.get("data_version") or 1  # feature nets from before versions are v1
+    if got != want:
+        raise UserError(f"feature net {net.folder_config.get('_folder', '?')} was trained on {data} v{got} but the "
+                        f"benchmark is v{want}; retrain it with `twostep metrics train --data {data} --out DIR`")
+    if model_cfg.get("data") == data:
+        mv = model_cfg.get("data_version") or 1
+        if mv != want:
+            raise UserError(f"this {model_cfg.get('kind', 'model')} was trained on {data} v{mv} but the benchmark is "
+                            f"v{want}; retrain it (twostep teacher train --data {data} ...) or distill from a "
+                            f"v{want} teacher")
+
+
 def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", features: str | None = None,
              teacher_dir: Path | None = None, progress: bool = True) -> dict:
     from .metrics import alignment, diversity, load_feature_net, psnr, swd
@@ -85,6 +103,7 @@ def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", 
     if early is not None and Path(early).exists():  # before any sampling: a mismatched teacher is bad input
         check_pair(gen.config, Path(early))
     ds = get_dataset(data, gen.image_resolution)
+    check_data_version(ds, net, gen.config, data)
     ex = ds.sample(num, seed=seed, split="test")
     text = gen.encode(ex.captions)
     noise = gen.noise(num, NOISE_OFFSET + seed)

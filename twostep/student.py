@@ -193,6 +193,7 @@ def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
     return {"kind": "student", "backbone": teacher_cfg.get("backbone", "zimage"),
             "transformer": teacher_cfg["transformer"], "resolution": teacher_cfg["resolution"],
             "text_encoder": teacher_cfg.get("text_encoder"), "data": teacher_cfg.get("data"),
+            "data_version": teacher_cfg.get("data_version"),
             "teacher": str(teacher_folder) if teacher_folder else None,
             "method": cfg.method, "decoupling": cfg.student.decoupling, "sigma_mid": cfg.student.sigma_mid,
             "mid_noise": cfg.student.mid_noise, "lora_rank": cfg.student.lora_rank,

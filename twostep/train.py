@@ -381,6 +381,41 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     logf = open(out / "log.jsonl", "a") if acc.is_main_process else None
     skipped = in_a_row = 0
     warned_chance = False
+
+    def critic_step(batch: dict, logs: dict) -> int:
+        """One discriminator / critic update; returns 1 if it was skipped (non-finite loss or gradient)."""
+        c_loss, clogs = method.critic_loss(batch)
+        opt_c.zero_grad(set_to_none=True)
+        if not _all_ranks(acc, bool(torch.isfinite(c_loss))):
+            return 1
+        c_loss.backward()
+        _sync_grads(acc, c_params)
+        if not _clip(c_params, t.grad_clip):
+            return 1
+        opt_c.step()
+        logs.update(clogs)
+        return 0
+
+    if update == 0 and opt_c is not None and t.d_warmup > 0:
+        # Discriminator warm-up: critic-only updates against the initial student, so that the student's first
+        # adversarial gradients come from an informative discriminator (benchmarks/results/disc_probe.md:
+        # from scratch the heads need a few hundred updates to separate the teacher's 8-step samples from
+        # the initial 2-step ones). Checkpoints start after update 1, so a resume never repeats it.
+        wlogs: dict = {}
+        wbar = range(t.d_warmup)
+        if progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+            wbar = tqdm(wbar, desc="discriminator warm-up", unit="upd", leave=False)
+        with acc.autocast():
+            for k in wbar:
+                skipped += critic_step(src.get(0, 1_000_000 + k, t.batch_size), wlogs)
+        if wlogs:
+            rec = {"update": 0, "d_warmup": t.d_warmup, **{k: round(v, 5) for k, v in _mean_over_ranks(acc, wlogs).items()}}
+            log.append(rec)
+            if logf:
+                logf.write(json.dumps(rec) + "\n"); logf.flush()
+            acc.print(f"discriminator warm-up ({t.d_warmup} updates): acc real {rec['d_acc_real']:.2f}, "
+                      f"fake {rec['d_acc_fake']:.2f}, d_loss {rec['d_loss']:.3f}")
     while update < t.updates:
         if t.minutes > 0 and not _all_ranks(acc, time.time() - t_start <= t.minutes * 60):  # ranks stop together
             acc.print(f"time budget of {t.minutes} min reached at update {update}")
@@ -392,18 +427,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         with acc.autocast():
             if opt_c is not None:
                 for k in range(t.d_updates):
-                    c_loss, clogs = method.critic_loss(src.get(update, 1 + k, t.batch_size))
-                    opt_c.zero_grad(set_to_none=True)
-                    if not _all_ranks(acc, bool(torch.isfinite(c_loss))):
-                        skipped += 1
-                        continue
-                    c_loss.backward()
-                    _sync_grads(acc, c_params)
-                    if _clip(c_params, t.grad_clip):
-                        opt_c.step()
-                    else:
-                        skipped += 1
-                    logs.update(clogs)
+                    skipped += critic_step(src.get(update, 1 + k, t.batch_size), logs)
             s_loss, slogs = method.student_loss(src.get(update, 0, t.batch_size))
         logs.update(slogs)
         opt_s.zero_grad(set_to_none=True)

@@ -285,6 +285,7 @@ def train_feature_net(data: str, out: Path, minutes: float = 5.0, num_train: int
     cfg = {
         "format": FORMAT,
         "arch": net.config(),
+        "data_version": getattr(ds, "version", None),  # shapes v1/v2 (twostep/data/shapes.py); evaluation checks it
         "heads": net.head_sizes,
         "heldout_accuracy": {k: round(v, 5) for k, v in acc.items()},
         "heldout": {"split": "test", "seed": seed, "num": num_test},
@@ -336,7 +337,7 @@ def load_feature_net(folder: Path | str) -> FeatureNet:
         raise UserError(f"{folder / 'model.safetensors'}: contains NaN/inf weights; {hint}")
     net.eval()
     net.requires_grad_(False)
-    net.folder_config = cfg
+    net.folder_config = {**cfg, "_folder": str(folder)}
     return net
 
 

@@ -169,6 +169,9 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
     from .. import flow
     sigmas = flow.sigma_grid(int(s["steps"]), float(s.get("shift", flow.DEFAULT_SHIFT)))
     params = {"data": _data_key(data), "num": num, "seed": seed, "shard_size": shard_size}
+    if data == "shapes":  # the scenes (and captions) drawn for a seed depend on the benchmark's version
+        from ..data import shapes
+        params["data_version"] = shapes.VERSION
     n_shards = math.ceil(num / shard_size)
 
     # The folder: new, or a cache of exactly this (teacher, data, num, seed, shard_size), or refuse.

@@ -88,6 +88,8 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
 
     torch.manual_seed(cfg.seed)
     ds = get_dataset(cfg.data, cfg.resolution, skip_bad=cfg.skip_bad)
+    if getattr(ds, "version", None) is not None:  # shapes v1/v2: evaluation refuses a model of another version
+        mcfg["data_version"] = ds.version
     pool = ds.sample(cfg.num_train, seed=cfg.seed, split="train") if hasattr(ds, "sample") else None
     images = pool.images
     captions = pool.captions
