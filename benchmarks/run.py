@@ -54,6 +54,11 @@ VARIANTS = {
     "choice-traj-perceptual": (None, ["loss.traj_distance=perceptual"]),
     "choice-disc-pooled": (None, ["disc.head=pooled"]),
     "choice-paired": (None, ["loss.paired_weight=1.0"]),
+    # the discriminator cures of benchmarks/results/disc_probe.md: a head start, a faster and low-σ-biased critic
+    "choice-d-warmup": (None, ["train.d_warmup=300"]),
+    "choice-disc-fix": (None, ["train.d_warmup=300", "train.lr_disc=0.001", "disc.sigma_mean=-1.5"]),
+    "choice-disc-fix-paired": (None, ["train.d_warmup=300", "train.lr_disc=0.001", "disc.sigma_mean=-1.5",
+                                      "loss.paired_weight=1.0"]),
     "ladd": ("configs/ladd.yaml", []),
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),
