@@ -121,3 +121,20 @@ def test_teacher_train_init_starts_from_the_given_weights_and_lr_decay_is_linear
     assert [tt._decay(cfg, s, 0, 60) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert tt._decay(tt.TeacherTrainConfig(lr_decay="linear"), 0, 30, 60) == 0.5
     assert tt._decay(tt.TeacherTrainConfig(), 7, 59, 60) == 1.0
+
+
+def test_threads_default_honours_omp_num_threads(monkeypatch):
+    """`benchmarks/run.py --threads 1` sets OMP_NUM_THREADS for its children; the CLI must not override it with
+    all cores (it did, and two 'one-thread' jobs then fought over both cores)."""
+    import torch
+
+    from twostep.cli import _threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        _threads(None)
+        assert torch.get_num_threads() == 1
+        _threads(2)  # an explicit --threads wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,8 @@ def _threads(n: int | None):
     # Set once, here at the entry point (never as an import side effect).
     import torch
 
+    if not n and os.environ.get("OMP_NUM_THREADS", "").isdigit():  # a caller's OMP_NUM_THREADS is honoured
+        n = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(n or max(1, min(os.cpu_count() or 1, 16)))
 
 
@@ -185,7 +187,7 @@ def cmd_export(a):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twostep", description="Distill a few-step flow-matching text-to-image model "
                                 "into a 2-step generator (Z-Image Turbo++), and measure it honestly.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS if set, else all cores)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("teacher", help="train a teacher, cache its samples, tune its guidance")
