@@ -66,7 +66,7 @@ def test_committed_feature_nets_heldout_accuracy(bench):
     for k, v in acc.items():
         assert v >= 0.95, f"{bench['data']} feature net: held-out {k} accuracy {v:.4f} < 0.95"
     cfg = json.loads((ROOT / "models" / f"features-{bench['data']}" / "config.json").read_text())
-    assert cfg["command"].startswith("python -m twostep.metrics.features")
+    assert cfg["command"].startswith(("python -m twostep.metrics.features", "twostep metrics train"))
     assert all(cfg["heldout_accuracy"][k] >= 0.95 for k in expected)
     assert net.num_features == cfg["arch"]["num_features"] == net.embed_images(held.images[:3]).shape[1]
 
