@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"teacher_gap": "benchmarks/results/teacher_gap.md", "demo": "benchmarks/results/demo.md",
           "teacher_guidance": "benchmarks/results/teacher_guidance.md", "runs": "benchmarks/results/runs.md",
-          "memory": "benchmarks/results/memory_summary.md"}
+          "memory": "benchmarks/results/memory_summary.md", "students": "benchmarks/results/students.md"}
 
 
 def teacher_guidance_table():
