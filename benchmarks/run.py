@@ -54,17 +54,17 @@ VARIANTS = {
     "choice-traj-perceptual": (None, ["loss.traj_distance=perceptual"]),
     "choice-disc-pooled": (None, ["disc.head=pooled"]),
     "choice-paired": (None, ["loss.paired_weight=1.0"]),
-    # the discriminator cures of benchmarks/results/disc_probe.md: a head start, a faster and low-σ-biased critic
-    "choice-d-warmup": (None, ["train.d_warmup=300"]),
-    "choice-disc-fix": (None, ["train.d_warmup=300", "train.lr_disc=0.001", "disc.sigma_mean=-1.5"]),
-    "choice-disc-fix-paired": (None, ["train.d_warmup=300", "train.lr_disc=0.001", "disc.sigma_mean=-1.5",
-                                      "loss.paired_weight=1.0"]),
+    # the session-2 default: no discriminator head start (benchmarks/results/disc_probe.md says why it sat at chance)
+    "choice-no-head-start": (None, ["train.d_warmup=0", "train.lr_disc=0.0002", "disc.sigma_mean=0.0"]),
     "ladd": ("configs/ladd.yaml", []),
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),
 }
 DEFAULT = ["turbopp", "turbopp-lora", "ablate-shared", "ablate-detach", "ablate-step1-none", "ablate-disc-real-data",
            "ablate-no-adv (regression only)", "ladd", "dmd2", "diffusion2gan"]
+# issue 3's table of choices (each one change from the default); not in the default sweep
+CHOICES = ["choice-sigma-mid-0.5", "choice-sigma-mid-0.9", "choice-step1-adv", "choice-traj-perceptual",
+           "choice-disc-pooled", "choice-paired", "choice-no-head-start"]
 
 
 def run_child(cmd, env, log):

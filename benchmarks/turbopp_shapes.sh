@@ -13,3 +13,4 @@ for s in 0 1 2; do
   $T eval --model models/turbopp-shapes --data shapes --num 1000 --seed $s --no-progress \
      --json benchmarks/results/students/turbopp-shapes-seed$s.json
 done
+$T speed --teacher models/teacher-shapes --student models/turbopp-shapes --batch 32 --json benchmarks/results/students/turbopp-shapes-speed.json

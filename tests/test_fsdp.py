@@ -21,7 +21,7 @@ from twostep.config import load_config
 from twostep.train import distill
 
 UPDATES = 4
-SETTINGS = [f"train.updates={UPDATES}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
+SETTINGS = [f"train.updates={UPDATES}", "train.d_warmup=0", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
             "train.keep_checkpoints=2", "train.grid_every=4", "train.grad_clip=0.05", "train.lr_student=1e-3",
             "student.decoupling=full", "loss.adv_weight=0.0", "loss.paired_weight=1.0", "loss.step1_loss=traj"]
 FSDP = ["train.fsdp=true", "train.grad_checkpointing=true"]
@@ -118,7 +118,7 @@ def test_fsdp_shared_student_when_ranks_call_it_differently(runs):
     often has none, and it must still join the other rank's FSDP all-gathers (twostep.methods.ladd.step_input)
     rather than hang. Ends in sync, with full-tensor model files."""
     root, teacher, cache, one, two = runs
-    out = _launch(teacher, cache, root / "ladd", ["method=ladd", "student.decoupling=shared", "train.updates=4",
+    out = _launch(teacher, cache, root / "ladd", ["method=ladd", "student.decoupling=shared", "train.updates=4", "train.d_warmup=0",
                                                   "train.batch_size=2", "train.checkpoint_every=0",
                                                   "train.grid_every=0", "train.fsdp=true"], units=8)
     assert json.loads((out / "distributed.json").read_text())["ranks_in_sync"] is True

@@ -21,7 +21,7 @@ from twostep.ckpt import latest_checkpoint
 
 POINTS = ["update", "ckpt.mid", "ckpt.rename", "ckpt.prune", "model.save"]
 UPDATES = 48  # > the most progress 10 kills can keep (≤ 4 updates per kill), so ≥ 10 kills always happen
-SETTINGS = [f"train.updates={UPDATES}", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
+SETTINGS = [f"train.updates={UPDATES}", "train.d_warmup=0", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
             "train.keep_checkpoints=2", "train.grid_every=0"]
 
 

@@ -12,7 +12,7 @@ from twostep.train import distill
 
 def _cfg(updates, *extra):
     return load_config(None, [f"train.updates={updates}", "train.batch_size=4", "train.log_every=1",
-                              "train.checkpoint_every=2", "train.grid_every=0", *extra])
+                              "train.checkpoint_every=2", "train.grid_every=0", "train.d_warmup=0", *extra])
 
 
 def _log(run):

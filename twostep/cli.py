@@ -164,6 +164,7 @@ def cmd_speed(a):
     student = load_generator(a.student)
     check_pair(student.config, a.teacher)
     r = measure(load_generator(a.teacher), student, batch=a.batch, repeats=a.repeats)
+    r["cmd"] = f"twostep speed --teacher {a.teacher} --student {a.student} --batch {a.batch} --repeats {a.repeats}"
     for k in ("teacher", "student"):
         print(f"{k:8s} {r[k]['model']:45s} NFE {r[k]['nfe']:3d}  {r[k]['images_per_sec']:8.1f} img/s  "
               f"{1e3 * r[k]['sec_per_image']:.2f} ms/img")

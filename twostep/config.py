@@ -49,7 +49,8 @@ class DiscriminatorConfig:
     loss: str = choice("ns", ["ns", "hinge"], "non-saturating softplus or hinge GAN loss")
     r1: float = opt(0.0, "R1 penalty weight on the heads' inputs (real samples)")
     sigma_dist: str = choice("logit_normal", ["logit_normal", "uniform"], "distribution of the re-noising σ")
-    sigma_mean: float = opt(0.0, "logit-normal mean of the re-noising σ (LADD biases it to high noise)")
+    # −1.5 (mostly low noise) by measurement: benchmarks/results/disc_probe.md, README "Distillation" (session 4)
+    sigma_mean: float = opt(-1.5, "logit-normal mean of the re-noising σ (LADD biases it to high noise, +1)")
     sigma_std: float = opt(1.0, "logit-normal std of the re-noising σ")
 
 
@@ -96,11 +97,13 @@ class TrainConfig:
     batch_size: int = opt(32, "GLOBAL batch over all processes: each of N processes takes batch_size/N rows of "
                           "the same global draw (N must divide it); N processes reproduce one process's batches")
     lr_student: float = opt(2e-5, "AdamW learning rate of the student")
-    lr_disc: float = opt(2e-4, "AdamW learning rate of the discriminator heads / critic")
+    lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (Turbo++ default by "
+                         "measurement; the peers' configs set their own)")
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     d_updates: int = opt(1, "discriminator / critic updates per student update")
-    d_warmup: int = opt(0, "discriminator / critic-only updates before the first student update")
+    d_warmup: int = opt(300, "discriminator / critic-only updates before the first student update (a head start: "
+                        "without it the student reaches the teacher before the heads learn anything)")
     ema: float = opt(0.99, "EMA decay of the student (with warm-up)")
     grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
     grad_checkpointing: bool = opt(False, "gradient checkpointing on the backbone blocks")
