@@ -106,3 +106,16 @@ def test_discriminator_warmup_runs_once_before_the_first_update(tiny_loop):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["update"], k)
     assert a[1]["step1"] == pytest.approx(c[0]["step1"], rel=1e-6)   # the student did not move in warm-up
     assert a[1]["d_loss"] != pytest.approx(c[0]["d_loss"], rel=1e-4)  # the critic did
+
+
+def test_resume_applies_a_changed_learning_rate(tiny_loop):
+    """The optimizer state in a checkpoint carries the learning rate; a --resume with a new train.lr_student must
+    use the new one (loading the state alone would silently keep the old one). The critic's is untouched."""
+    from twostep.ckpt import latest_checkpoint
+    root, teacher, cache = tiny_loop
+    run = root / "lr"
+    distill(_cfg(2), teacher, cache, run, progress=False)
+    distill(_cfg(4, "train.lr_student=1e-3"), teacher, cache, run, resume=True, progress=False)
+    groups = json.loads((latest_checkpoint(run / "checkpoints") / "optim.json").read_text())
+    assert [g["lr"] for g in groups["student"]["param_groups"]] == pytest.approx([1e-3])
+    assert [g["lr"] for g in groups["critic"]["param_groups"]] == pytest.approx([_cfg(1).train.lr_disc])

@@ -289,6 +289,24 @@ def _optim_transform(opt):
     return tf
 
 
+def _apply_resumed_hparams(acc, opts, prev: dict | None, t) -> None:
+    """A checkpoint's optimizer state carries its learning rates, so loading it would silently undo a changed
+    `--set train.lr_student=...` on --resume. Apply the current config: the learning rate scaled by what the run
+    did to it (the NaN rollback's halvings survive), betas and weight decay as configured."""
+    prev_t = (prev or {}).get("train", {})
+    for name, key in (("student", "lr_student"), ("critic", "lr_disc")):
+        if name not in opts:
+            continue
+        was, now = prev_t.get(key, getattr(t, key)), getattr(t, key)
+        for g in opts[name].param_groups:
+            g["lr"] = g["lr"] * now / was
+            g["betas"] = tuple(t.betas)
+            if name == "student":
+                g["weight_decay"] = t.weight_decay
+        if now != was:
+            acc.print(f"resumed with train.{key}={now:g} (the run had {was:g})")
+
+
 def _load_state(acc, ck: Path, method, ema, opts, c_params, fsdp: bool) -> dict:
     """Student, EMA, critic and optimizer state from a checkpoint (full tensors; sharded on load under FSDP)."""
     _load_module(method.student, ck / "student.safetensors", fsdp)
@@ -310,6 +328,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     if ck is not None and not resume:
         raise UserError(f"{out}: already holds a run (checkpoint {ck.name}); pass --resume to continue it or "
                         "choose another --out")
+    prev = None
     if resume and (out / "config.yaml").exists():
         import yaml
         prev = yaml.safe_load((out / "config.yaml").read_text())
@@ -361,6 +380,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         meta = _load_state(acc, ck, method, ema, opts, c_params, fsdp)
         update, log = meta["step"], meta.get("log", [])
         acc.print(f"resumed from {ck} at update {update}")
+        _apply_resumed_hparams(acc, opts, prev, t)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
