@@ -2,7 +2,7 @@
 # Session 4: continue the committed shapes student's run (out/turbopp-shapes, made by benchmarks/turbopp_shapes.sh)
 # to UPDATES student updates (default 1900; the first sitting stopped at 972 by its 15-minute budget), same config,
 # one thread; evaluate it like the committed one into out/turbopp-shapes-more/. It replaces models/turbopp-shapes
-# only by hand, and only if its 3-seed FD is lower (the README says which one is committed).
+# only through benchmarks/turbopp_shapes.sh (stage 2 of 3).
 #   bash benchmarks/turbopp_shapes_more.sh [UPDATES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
