@@ -43,6 +43,8 @@ GRID_SEED, GRID_NOISES = 0, 4  # every grid: the prompts and noise of `twostep e
 VARIANTS = {
     "turbopp": (None, []),
     "turbopp-lora": (None, ["student.decoupling=lora"]),
+    # LoRA adapters start at zero and usually want a larger learning rate than full fine-tuning
+    "turbopp-lora-lr1e-4": (None, ["student.decoupling=lora", "train.lr_student=0.0001"]),
     "ablate-shared": (None, ["student.decoupling=shared"]),
     "ablate-detach": (None, ["loss.gradient=detach"]),
     "ablate-step1-none": (None, ["loss.step1_loss=none"]),
@@ -64,7 +66,7 @@ DEFAULT = ["turbopp", "turbopp-lora", "ablate-shared", "ablate-detach", "ablate-
            "ablate-no-adv (regression only)", "ladd", "dmd2", "diffusion2gan"]
 # issue 3's table of choices (each one change from the default); not in the default sweep
 CHOICES = ["choice-sigma-mid-0.5", "choice-sigma-mid-0.9", "choice-step1-adv", "choice-traj-perceptual",
-           "choice-disc-pooled", "choice-paired", "choice-no-head-start"]
+           "choice-disc-pooled", "choice-paired", "choice-no-head-start", "turbopp-lora-lr1e-4"]
 
 
 def run_child(cmd, env, log):
