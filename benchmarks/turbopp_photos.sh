@@ -16,10 +16,4 @@ fi
 RESUME=""; [ -d out/turbopp-photos/checkpoints ] && RESUME=--resume
 $T distill --teacher models/teacher-photos --cache $CACHE --config configs/demo.yaml \
    --set train.minutes=$MIN --out out/turbopp-photos --no-progress $RESUME
-mkdir -p models/turbopp-photos benchmarks/results/students
-cp out/turbopp-photos/{config.json,config.yaml,step1.safetensors,step2.safetensors,loss_curves.png} models/turbopp-photos/
-for s in 0 1 2; do
-  $T eval --model models/turbopp-photos --data photos --num 1000 --seed $s --no-progress \
-     --json benchmarks/results/students/turbopp-photos-seed$s.json
-done
-$T speed --teacher models/teacher-photos --student models/turbopp-photos --batch 32 --json benchmarks/results/students/turbopp-photos-speed.json
+bash benchmarks/commit_student.sh photos

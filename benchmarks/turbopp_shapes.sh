@@ -16,10 +16,4 @@ if [ ! -d out/turbopp-shapes/checkpoints ]; then
 fi
 bash benchmarks/turbopp_shapes_more.sh 1900
 bash benchmarks/turbopp_shapes_anneal.sh 2400
-mkdir -p models/turbopp-shapes benchmarks/results/students
-cp out/turbopp-shapes/{config.json,config.yaml,step1.safetensors,step2.safetensors,loss_curves.png} models/turbopp-shapes/
-for s in 0 1 2; do
-  $T eval --model models/turbopp-shapes --data shapes --num 1000 --seed $s --no-progress \
-     --json benchmarks/results/students/turbopp-shapes-seed$s.json
-done
-$T speed --teacher models/teacher-shapes --student models/turbopp-shapes --batch 32 --json benchmarks/results/students/turbopp-shapes-speed.json
+bash benchmarks/commit_student.sh shapes
