@@ -119,3 +119,24 @@ def test_resume_applies_a_changed_learning_rate(tiny_loop):
     groups = json.loads((latest_checkpoint(run / "checkpoints") / "optim.json").read_text())
     assert [g["lr"] for g in groups["student"]["param_groups"]] == pytest.approx([1e-3])
     assert [g["lr"] for g in groups["critic"]["param_groups"]] == pytest.approx([_cfg(1).train.lr_disc])
+
+
+def test_lora_student_trains_at_lr_lora_and_a_resume_applies_a_changed_one(tiny_loop):
+    """decoupling=lora uses train.lr_lora, not lr_student (which would leave the zero-initialised adapters
+    nearly unmoved); a --resume with a new lr_lora applies it, a new lr_student does not touch the adapters."""
+    from twostep.ckpt import latest_checkpoint
+    root, teacher, cache = tiny_loop
+    run = root / "lora-lr"
+
+    def lrs():
+        groups = json.loads((latest_checkpoint(run / "checkpoints") / "optim.json").read_text())
+        return [g["lr"] for g in groups["student"]["param_groups"]]
+
+    lora = ["student.decoupling=lora", "train.lr_lora=3e-3", "train.lr_student=1e-6"]
+    distill(_cfg(2, *lora), teacher, cache, run, progress=False)
+    assert lrs() == pytest.approx([3e-3])
+    distill(_cfg(4, *lora[:2], "train.lr_student=5e-6"), teacher, cache, run, resume=True, progress=False)
+    assert lrs() == pytest.approx([3e-3])
+    distill(_cfg(6, "student.decoupling=lora", "train.lr_lora=1e-3"), teacher, cache, run, resume=True,
+            progress=False)
+    assert lrs() == pytest.approx([1e-3])

@@ -96,7 +96,9 @@ class TrainConfig:
     minutes: float = opt(0.0, "optional wall-time budget in minutes (0 = none); stops early when reached")
     batch_size: int = opt(32, "GLOBAL batch over all processes: each of N processes takes batch_size/N rows of "
                           "the same global draw (N must divide it); N processes reproduce one process's batches")
-    lr_student: float = opt(2e-5, "AdamW learning rate of the student")
+    lr_student: float = opt(2e-5, "AdamW learning rate of the student (full / shared decoupling)")
+    lr_lora: float = opt(1e-4, "AdamW learning rate of the student's adapters when student.decoupling=lora "
+                         "(zero-initialised adapters barely move at the full-model rate; by measurement, README)")
     lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (Turbo++ default by "
                          "measurement; the peers' configs set their own)")
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")

@@ -289,15 +289,28 @@ def _optim_transform(opt):
     return tf
 
 
-def _apply_resumed_hparams(acc, opts, prev: dict | None, t) -> None:
+def student_lr(train: dict, decoupling: str) -> float:
+    """The student's learning rate: `train.lr_lora` for per-step LoRA adapters, `train.lr_student` otherwise
+    (a config written before lr_lora existed trained its adapters at lr_student)."""
+    if decoupling == "lora":
+        return train.get("lr_lora", train["lr_student"])
+    return train["lr_student"]
+
+
+def _apply_resumed_hparams(acc, opts, prev: dict | None, cfg) -> None:
     """A checkpoint's optimizer state carries its learning rates, so loading it would silently undo a changed
     `--set train.lr_student=...` on --resume. Apply the current config: the learning rate scaled by what the run
     did to it (the NaN rollback's halvings survive), betas and weight decay as configured."""
-    prev_t = (prev or {}).get("train", {})
-    for name, key in (("student", "lr_student"), ("critic", "lr_disc")):
+    t, now_t = cfg.train, to_dict(cfg)["train"]
+    prev_t = {**now_t, **(prev or {}).get("train", {})}
+    keys = {"student": "lr_lora" if cfg.student.decoupling == "lora" else "lr_student", "critic": "lr_disc"}
+    for name, key in keys.items():
         if name not in opts:
             continue
-        was, now = prev_t.get(key, getattr(t, key)), getattr(t, key)
+        if name == "student":
+            was, now = student_lr(prev_t, cfg.student.decoupling), student_lr(now_t, cfg.student.decoupling)
+        else:
+            was, now = prev_t[key], now_t[key]
         for g in opts[name].param_groups:
             g["lr"] = g["lr"] * now / was
             g["betas"] = tuple(t.betas)
@@ -371,7 +384,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         units = shard_student(acc, method.student, ema)
         acc.print(f"FSDP2: student and EMA sharded over {acc.num_processes} processes ({units} units)")
     s_params, c_params = method.student_parameters(), method.critic_parameters()
-    opt_s = torch.optim.AdamW(s_params, lr=t.lr_student, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    lr_s = student_lr(to_dict(cfg)["train"], cfg.student.decoupling)
+    opt_s = torch.optim.AdamW(s_params, lr=lr_s, betas=tuple(t.betas), weight_decay=t.weight_decay)
     opt_c = torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas)) if c_params else None
     opts = {"student": opt_s, **({"critic": opt_c} if opt_c else {})}
 
@@ -380,7 +394,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         meta = _load_state(acc, ck, method, ema, opts, c_params, fsdp)
         update, log = meta["step"], meta.get("log", [])
         acc.print(f"resumed from {ck} at update {update}")
-        _apply_resumed_hparams(acc, opts, prev, t)
+        _apply_resumed_hparams(acc, opts, prev, cfg)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
