@@ -114,19 +114,31 @@ def benchmarks_of(records: list[dict], runs_dir: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- table
 
+def paired_delta(rs: list[dict], ref: list[dict]) -> str:
+    """FD minus the reference method's FD at the same seed, mean ± std over the seeds both have. A run's seed is
+    also its eval seed (the same 1000 noises and held-out images), so this removes the eval set's share of the
+    spread that the unpaired "fd" column keeps."""
+    ref_fd = {r["seed"]: r["fd"] for r in ref}
+    return ms([r["fd"] - ref_fd[r["seed"]] for r in rs if r["seed"] in ref_fd])
+
+
 def table_rows(records: list[dict]) -> list[list[str]]:
     rows = []
     for b in sorted({r["benchmark"] for r in records}):
-        for m, rs in by_method(records, b).items():
-            rows.append([b, m, str(len(rs))] + [ms([r.get(k) for r in rs]) for k in KEYS])
+        groups = by_method(records, b)
+        ref = groups.get(PAIRED_REF, [])
+        for m, rs in groups.items():
+            vals = [ms([r.get(k) for r in rs]) for k in KEYS]
+            rows.append([b, m, str(len(rs)), vals[0], paired_delta(rs, ref)] + vals[1:])
     return rows
 
 
-TABLE_HEADER = ["benchmark", "method", "seeds"] + KEYS
+PAIRED_REF = "turbopp"
+TABLE_HEADER = ["benchmark", "method", "seeds", "fd", f"fd − {PAIRED_REF} (same seeds)"] + KEYS[1:]
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|" + "---|" * len(KEYS)]
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|---|---|---|" + "---|" * (len(TABLE_HEADER) - 3)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(records)]
     return "\n".join(lines)
 

@@ -74,3 +74,12 @@ def test_turbopp_defaults_and_peers_keep_their_own_discriminator_settings():
     for name, want in own.items():
         c = load_config(root / name)
         assert (c.train.d_warmup, c.train.lr_disc, c.disc.sigma_mean) == want, name
+
+
+def test_step1_adv_and_lora_rate_are_the_defaults_and_the_demo_keeps_what_it_measured():
+    """loss.step1_loss=adv and train.lr_lora=1e-4 are defaults by measurement (session 5, README); the demo
+    config, measured with the trajectory step-1 loss, pins it."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert (Config().loss.step1_loss, Config().train.lr_lora) == ("adv", 1e-4)
+    assert load_config(root / "demo.yaml").loss.step1_loss == "traj"

@@ -99,6 +99,10 @@ def test_summary_writes_plots_table_and_html(sweep):
     for text in (md, page):
         assert "ladd" in text and "4.1 ± 0.14" in text  # 2 seeds: FD 4.0, 4.2
     assert "note: 600 updates" in md
+    # FD minus turbopp's at the same seed: ladd seeds 0, 1 → 4.0 − 3.0, 4.2 − 3.1; the ablation's seed 0 → 2.0
+    assert re.search(r"\| shapes \| ladd \| 2 \| 4\.1 ± 0\.14 \| 1\.05 ± 0\.071 \|", md), md
+    assert re.search(r"\| ablate-no-adv \(regression only\) \| 1 \| 5 \| 2 \|", md), md
+    assert "<td>photos</td>" not in page and re.search(r"<td>turbopp</td><td>1</td><td>7</td><td>0</td>", page)
 
 
 def test_html_references_every_grid_and_only_existing_files(sweep):

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", required=True, help="teacher cache folder (twostep teacher cache)")
     d.add_argument("--config", default=None, help="YAML config file")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set loss.step1_loss=adv (repeatable)")
+                   help="override a config key, e.g. --set loss.step1_loss=traj (repeatable)")
     d.add_argument("--out", required=True, help="run folder")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
     d.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts")

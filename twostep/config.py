@@ -59,8 +59,9 @@ class LossConfig:
     gradient: str = choice("end_to_end", ["end_to_end", "detach"], "whether the final-image loss reaches θ1 "
                            "through x_m (end_to_end) or stops at x_m (detach, ablation)")
     adv_weight: float = opt(1.0, "weight of the final-image adversarial loss")
-    step1_loss: str = choice("traj", ["adv", "traj", "none"], "iterative regularisation of step 1: adversarial "
-                             "on x̂0₁, regression to the teacher's state at σm, or none (ablation)")
+    step1_loss: str = choice("adv", ["adv", "traj", "none"], "iterative regularisation of step 1: adversarial "
+                             "on x̂0₁ (default by measurement, README), regression to the teacher's state at σm, "
+                             "or none (ablation)")
     step1_weight: float = opt(1.0, "weight of the step-1 loss")
     traj_distance: str = choice("mse", ["mse", "perceptual"], "distance of step1_loss=traj: pixel MSE or MSE "
                                 "of the discriminator's frozen teacher features")
@@ -197,7 +198,7 @@ def apply_overrides(d: dict, sets: list[str]) -> dict:
     d = dict(d)
     for s in sets or []:
         if "=" not in s:
-            raise UserError(f"--set {s!r}: expected key=value, e.g. --set loss.step1_loss=adv")
+            raise UserError(f"--set {s!r}: expected key=value, e.g. --set loss.step1_loss=traj")
         key, val = s.split("=", 1)
         parts = key.strip().split(".")
         cur = d
