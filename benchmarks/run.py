@@ -58,6 +58,7 @@ VARIANTS = {
     "choice-traj-perceptual": (None, ["loss.step1_loss=traj", "loss.traj_distance=perceptual"]),
     "choice-disc-pooled": (None, ["disc.head=pooled"]),
     "choice-paired": (None, ["loss.paired_weight=1.0"]),
+    "choice-lr-1e-4": (None, ["train.lr_student=0.0001"]),   # the full-model rate at the LoRA rate
     # no discriminator head start (the session-2 setting; benchmarks/results/disc_probe.md says why it sat at chance)
     "choice-no-head-start": (None, ["train.d_warmup=0", "train.lr_disc=0.0002", "disc.sigma_mean=0.0"]),
     "ladd": ("configs/ladd.yaml", []),
@@ -68,7 +69,7 @@ DEFAULT = ["turbopp", "turbopp-lora", "ablate-shared", "ablate-detach", "ablate-
            "ablate-no-adv (regression only)", "ladd", "dmd2", "diffusion2gan"]
 # issue 3's table of choices (each one change from the default); not in the default sweep
 CHOICES = ["choice-sigma-mid-0.5", "choice-sigma-mid-0.9", "choice-step1-traj", "choice-traj-perceptual",
-           "choice-disc-pooled", "choice-paired", "choice-no-head-start", "turbopp-lora-lr2e-5"]
+           "choice-disc-pooled", "choice-paired", "choice-no-head-start", "turbopp-lora-lr2e-5", "choice-lr-1e-4"]
 
 
 def run_child(cmd, env, log):

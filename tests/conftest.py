@@ -2,8 +2,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No per-example deadline anywhere: on a loaded 2-core CI machine a 1 ms tensor op can take 300 ms, and a
+# property test must fail on a wrong property, not on a slow scheduler.
+settings.register_profile("twostep", deadline=None)
+settings.load_profile("twostep")
 torch.set_num_threads(int(os.environ.get("TWOSTEP_TEST_THREADS", "2")))
 
 
