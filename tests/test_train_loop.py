@@ -93,10 +93,11 @@ def test_discriminator_warmup_runs_once_before_the_first_update(tiny_loop):
     """train.d_warmup: critic-only updates before update 1, logged as update 0; the student is untouched by
     them (its step-1 loss at update 1 equals a run without warm-up) and a resume never repeats them."""
     root, teacher, cache = tiny_loop
-    full = distill(_cfg(4, "train.d_warmup=3"), teacher, cache, root / "wfull", progress=False)
-    part = distill(_cfg(2, "train.d_warmup=3"), teacher, cache, root / "wpart", progress=False)
-    part = distill(_cfg(4, "train.d_warmup=3"), teacher, cache, root / "wpart", resume=True, progress=False)
-    plain = distill(_cfg(1), teacher, cache, root / "wnone", progress=False)
+    traj = "loss.step1_loss=traj"  # a step-1 loss that reads the student only (adv would read the moved critic)
+    full = distill(_cfg(4, "train.d_warmup=3", traj), teacher, cache, root / "wfull", progress=False)
+    part = distill(_cfg(2, "train.d_warmup=3", traj), teacher, cache, root / "wpart", progress=False)
+    part = distill(_cfg(4, "train.d_warmup=3", traj), teacher, cache, root / "wpart", resume=True, progress=False)
+    plain = distill(_cfg(1, traj), teacher, cache, root / "wnone", progress=False)
     a, b, c = _log(full), _log(part), _log(plain)
     assert a[0]["update"] == 0 and a[0]["d_warmup"] == 3 and "d_loss" in a[0]
     assert [r["update"] for r in b] == [0, 1, 2, 3, 4]
