@@ -301,16 +301,14 @@ def _apply_resumed_hparams(acc, opts, prev: dict | None, cfg) -> None:
     """A checkpoint's optimizer state carries its learning rates, so loading it would silently undo a changed
     `--set train.lr_student=...` on --resume. Apply the current config: the learning rate scaled by what the run
     did to it (the NaN rollback's halvings survive), betas and weight decay as configured."""
-    t, now_t = cfg.train, to_dict(cfg)["train"]
-    prev_t = {**now_t, **(prev or {}).get("train", {})}
-    keys = {"student": "lr_lora" if cfg.student.decoupling == "lora" else "lr_student", "critic": "lr_disc"}
-    for name, key in keys.items():
+    t, dec = cfg.train, cfg.student.decoupling
+    now_t = to_dict(cfg)["train"]
+    prev_t = (prev or {}).get("train") or now_t
+    lrs = {"student": (student_lr(prev_t, dec), student_lr(now_t, dec), "lr_lora" if dec == "lora" else "lr_student"),
+           "critic": (prev_t["lr_disc"], now_t["lr_disc"], "lr_disc")}
+    for name, (was, now, key) in lrs.items():
         if name not in opts:
             continue
-        if name == "student":
-            was, now = student_lr(prev_t, cfg.student.decoupling), student_lr(now_t, cfg.student.decoupling)
-        else:
-            was, now = prev_t[key], now_t[key]
         for g in opts[name].param_groups:
             g["lr"] = g["lr"] * now / was
             g["betas"] = tuple(t.betas)
