@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/run.py [--data shapes photos] [--variants ...] [--seeds 0 1 2]
                                        [--updates 600] [--cache-num 2048] [--eval-num 1000] [--quick]
-                                       [--summary-only] [--out DIR]
+                                       [--summary-only] [--out DIR] [--set KEY=VALUE ...]
 
 Each (benchmark, variant, seed) is one `twostep distill` + `twostep eval` in a fresh process (so its peak RSS
 is its own); its record goes to benchmarks/results/runs/<benchmark>-<variant>-seed<k>.json as soon as it
 finishes, and finished records are skipped on restart, so the sweep can accumulate in the background over
 several sittings. `--quick` is a tiny version for CI-style smoke runs (writes under a temporary folder).
+`--set KEY=VALUE` (needs `--out`) applies one config change to every variant of a study (e.g. every method at
+another σm); a variant's own overrides come after it, so a variant that sets the same key keeps its one change.
 Equal budget: the same number of student updates, batch and teacher cache for every method.
 
 Sample grids (`twostep sample --eval-prompts`, each in a fresh process, skipped when present): per finished run
@@ -96,7 +98,8 @@ def one_run(data, variant, seed, a, work, env, log, out_dir):
     rec_path = out_dir / f"{run_stem(data, variant, seed)}.json"
     if rec_path.exists():
         return json.loads(rec_path.read_text())
-    cfg_file, sets = VARIANTS[variant]
+    cfg_file, own = VARIANTS[variant]
+    sets = study_sets(a.set, own)
     cache = ensure_cache(data, a.cache_num, work, env, log)
     run = work / f"run-{run_stem(data, variant, seed)}"
     cmd = TWOSTEP + ["distill", "--teacher", f"models/teacher-{data}", "--cache", str(cache), "--out", str(run),
@@ -131,6 +134,12 @@ def one_run(data, variant, seed, a, work, env, log, out_dir):
     tmp = rec_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(rec, indent=1)); tmp.replace(rec_path)
     return rec
+
+
+def study_sets(study, own):
+    """A study's `--set` changes, then the variant's own (the variant's one change wins on a shared key)."""
+    keys = {o.split("=", 1)[0] for o in own}
+    return [s for s in study if s.split("=", 1)[0] not in keys] + list(own)
 
 
 def sample_grid(model, data, png, env, log, extra=()):
@@ -219,7 +228,19 @@ def parse_args(argv=None):
     p.add_argument("--summary-only", action="store_true",
                    help="only rebuild runs.md, the plots and comparison.html from the records on disk")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; --quick: a temp folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config change applied to every variant (a study; needs --out so its records stay apart "
+                        "from the main sweep's); recorded in each record's overrides")
     a = p.parse_args(argv)
+    if a.set and not (a.out or a.quick):
+        p.error("--set changes every variant: give the study its own --out folder "
+                "(e.g. --out benchmarks/results/sigma_mid_0.5)")
+    if a.set:  # an unknown key or a bad value fails here, once, rather than in every run
+        from twostep.config import UserError, load_config
+        try:
+            load_config(None, a.set)
+        except UserError as e:
+            p.error(str(e))
     if a.quick:
         a.updates, a.cache_num, a.eval_num, a.seeds, a.batch = 2, 16, 20, a.seeds[:1], 4
     return a

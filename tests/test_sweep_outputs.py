@@ -201,3 +201,32 @@ def test_sample_eval_prompts_grid_is_the_eval_protocol(tiny_teacher, tmp_path, c
     assert main(["sample", "--model", str(tiny_teacher), "--eval-prompts", "shapes", "--prompt", "a",
                  "--out", str(tmp_path / "h.png")]) == 2
     assert "--eval-prompts" in capsys.readouterr().err
+
+
+def test_study_set_reaches_every_variant_and_a_variants_own_change_wins(tmp_path, monkeypatch):
+    """`run.py --set` is a study (every method at another σm, say): its change must be in every distill command
+    and in the record's overrides, yet a variant that sets the same key keeps its one change."""
+    import run
+
+    a = run.parse_args(["--out", str(tmp_path), "--set", "student.sigma_mid=0.5", "--set", "train.lr_disc=0.002"])
+    cmds = []
+    monkeypatch.setattr(run, "ensure_cache", lambda *x, **k: tmp_path / "cache")
+    monkeypatch.setattr(run, "run_child", lambda cmd, env, log: (cmds.append(cmd), (1, 0.0))[1])  # distill "fails"
+    for variant in ("dmd2", "choice-sigma-mid-0.9"):
+        assert run.one_run("shapes", variant, 0, a, tmp_path, {}, tmp_path / "log", tmp_path / "runs") is None
+    sets = [[c[i + 1] for i, x in enumerate(c) if x == "--set"] for c in cmds]
+    assert "student.sigma_mid=0.5" in sets[0] and "train.lr_disc=0.002" in sets[0]
+    assert sets[0].index("student.sigma_mid=0.5") > sets[0].index("train.seed=0")  # after the budget's own
+    assert "student.sigma_mid=0.9" in sets[1] and "student.sigma_mid=0.5" not in sets[1]
+    assert run.study_sets(["student.sigma_mid=0.5"], ["student.sigma_mid=0.9"]) == ["student.sigma_mid=0.9"]
+
+
+@pytest.mark.parametrize("argv, msg", [(["--set", "student.sigma_mid=0.5"], "--out"),
+                                       (["--out", "x", "--set", "student.sigmamid=0.5"], "sigmamid"),
+                                       (["--out", "x", "--set", "student.sigma_mid"], "key=value")])
+def test_study_set_refuses_a_main_folder_and_bad_keys(argv, msg, capsys):
+    import run
+
+    with pytest.raises(SystemExit) as e:
+        run.parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
