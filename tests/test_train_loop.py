@@ -122,6 +122,24 @@ def test_resume_applies_a_changed_learning_rate(tiny_loop):
     assert [g["lr"] for g in groups["critic"]["param_groups"]] == pytest.approx([_cfg(1).train.lr_disc])
 
 
+def test_each_optimizer_has_its_configured_weight_decay_also_after_a_resume(tiny_loop):
+    """train.weight_decay is the student's, train.weight_decay_disc the critic's (the critic silently took
+    torch's AdamW default of 0.01 before the option existed); a --resume applies changed values to both."""
+    from twostep.ckpt import latest_checkpoint
+    root, teacher, cache = tiny_loop
+    run = root / "wd"
+
+    def wds():
+        groups = json.loads((latest_checkpoint(run / "checkpoints") / "optim.json").read_text())
+        return {k: [g["weight_decay"] for g in groups[k]["param_groups"]] for k in ("student", "critic")}
+
+    distill(_cfg(2), teacher, cache, run, progress=False)
+    assert wds() == {"student": [0.0], "critic": [pytest.approx(0.01)]}
+    distill(_cfg(4, "train.weight_decay=1e-3", "train.weight_decay_disc=0.0"), teacher, cache, run, resume=True,
+            progress=False)
+    assert wds() == {"student": [pytest.approx(1e-3)], "critic": [0.0]}
+
+
 def test_lora_student_trains_at_lr_lora_and_a_resume_applies_a_changed_one(tiny_loop):
     """decoupling=lora uses train.lr_lora, not lr_student (which would leave the zero-initialised adapters
     nearly unmoved); a --resume with a new lr_lora applies it, a new lr_student does not touch the adapters."""

@@ -103,7 +103,9 @@ class TrainConfig:
     lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (Turbo++ default by "
                          "measurement; the peers' configs set their own)")
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.0, "AdamW weight decay of the student")
+    weight_decay_disc: float = opt(0.01, "AdamW weight decay of the discriminator heads / critic (torch's AdamW "
+                                   "default, which every measurement in the README used)")
     d_updates: int = opt(1, "discriminator / critic updates per student update")
     d_warmup: int = opt(300, "discriminator / critic-only updates before the first student update (a head start: "
                         "without it the student reaches the teacher before the heads learn anything)")

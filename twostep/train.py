@@ -312,8 +312,7 @@ def _apply_resumed_hparams(acc, opts, prev: dict | None, cfg) -> None:
         for g in opts[name].param_groups:
             g["lr"] = g["lr"] * now / was
             g["betas"] = tuple(t.betas)
-            if name == "student":
-                g["weight_decay"] = t.weight_decay
+            g["weight_decay"] = t.weight_decay if name == "student" else t.weight_decay_disc
         if now != was:
             acc.print(f"resumed with train.{key}={now:g} (the run had {was:g})")
 
@@ -384,7 +383,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     s_params, c_params = method.student_parameters(), method.critic_parameters()
     lr_s = student_lr(to_dict(cfg)["train"], cfg.student.decoupling)
     opt_s = torch.optim.AdamW(s_params, lr=lr_s, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    opt_c = torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas)) if c_params else None
+    opt_c = (torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas), weight_decay=t.weight_decay_disc)
+             if c_params else None)
     opts = {"student": opt_s, **({"critic": opt_c} if opt_c else {})}
 
     update, log = 0, []
