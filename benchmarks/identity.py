@@ -8,7 +8,7 @@ What is hashed (sha256 of the bytes):
   - `twostep distill` of 20 updates at a fixed seed for turbopp (full, shared, lora, and step1_loss=traj),
     dmd2, ladd and diffusion2gan (shared, as their configs define them): every safetensors file of the run
     folder (the usable model and both checkpoints) and every grid PNG;
-  - `twostep export` of the full and lora runs (every safetensors file of the pipeline folder);
+  - `twostep export` of the full and lora runs (the tensors of every safetensors file of the pipeline folder);
   - `twostep sample` of the committed students, of a teacher at 8 and 2 steps and of each 20-update run;
   - `twostep eval --num 20` of the committed shapes student and of the teacher (metrics, minus timings).
 One torch thread, so kernels do not depend on the core count. Hashes are of this machine's CPU kernels: record
@@ -44,6 +44,19 @@ PROMPTS = ["a small red circle at the center on a black background", "two blue s
 
 def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tensors_sha(path: Path) -> str:
+    """sha256 of a safetensors file's tensors (names, dtypes, shapes, bytes): diffusers' LoRA files carry
+    metadata whose key order varies from save to save."""
+    import torch
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for k, v in sorted(load_file(str(path)).items()):
+        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def cli(*args: str) -> None:
@@ -89,7 +102,7 @@ def measure(work: Path) -> dict:
     for name in ("turbopp-full", "turbopp-lora"):
         exp = work / f"export-{name}"
         cli("export", "--model", str(work / name), "--out", str(exp))
-        res[f"export {name}"] = {str(p.relative_to(exp)): sha(p) for p in sorted(exp.rglob("*.safetensors"))}
+        res[f"export {name}"] = {str(p.relative_to(exp)): tensors_sha(p) for p in sorted(exp.rglob("*.safetensors"))}
     for m in ("turbopp-shapes", "turbopp-photos"):
         res[f"sample {m}"] = sample(ROOT / "models" / m, work / f"{m}.png")
     res["sample teacher 8-step"] = sample(TEACHER, work / "t8.png")
