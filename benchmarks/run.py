@@ -159,9 +159,9 @@ def grid_meta(data, teacher_dir):
     from twostep.data import get_dataset
     from twostep.flow import nfe
     from twostep.generate import cfg_guidance
-    from twostep.model import read_config
+    from twostep.io.folders import read_config
     from twostep.report import GRID_PROMPTS
-    from twostep.teacher.cache import file_sha256
+    from twostep.io.files import sha256_file
 
     cfg = read_config(teacher_dir)
     res = int(cfg.get("image_resolution", cfg["resolution"]))
@@ -170,7 +170,7 @@ def grid_meta(data, teacher_dir):
     caps = get_dataset(data, res).sample(GRID_PROMPTS, seed=GRID_SEED, split="test").captions
     return {"benchmark": data, "prompts": caps, "seed": GRID_SEED, "noises_per_prompt": GRID_NOISES,
             "teacher": Path(teacher_dir).relative_to(ROOT).as_posix(),
-            "teacher_weights_sha256": file_sha256(Path(teacher_dir) / "model.safetensors"),
+            "teacher_weights_sha256": sha256_file(Path(teacher_dir) / "model.safetensors"),
             "grids": {"teacher-8step": {"label": f"teacher {steps}-step (g={g:g})", "nfe": nfe(steps, g),
                                         "args": []},
                       "naive-2step-nocfg": {"label": "naive 2-step, no CFG", "nfe": 2,

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from twostep.ckpt import atomic_write_text  # noqa: E402
+from twostep.io.files import atomic_write_text  # noqa: E402
 from twostep.report import figure_html, html_page, table_html  # noqa: E402
 
 KEYS = ["fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "nfe", "sec_per_image",

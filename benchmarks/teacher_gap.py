@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twostep.ckpt import atomic_write_text  # noqa: E402
+from twostep.io.files import atomic_write_text  # noqa: E402
 from twostep.evaluate import evaluate  # noqa: E402
 from twostep.generate import TeacherSampler, cfg_guidance  # noqa: E402
 from twostep.model import load_teacher  # noqa: E402
-from twostep.teacher.cache import file_sha256  # noqa: E402
+from twostep.io.files import sha256_file  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "teacher_gap"
 METRICS = ["fd", "kid", "swd", "alignment", "diversity", "psnr_vs_teacher", "sec_per_image"]
@@ -63,7 +63,7 @@ def main():
     for data in a.data:
         tdir = ROOT / "models" / f"teacher-{data}"
         teacher = load_teacher(tdir)
-        wsha = file_sha256(tdir / "model.safetensors")  # a record of another teacher is stale: redo it
+        wsha = sha256_file(tdir / "model.safetensors")  # a record of another teacher is stale: redo it
         recs = {}
         for name, steps, g in settings(teacher):
             for seed in a.seeds:

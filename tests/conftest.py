@@ -17,14 +17,14 @@ def make_tiny_teacher(folder, seed=0, dim=32, guidance=1.5, resolution=32):
     from twostep import flow
     from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
     from twostep.data.shapes import VERSION as SHAPES_VERSION
-    from twostep.model import save_model_folder
+    from twostep.io.folders import save_model_folder
 
     tcfg = tiny_zimage_config(dim=dim, n_layers=1, n_heads=1, n_refiner_layers=1, patch_size=4)
     bb = ZImageBackbone.from_config(tcfg, seed=seed)
     cfg = {"kind": "teacher", "backbone": "zimage", "transformer": tcfg, "resolution": resolution,
            "text_encoder": "all-MiniLM-L6-v2", "data": "shapes", "data_version": SHAPES_VERSION,
            "sampling": {"steps": 8, "shift": flow.DEFAULT_SHIFT, "guidance": guidance}}
-    save_model_folder(bb, cfg, folder)
+    save_model_folder(bb.transformer.state_dict(), cfg, folder)
     return folder
 
 

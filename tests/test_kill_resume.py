@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twostep.ckpt import latest_checkpoint
+from twostep.io.checkpoints import latest_checkpoint
 
 POINTS = ["update", "ckpt.mid", "ckpt.rename", "ckpt.prune", "model.save"]
 UPDATES = 48  # > the most progress 10 kills can keep (≤ 4 updates per kill), so ≥ 10 kills always happen

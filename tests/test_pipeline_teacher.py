@@ -75,7 +75,7 @@ def _run(argv, capsys):
 
 
 def test_config_detects_pipeline(pipe_dir):
-    from twostep.model import read_config
+    from twostep.io.folders import read_config
 
     c = read_config(pipe_dir)
     assert c["kind"] == "teacher" and c["pipeline"] == str(pipe_dir.resolve())
@@ -234,7 +234,7 @@ def test_sigma_grid_is_the_schedulers(kw):
     from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
     from twostep import flow
-    from twostep.teacher.pipeline_folder import scheduler_shift
+    from twostep.io.pipeline_format import scheduler_shift
 
     s = FlowMatchEulerDiscreteScheduler(**kw)
     latent = 48

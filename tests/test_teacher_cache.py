@@ -10,6 +10,7 @@ from conftest import make_tiny_teacher
 from twostep import flow
 from twostep.data import get_dataset
 from twostep.errors import UserError
+from twostep.io.files import sha256_file
 from twostep.model import load_teacher
 from twostep.teacher import cache as C
 
@@ -53,8 +54,8 @@ def test_contents_match_teacher(built):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["num"] == NUM and m["num_shards"] == 3 and m["shard_size"] == SHARD
     assert [e["count"] for e in m["shards"]] == [4, 4, 2]
-    assert all(C.file_sha256(out / e["file"]) == e["sha256"] for e in m["shards"])
-    assert m["teacher"]["weights_sha256"] == C.file_sha256(teacher_dir / "model.safetensors")
+    assert all(sha256_file(out / e["file"]) == e["sha256"] for e in m["shards"])
+    assert m["teacher"]["weights_sha256"] == sha256_file(teacher_dir / "model.safetensors")
 
     cache = C.load_cache(out, expect_teacher=teacher_dir)
     teacher = load_teacher(teacher_dir)

@@ -112,7 +112,7 @@ def test_discriminator_warmup_runs_once_before_the_first_update(tiny_loop):
 def test_resume_applies_a_changed_learning_rate(tiny_loop):
     """The optimizer state in a checkpoint carries the learning rate; a --resume with a new train.lr_student must
     use the new one (loading the state alone would silently keep the old one). The critic's is untouched."""
-    from twostep.ckpt import latest_checkpoint
+    from twostep.io.checkpoints import latest_checkpoint
     root, teacher, cache = tiny_loop
     run = root / "lr"
     distill(_cfg(2), teacher, cache, run, progress=False)
@@ -125,7 +125,7 @@ def test_resume_applies_a_changed_learning_rate(tiny_loop):
 def test_each_optimizer_has_its_configured_weight_decay_also_after_a_resume(tiny_loop):
     """train.weight_decay is the student's, train.weight_decay_disc the critic's (the critic silently took
     torch's AdamW default of 0.01 before the option existed); a --resume applies changed values to both."""
-    from twostep.ckpt import latest_checkpoint
+    from twostep.io.checkpoints import latest_checkpoint
     root, teacher, cache = tiny_loop
     run = root / "wd"
 
@@ -143,7 +143,7 @@ def test_each_optimizer_has_its_configured_weight_decay_also_after_a_resume(tiny
 def test_lora_student_trains_at_lr_lora_and_a_resume_applies_a_changed_one(tiny_loop):
     """decoupling=lora uses train.lr_lora, not lr_student (which would leave the zero-initialised adapters
     nearly unmoved); a --resume with a new lr_lora applies it, a new lr_student does not touch the adapters."""
-    from twostep.ckpt import latest_checkpoint
+    from twostep.io.checkpoints import latest_checkpoint
     root, teacher, cache = tiny_loop
     run = root / "lora-lr"
 

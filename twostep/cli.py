@@ -94,7 +94,7 @@ def _dry_run(cfg, a):
 
 
 def cmd_eval(a):
-    from .ckpt import atomic_write_text
+    from .io.files import atomic_write_text
     from .evaluate import evaluate, format_table
     from .generate import load_generator
     import json
@@ -115,7 +115,8 @@ def cmd_tune_guidance(a):
 
     from .evaluate import evaluate
     from .generate import TeacherSampler
-    from .model import load_teacher, read_config, save_teacher_settings
+    from .io.folders import read_config, save_teacher_settings
+    from .model import load_teacher
 
     teacher = load_teacher(a.teacher)
     fds = {}
@@ -172,7 +173,7 @@ def cmd_speed(a):
           f"{r['nfe_ratio_student_over_teacher']:.3f} -> {r['ratio_over_nfe_limit']:.3f}x the NFE limit")
     if a.json:
         from pathlib import Path
-        from .ckpt import atomic_write_text
+        from .io.files import atomic_write_text
         atomic_write_text(Path(a.json), json.dumps(r, indent=1))
 
 

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from .ckpt import atomic_write_text
+from .io.files import atomic_write_text
 from .config import load_config
 from .evaluate import REPO_MODELS, evaluate, format_table
 from .generate import TeacherSampler, cfg_guidance, load_generator

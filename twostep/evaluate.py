@@ -50,9 +50,9 @@ def generate_all(gen, text, noise, batch_size: int = 250, progress: bool = False
 
 def teacher_reference(teacher_dir: Path, data: str, captions, text, noise, seed: int, progress=False):
     """The teacher's default samples for these prompts/noise, cached on disk (keyed by teacher + protocol)."""
-    from .ckpt import atomic_save_tensors
+    from .io.files import atomic_save_tensors
     from .generate import TeacherSampler
-    from .teacher.cache import teacher_identity
+    from .io.folders import teacher_identity
     from .text import default_cache_dir
 
     key = hashlib.sha1(json.dumps([teacher_identity(teacher_dir), data, len(captions), seed]).encode()).hexdigest()[:20]

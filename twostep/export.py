@@ -60,7 +60,7 @@ def _caption_side(cfg: dict) -> dict:
     (Qwen3) and vae/ are copied verbatim (same files and dtype), text_features "zimage".
     """
     if cfg.get("pipeline"):
-        from .teacher.pipeline_folder import MAX_SEQUENCE_LENGTH, check_pipeline_folder
+        from .io.pipeline_format import MAX_SEQUENCE_LENGTH, check_pipeline_folder
 
         src = Path(cfg["pipeline"])
         if not (src / "model_index.json").is_file():
@@ -131,7 +131,7 @@ def _transformer_from_state(config, sd):
 
 def export_student(run, out, merge: bool = False) -> Path:
     """Write RUN's student as a diffusers pipeline folder OUT (see the module docstring); returns OUT."""
-    from .model import read_config
+    from .io.folders import read_config
     from .student import load_student_generator
 
     run, out = Path(run), Path(out)

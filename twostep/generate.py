@@ -10,7 +10,8 @@ import torch
 
 from . import flow
 from .errors import UserError
-from .model import load_teacher, read_config
+from .io.folders import read_config
+from .model import load_teacher
 
 
 class TeacherSampler:

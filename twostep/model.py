@@ -4,7 +4,6 @@ interface that samples images from prompts. Text features come from the encoder 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,31 +12,9 @@ import torch
 from . import flow
 from .backbones.zimage import ZImageBackbone, load_backbone
 from .errors import UserError
+from .io.folders import CONFIG, WEIGHTS, read_config
+from .teacher.pipeline_folder import PipelineParts, load_pipeline_backbone
 from .text import get_encoder
-
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-
-
-def read_config(folder: Path) -> dict:
-    """A model folder's config; for a diffusers ZImagePipeline folder (model_index.json), the teacher config
-    twostep derives from its component configs (twostep.teacher.pipeline_folder)."""
-    from .teacher.pipeline_folder import is_pipeline_folder, pipeline_config
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder; pass a model folder written by `twostep teacher train` or `distill`"
-                        " (or a ZImagePipeline folder)")
-    if is_pipeline_folder(folder):
-        return pipeline_config(folder)
-    p = folder / CONFIG
-    if not p.exists():
-        raise UserError(f"{p}: missing; the model folder is incomplete (train it again or copy the whole folder)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: invalid JSON ({e.msg} at line {e.lineno}); restore the file")
-
 
 @dataclass
 class Teacher:
@@ -50,7 +27,7 @@ class Teacher:
     backbone: ZImageBackbone
     config: dict
     folder: Path | None = None
-    parts: object | None = None  # twostep.teacher.pipeline_folder.PipelineParts for a pipeline teacher
+    parts: PipelineParts | None = None  # a pipeline teacher's text encoder and VAE
 
     @property
     def sampling(self) -> dict:
@@ -101,8 +78,6 @@ def load_teacher(folder: Path) -> Teacher:
     folder = Path(folder)
     cfg = read_config(folder)
     if cfg.get("pipeline"):  # a ZImagePipeline folder: the transformer now, text encoder / VAE at first use
-        from .teacher.pipeline_folder import PipelineParts, load_pipeline_backbone
-
         bb = load_pipeline_backbone(folder)
         bb.requires_grad_(False).eval()
         return Teacher(bb, cfg, folder, PipelineParts(folder, cfg))
@@ -116,28 +91,6 @@ def load_teacher(folder: Path) -> Teacher:
 def batched(n: int, bs: int):
     for i in range(0, n, bs):
         yield slice(i, min(n, i + bs))
-
-
-def save_teacher_settings(folder: Path, config: dict):
-    """Write back a teacher's edited settings (e.g. tuned guidance): config.json of a twostep folder, twostep.json
-    of a ZImagePipeline folder (whose own files stay untouched)."""
-    from .ckpt import atomic_write_text
-
-    if config.get("pipeline"):
-        from .teacher.pipeline_folder import save_sidecar
-        save_sidecar(Path(folder), config)
-    else:
-        atomic_write_text(Path(folder) / CONFIG, json.dumps(config, indent=1))
-
-
-def save_model_folder(backbone: ZImageBackbone, config: dict, folder: Path):
-    """Write config.json + model.safetensors (atomically)."""
-    from .ckpt import atomic_save_tensors, atomic_write_text
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(backbone.transformer.state_dict(), folder / WEIGHTS)
-    atomic_write_text(folder / CONFIG, json.dumps(config, indent=1))
 
 
 def check_pair(model_cfg: dict, teacher_dir: Path, role: str = "--teacher"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .ckpt import atomic_write_text
+from .io.files import atomic_write_text
 from .images import grid, save_png
 
 

@@ -12,15 +12,16 @@ per step; `shared` = one set (ablation). All start from the teacher. No CFG: 2 N
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import flow
+from . import faults, flow
 from .backbones.zimage import ZImageBackbone
 from .errors import UserError
+from .io.files import load_tensors
+from .io.folders import check_stamps, read_config, save_stamped
 
 STEP_NAMES = ("step1", "step2")
 
@@ -210,49 +211,17 @@ def build_student_from_config(c: dict) -> TwoStepStudent:
 
 
 def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dict | None = None):
-    """Write the usable model files. Each file is atomic and stamped with the update count; config.json goes
-    last, and loading refuses a folder whose files carry different stamps (a write interrupted between files).
+    """Write the usable model files (io.folders.save_stamped: stamped weight files, config.json last).
     `state`: the student's full state dict, when the module holds FSDP shards (see export_state)."""
-    from . import faults
-    from .ckpt import atomic_save_tensors, atomic_write_text
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = {"updates": config.get("updates", 0)}
-    for stem, sd in student.export_state(state).items():
-        atomic_save_tensors(sd, folder / f"{stem}.safetensors", metadata=stamp)
-        faults.point("model.save")
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
+    save_stamped(student.export_state(state), config, folder, on_file=lambda: faults.point("model.save"))
 
 
 def load_student_generator(folder) -> StudentGenerator:
-    from .ckpt import load_tensors
-    from .model import read_config
-
     folder = Path(folder)
     c = read_config(folder)
     st = build_student_from_config(c)
     stems = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base", "step1", "step2"]}[c["decoupling"]]
-    _check_stamps(folder, stems, c)
+    check_stamps(folder, stems, c)
     st.load_export_state({s: load_tensors(folder / f"{s}.safetensors") for s in stems})
     st.requires_grad_(False)
     return StudentGenerator(st, c, folder)
-
-
-def _check_stamps(folder: Path, stems, config: dict):
-    """All weight files must come from the update that config.json names (see save_student)."""
-    from safetensors import safe_open
-
-    want = str(config.get("updates", 0))
-    for stem in stems:
-        p = folder / f"{stem}.safetensors"
-        if not p.exists():
-            raise UserError(f"{p}: missing; the run folder is incomplete (finish it with `twostep distill --resume`)")
-        try:
-            with safe_open(str(p), "pt") as f:
-                got = (f.metadata() or {}).get("updates", want)
-        except Exception as e:
-            raise UserError(f"{p}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt")
-        if got != want:
-            raise UserError(f"{folder}: {p.name} is from update {got} but config.json from update {want} (a save was "
-                            "interrupted); run `twostep distill --resume` on it to rewrite the model files")

@@ -16,8 +16,8 @@ import torch
 
 from . import flow
 from . import faults
-from .ckpt import (all_finite, atomic_write_text, latest_checkpoint, load_tensors, read_checkpoint,
-                   write_checkpoint)
+from .io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from .io.files import all_finite, atomic_write_text, load_tensors, tensors_sha256
 from .config import Config, dump_config, to_dict
 from .errors import UserError
 from .images import grid, save_png
@@ -152,16 +152,8 @@ def adapter_safe_checkpoint(block, *args):
 
 
 def _digest(modules) -> int:
-    """A 63-bit digest of every tensor (names, dtypes, bytes) of the given modules' state dicts (full tensors)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    for m in modules:
-        for k, v in sorted(m.state_dict().items()):  # FSDP shards: gathered (every rank, same order) and hashed whole
-            v = (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().contiguous()
-            h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
-            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") >> 1
+    """63 bits of io.files.tensors_sha256 of the modules' state dicts (an integer, to all-gather as a tensor)."""
+    return int(tensors_sha256([m.state_dict() for m in modules])[:16], 16) >> 1
 
 
 def check_ranks_in_sync(acc, out: Path, modules) -> dict:
@@ -362,7 +354,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     if teacher.parts is not None and getattr(method, "_null", 0) is None:  # DMD2's "": the pipeline's encoder
         method._null = (teacher.null_text(1)[0] if cfg.dmd.guidance != 0      # (loaded for CFG only)
                         else torch.zeros(1, teacher.backbone.cap_feat_dim))
-    teacher_hash = _param_hash(teacher.backbone)
+    teacher_hash = tensors_sha256([teacher.backbone.state_dict()])
     if cfg.train.grad_checkpointing:
         enable_grad_checkpointing(method)
     data_real = None
@@ -517,7 +509,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         logf.close()
     _checkpoint(acc, out, method, ema, opts, update, log, t.keep_checkpoints, scfg, fsdp)
     check_ranks_in_sync(acc, out, [method.student, ema] + ([method.critic] if c_params else []))
-    if _param_hash(teacher.backbone) != teacher_hash:  # the teacher never changes
+    if tensors_sha256([teacher.backbone.state_dict()]) != teacher_hash:  # the teacher never changes
         raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")
     if acc.is_main_process:
         _loss_curves(log, out / "loss_curves.png")
@@ -546,11 +538,6 @@ def _rollback(acc, out, method, ema, opts, c_params, fsdp=False):
     acc.print(f"rolled back to {ck.name} (update {meta['step']}) after repeated non-finite losses; learning "
               f"rates halved to {', '.join(f'{k}={v[0]:.3g}' for k, v in lrs.items())}")
     return meta["step"], meta.get("log", [])
-
-
-def _param_hash(module) -> float:
-    with torch.no_grad():
-        return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(module.parameters())))
 
 
 def _checkpoint(acc, out, method, ema, opts, update, log, keep, scfg, fsdp=False):

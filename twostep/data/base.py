@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from ..errors import UserError
 
 SPLIT_OFFSET = {"train": 0, "test": 10_000_019, "ref": 20_000_033}
 
@@ -26,18 +23,3 @@ def split_seed(seed: int, split: str) -> int:
     if split not in SPLIT_OFFSET:
         raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLIT_OFFSET)}")
     return int(seed) + SPLIT_OFFSET[split]
-
-
-def get_dataset(name: str, resolution: int = 32, skip_bad: bool = False):
-    """`shapes`, `photos`, or a folder with captions.jsonl."""
-    if name == "shapes":
-        from .shapes import Shapes
-        return Shapes(resolution)
-    if name == "photos":
-        from .photos import Photos
-        return Photos(resolution)
-    p = Path(name)
-    if p.is_dir():
-        from .folder import FolderDataset
-        return FolderDataset(p, resolution=resolution, skip_bad=skip_bad)
-    raise UserError(f"--data {name!r}: not 'shapes', 'photos' or an existing folder with captions.jsonl")

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ckpt import atomic_save_tensors, atomic_write_text, load_tensors
+from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors
 from ..errors import UserError
 
 NUM_CELLS = 9

@@ -40,9 +40,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 
-from ..ckpt import atomic_save_tensors, atomic_write_text
+from .. import flow
+from ..data import get_dataset, shapes
 from ..errors import UserError
+from ..io.files import atomic_save_tensors, atomic_write_text, one_line, sha256_file
+from ..io.folders import identity_diff, teacher_identity
+from ..model import load_teacher
 
 FORMAT = "twostep-teacher-cache"
 VERSION = 1
@@ -65,46 +70,6 @@ def shard_noise_seed(seed: int, k: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def teacher_identity(folder: Path, config: dict | None = None) -> dict:
-    """What makes two teachers' samples the same: their weights (sha256), transformer config, resolution,
-    text encoder and default sampling (plus, for a ZImagePipeline teacher, its VAE: not part of a cache's
-    identity, which holds latents, but of the decoded eval references)."""
-    from ..model import CONFIG, WEIGHTS, read_config
-
-    folder = Path(folder)
-    cfg = config if config is not None else read_config(folder)
-    if cfg.get("pipeline"):  # a ZImagePipeline folder: its transformer's weight files; the VAE is recorded too
-        from .pipeline_folder import transformer_weights_sha256
-        return {"weights_sha256": transformer_weights_sha256(folder), "transformer": cfg["transformer"],
-                "resolution": cfg.get("resolution"), "text_encoder": cfg.get("text_encoder"),
-                "sampling": cfg.get("sampling"), "vae": cfg.get("vae")}
-    w = folder / WEIGHTS
-    if not w.is_file():
-        raise UserError(f"{w}: missing; the teacher folder is incomplete (train it again or copy the whole folder)")
-    if "transformer" not in cfg:
-        raise UserError(f"{folder / CONFIG}: has no 'transformer' section; not a twostep teacher folder")
-    return {"weights_sha256": file_sha256(w), "transformer": cfg["transformer"],
-            "resolution": cfg.get("resolution"), "text_encoder": cfg.get("text_encoder"),
-            "sampling": cfg.get("sampling")}
-
-
-def _identity_diff(a: dict, b: dict) -> list[str]:
-    keys = ["weights_sha256", "transformer", "resolution", "text_encoder", "sampling"]
-    names = {"weights_sha256": "weights"}
-    return [names.get(k, k) for k in keys if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
-
-
 def _data_key(data: str) -> str:
     """Builtin dataset names as is; a folder as its absolute path (so `./d` and `d` are the same cache)."""
     p = Path(data)
@@ -123,9 +88,9 @@ def _read_manifest(path: Path) -> dict:
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({_one_line(e)}); delete the cache folder and build it again")
+        raise UserError(f"{path}: not valid JSON ({one_line(e)}); delete the cache folder and build it again")
     except OSError as e:
-        raise UserError(f"{path}: unreadable ({_one_line(e)}); check its permissions")
+        raise UserError(f"{path}: unreadable ({one_line(e)}); check its permissions")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{path}: not a twostep teacher-cache manifest; choose another folder")
     if m.get("version") != VERSION:
@@ -134,15 +99,10 @@ def _read_manifest(path: Path) -> dict:
     return m
 
 
-def _one_line(e) -> str:
-    s = " ".join(str(e).split())
-    return s if len(s) < 160 else s[:157] + "..."
-
-
 def _shard_ok(folder: Path, entry: dict | None) -> bool:
     try:
         p = folder / str(entry["file"])
-        return p.name == shard_name(int(entry["index"])) and p.is_file() and file_sha256(p) == entry["sha256"]
+        return p.name == shard_name(int(entry["index"])) and p.is_file() and sha256_file(p) == entry["sha256"]
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -154,9 +114,6 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
     Returns `out`. Raises UserError if `out` holds a different cache (other teacher, data, num, seed or
     shard size) or is a non-empty folder that is not a cache.
     """
-    from ..data import get_dataset
-    from ..model import load_teacher
-
     out = Path(out)
     teacher_folder = Path(teacher_folder)
     for name, v in (("--num", num), ("--shard-size", shard_size), ("--batch-size", batch_size)):
@@ -166,11 +123,9 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
     teacher = load_teacher(teacher_folder)
     ident = teacher_identity(teacher_folder, teacher.config)
     s = teacher.sampling
-    from .. import flow
     sigmas = flow.sigma_grid(int(s["steps"]), float(s.get("shift", flow.DEFAULT_SHIFT)))
     params = {"data": _data_key(data), "num": num, "seed": seed, "shard_size": shard_size}
     if data == "shapes":  # the scenes (and captions) drawn for a seed depend on the benchmark's version
-        from ..data import shapes
         params["data_version"] = shapes.VERSION
     n_shards = math.ceil(num / shard_size)
 
@@ -181,7 +136,7 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
     if mpath.exists():
         old = _read_manifest(mpath)
-        diff = _identity_diff(old.get("teacher", {}), ident)
+        diff = identity_diff(old.get("teacher", {}), ident)
         diff += [k for k in params if old.get(k) != params[k]]
         if diff:
             raise UserError(f"{out}: holds a different teacher cache (differs in: {', '.join(diff)}); "
@@ -249,7 +204,7 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
             # a regenerated shard differ in bytes (and checksum) from the first one.
             atomic_save_tensors(tensors, path, metadata={META_KEY: json.dumps(info, sort_keys=True)})
             entries[k] = {"index": k, "file": path.name, "start": start, "count": n, "noise_seed": nseed,
-                          "sha256": file_sha256(path)}
+                          "sha256": sha256_file(path)}
             write_manifest()
             if bar is not None:
                 bar.update(1)
@@ -312,8 +267,6 @@ class TeacherCache:
 def load_cache(folder: Path, expect_teacher: Path | None = None) -> TeacherCache:
     """Load and verify a complete cache (every shard's sha256). With `expect_teacher`, refuse a cache built
     by another teacher (weights, config or default sampling differ)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not folder.is_dir() or not mpath.is_file():
@@ -329,14 +282,14 @@ def load_cache(folder: Path, expect_teacher: Path | None = None) -> TeacherCache
         sigmas = torch.tensor(m["sigmas"], dtype=torch.float64)
         int(m["num"])
     except (KeyError, TypeError, ValueError) as ex:
-        raise UserError(f"{mpath}: malformed manifest ({type(ex).__name__}: {_one_line(ex)}); delete the cache "
+        raise UserError(f"{mpath}: malformed manifest ({type(ex).__name__}: {one_line(ex)}); delete the cache "
                         "folder and build it again")
     if not m.get("complete") or [int(e["index"]) for e in entries] != list(range(n_shards)):
         raise UserError(f"{folder}: incomplete teacher cache ({len(entries)} of {n_shards} shards); {hint} "
                         "to finish it")
     if expect_teacher is not None:
         ident = teacher_identity(expect_teacher)
-        diff = _identity_diff(m.get("teacher", {}), ident)
+        diff = identity_diff(m.get("teacher", {}), ident)
         if diff:
             raise UserError(f"{folder}: built for a different teacher than {expect_teacher} (differs in: "
                             f"{', '.join(diff)}); build a cache for this teacher with `twostep teacher cache "
@@ -346,7 +299,7 @@ def load_cache(folder: Path, expect_teacher: Path | None = None) -> TeacherCache
         p = folder / e["file"]
         if not p.is_file():
             raise UserError(f"{p}: missing shard of the teacher cache; {hint} to regenerate it")
-        if file_sha256(p) != e["sha256"]:
+        if sha256_file(p) != e["sha256"]:
             raise UserError(f"{p}: checksum mismatch (truncated or corrupt shard); {hint} to regenerate it")
         try:
             with safe_open(str(p), "pt") as f:

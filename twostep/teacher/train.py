@@ -17,8 +17,8 @@ import torch
 
 from .. import flow
 from ..backbones.zimage import ZImageBackbone, tiny_zimage_config
-from ..ckpt import (all_finite, atomic_save_tensors, atomic_write_text, latest_checkpoint, load_tensors,
-                    read_checkpoint, write_checkpoint)
+from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from ..io.files import all_finite, atomic_save_tensors, atomic_write_text, load_tensors
 from ..data import get_dataset
 from ..errors import UserError
 from ..text import get_encoder

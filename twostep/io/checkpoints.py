@@ -1,57 +1,19 @@
-"""Checkpoint I/O with safetensors only (no pickle): module weights, optimizer state, RNG states, JSON metadata.
+"""Training checkpoints in safetensors only (no pickle): module weights, optimizer state, RNG states, JSON meta.
 
-Every file is written to a temporary name and renamed, so a crash never leaves a half-written file under the
-final name. A checkpoint folder is complete when its `meta.json` exists (written last).
+A checkpoint is a folder `step-XXXXXXXX/`, written as `step-XXXXXXXX.partial/` and renamed; it is complete when
+its `meta.json` exists (written last), so a crash never leaves a half checkpoint that looks complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from . import faults
-from .errors import UserError
-
-
-def atomic_write_text(path: Path, text: str):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-
-
-def load_tensors(path: Path, transform=None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file. With `transform(name, tensor)`, tensors are read one at a time and
-    only the transformed values are kept (an FSDP rank keeps its shard of each full tensor, never the whole file)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: missing; the folder is not a complete twostep checkpoint/model")
-    try:
-        if transform is not None:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                return {k: transform(k, f.get_tensor(k)) for k in f.keys()}
-        return load_file(str(path))
-    except Exception as e:
-        raise UserError(f"{path}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt, "
-                        "delete it and re-create it")
+from .. import faults
+from .files import atomic_save_tensors, atomic_write_text, load_tensors
 
 
 def optimizer_to_tensors(opt) -> tuple[dict[str, torch.Tensor], dict]:
@@ -145,7 +107,3 @@ def read_checkpoint(ck: Path, optimizers: dict[str, torch.optim.Optimizer] | Non
         optimizer_from_tensors(opt, load_tensors(ck / f"optim_{oname}.safetensors", tf), opt_meta[oname])
     set_rng_state(load_tensors(ck / "rng.safetensors"))
     return meta
-
-
-def all_finite(sd: dict[str, torch.Tensor]) -> bool:
-    return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())

@@ -1,0 +1,97 @@
+"""Files written and read safely: atomic text/tensor writes, safetensors reads (never pickle), sha256 hashes.
+
+The one place twostep hashes things: `sha256_file` (one file's bytes), `sha256_files` (a set of files: their names
+and contents), `tensors_sha256` (in-memory state dicts: names, dtypes, shapes and bytes, e.g. to prove that
+processes hold the same weights or that the teacher never changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+
+def atomic_write_text(path: Path, text: str):
+    """Write `text` to a temporary sibling, fsync, and rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)
+
+
+def load_tensors(path: Path, transform=None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file. With `transform(name, tensor)`, tensors are read one at a time and
+    only the transformed values are kept (an FSDP rank keeps its shard of each full tensor, never the whole file)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: missing; the folder is not a complete twostep checkpoint/model")
+    try:
+        if transform is not None:
+            with safe_open(str(path), "pt") as f:
+                return {k: transform(k, f.get_tensor(k)) for k in f.keys()}
+        return load_file(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt, "
+                        "delete it and re-create it")
+
+
+def all_finite(sd: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of one file's bytes (read in chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_files(paths) -> str:
+    """One sha256 over a set of files: each file's name and sha256, in the order given."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}:{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def tensors_sha256(state_dicts) -> str:
+    """sha256 of state dicts (names, dtypes, shapes and bytes, keys sorted). A DTensor shard is gathered whole
+    first (a collective: every rank must call this in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    h = hashlib.sha256()
+    for sd in state_dicts:
+        for k, v in sorted(sd.items()):
+            v = (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def one_line(e) -> str:
+    """An exception's message on one line, at most 160 characters."""
+    s = " ".join(str(e).split())
+    return s if len(s) < 160 else s[:157] + "..."
