@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from twostep.discriminator import Discriminator, critic_gan_loss  # noqa: E402
 from twostep.model import load_teacher  # noqa: E402
+from twostep.sampling import NaiveSampler  # noqa: E402
 from twostep.teacher.cache import build_cache, load_cache  # noqa: E402
+from twostep.train import optimizer_step  # noqa: E402
 
 SETTINGS = {  # name: (head, lr_disc, sigma_mean, r1)
     "default (grid, lr 2e-4, σ-mean 0)": ("grid", 2e-4, 0.0, 0.0),
@@ -43,10 +45,8 @@ EVAL_SIGMAS = (0.05, 0.25, 0.5, 0.75)
 
 
 def naive_two_step(teacher, text, noise, bs=64):
-    out = []
-    for i in range(0, len(noise), bs):
-        out.append(teacher.sample(text[i:i + bs], noise[i:i + bs], steps=2, guidance=0.0).x0)
-    return torch.cat(out)
+    naive = NaiveSampler(teacher)  # no CFG: the student at initialisation
+    return torch.cat([naive.generate(text[i:i + bs], noise[i:i + bs]).x0 for i in range(0, len(noise), bs)])
 
 
 @torch.no_grad()
@@ -96,7 +96,8 @@ def main(argv=None):
         torch.manual_seed(0)
         disc = Discriminator(teacher.backbone, blocks=(1, 2, 3), head=head, hidden=64, text_cond=True,
                              sigma_mean=smean)
-        opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+        params = list(disc.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
         g = torch.Generator().manual_seed(1)
         curve, t1 = [], time.time()
         curve.append({"step": 0, **{str(k): v for k, v in held_out_accuracy(disc, real[te], fake[te], text[te]).items()}})
@@ -104,9 +105,7 @@ def main(argv=None):
             idx = torch.randint(0, a.num_train, (a.batch,), generator=g).tolist()
             bt = [text[i] for i in idx]
             loss, logs = critic_gan_loss(disc, real[idx], bt, fake[idx], bt, "ns", r1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, params, loss, grad_clip=0.0)  # the loop's update step, unclipped
             if step % a.eval_every == 0 or step == a.steps:
                 acc = held_out_accuracy(disc, real[te], fake[te], text[te])
                 curve.append({"step": step, "d_loss": round(logs["d_loss"], 4),

@@ -3,8 +3,8 @@ off vs on, on a mid-size randomly-initialised Z-Image transformer (CPU, fp32).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py [--updates 1] [--batch 2] [--threads 1]
 
-One update is exactly the loop's (twostep/train.py): one discriminator update (student 2-step rollout without
-grad → detached fakes; frozen-teacher features of real and fake → heads → GAN loss → backward → AdamW) and one
+One update is exactly the loop's (twostep.train's critic_step and student_step): one discriminator update (student
+2-step rollout without grad → detached fakes; frozen-teacher features of real and fake → heads → GAN loss → backward → AdamW) and one
 student update (2-step rollout end to end → frozen-teacher features of x̂0₂ → adversarial loss + step-1
 trajectory loss → backward through the teacher, step 2, x_m and step 1 → AdamW), then the EMA. Every
 configuration runs in its own fresh subprocess, so its peak RSS (getrusage ru_maxrss) is its own:
@@ -22,13 +22,23 @@ benchmarks/results/memory.json (one record per configuration) and benchmarks/res
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
+from twostep.ema import ema_decay, ema_update
+from twostep.methods import build_method, load_config
+from twostep.student import deepcopy_sharing_frozen
+from twostep.train import critic_step, enable_grad_checkpointing, optimizers, student_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,24 +58,12 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def measure(decoupling: str, checkpointing: bool, updates: int, batch: int, threads: int) -> dict:
     """One configuration, in this process (called in a fresh subprocess by main)."""
-    import gc
-
-    import torch
-
     torch.set_num_threads(threads)
-    from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
-    from twostep.config import load_config
-    from twostep.methods import build_method
-    from twostep.student import deepcopy_sharing_frozen
-    from twostep.train import _clip, _ema_update, enable_grad_checkpointing
-
-
     rss_import = _rss_mb()
     cfg = load_config(None, [f"student.decoupling={decoupling}", f"train.batch_size={batch}",
                              f"train.grad_checkpointing={str(checkpointing).lower()}"])
@@ -76,9 +74,8 @@ def measure(decoupling: str, checkpointing: bool, updates: int, batch: int, thre
     n_ckpt = enable_grad_checkpointing(method) if checkpointing else 0
     t = cfg.train
     s_params, c_params = method.student_parameters(), method.critic_parameters()
-    opt_s = torch.optim.AdamW(s_params, lr=t.lr_student, betas=tuple(t.betas))
-    opt_c = torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas))
-    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # as in twostep/train.py
+    opts = optimizers(cfg, s_params, c_params)                            # as in twostep/train/loop.py
+    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)
 
     g = torch.Generator().manual_seed(0)
 
@@ -88,18 +85,10 @@ def measure(decoupling: str, checkpointing: bool, updates: int, batch: int, thre
         return {"noise": r(), "text": text,
                 "teacher_final": r().clamp(-1, 1), "teacher_mid": r(), "fresh_noise": r()}
 
-    def one_update(k):
-        c_loss, _ = method.critic_loss(batch_of(batch))
-        opt_c.zero_grad(set_to_none=True)
-        c_loss.backward()
-        if _clip(c_params, t.grad_clip):
-            opt_c.step()
-        s_loss, _ = method.student_loss(batch_of(batch))
-        opt_s.zero_grad(set_to_none=True)
-        s_loss.backward()
-        if _clip(s_params, t.grad_clip):
-            opt_s.step()
-        _ema_update(ema, method.student, min(t.ema, (1 + k) / (10 + k)))
+    def one_update(k):  # the loop's update (twostep/train/loop.py), one process
+        critic_step(method, opts["critic"], c_params, batch_of(batch), t.grad_clip)
+        student_step(method, opts["student"], s_params, batch_of(batch), t.grad_clip)
+        ema_update(ema, method.student, ema_decay(k, t.ema))
 
     gc.collect()
     baseline = _rss_mb()
@@ -145,7 +134,7 @@ def _md(records: list[dict], note: str) -> str:
         f"{', '.join(r0['lora_targets'])}; discriminator on teacher blocks {r0['disc_blocks']}.",
         "",
         "One update = one discriminator update + one end-to-end student update (2 student steps, the frozen-teacher "
-        "discriminator pass, backward through both steps) + EMA, exactly as in `twostep/train.py`. Each configuration "
+        "discriminator pass, backward through both steps) + EMA, exactly as in `twostep/train/loop.py`. Each configuration "
         "ran in its own fresh process. `peak MB` is the process's total peak RSS (ru_maxrss); `baseline MB` its RSS "
         "after building the models, EMA and optimizers; `Δ MB` = peak − baseline (activations, gradients, AdamW "
         "moments). MB = 2²⁰ bytes. The lora/full ratio below uses the total peak.",
@@ -215,7 +204,7 @@ def main(argv=None):
     except OSError:
         load = float("nan")
     note = (f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}, torch "
-            f"{__import__('torch').__version__}) with OMP_NUM_THREADS={a.threads}; 1-min load average {load:.1f} at "
+            f"{torch.__version__}) with OMP_NUM_THREADS={a.threads}; 1-min load average {load:.1f} at "
             f"the end." + (" Other work shared the CPU, so sec/update is indicative only; peak RSS is not affected "
                            "by contention." if load > a.threads + 0.5 else ""))
     a.out.mkdir(parents=True, exist_ok=True)

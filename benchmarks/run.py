@@ -10,6 +10,9 @@ finishes, and finished records are skipped on restart, so the sweep can accumula
 several sittings. `--quick` is a tiny version for CI-style smoke runs (writes under a temporary folder).
 `--set KEY=VALUE` (needs `--out`) applies one config change to every variant of a study (e.g. every method at
 another σm); a variant's own overrides come after it, so a variant that sets the same key keeps its one change.
+Each method's config has its own sections (`loss` is Turbo++'s, `dmd` DMD2's, `d2g` Diffusion2GAN's): a change
+to a section is applied only to the variants whose method has it (the others run without it, and say so), and
+a change that applies to none of the chosen variants is refused.
 Equal budget: the same number of student updates, batch and teacher cache for every method.
 
 Sample grids (`twostep sample --eval-prompts`, each in a fresh process, skipped when present): per finished run
@@ -31,7 +34,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
+
+from twostep.data import get_dataset
+from twostep.errors import UserError
+from twostep.flow import nfe
+from twostep.io.files import sha256_file
+from twostep.io.folders import read_config
+from twostep.methods import METHODS, config_class, load_config
+from twostep.report import GRID_PROMPTS
+from twostep.sampling import NAIVE_STEPS, naive_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_outputs import grid_file, load_records, run_stem, summarize  # noqa: E402
@@ -99,7 +112,10 @@ def one_run(data, variant, seed, a, work, env, log, out_dir):
     if rec_path.exists():
         return json.loads(rec_path.read_text())
     cfg_file, own = VARIANTS[variant]
-    sets = study_sets(a.set, own)
+    applied, skipped = for_method(a.set, variant_method(variant))
+    if skipped:
+        print(f"  study --set {' '.join(skipped)}: not a section of {variant}'s config; left out", flush=True)
+    sets = study_sets(applied, own)
     cache = ensure_cache(data, a.cache_num, work, env, log)
     run = work / f"run-{run_stem(data, variant, seed)}"
     cmd = TWOSTEP + ["distill", "--teacher", f"models/teacher-{data}", "--cache", str(cache), "--out", str(run),
@@ -142,6 +158,39 @@ def study_sets(study, own):
     return [s for s in study if s.split("=", 1)[0] not in keys] + list(own)
 
 
+def variant_method(variant):
+    cfg_file, own = VARIANTS[variant]
+    return load_config(ROOT / cfg_file if cfg_file else None, own).method
+
+
+def sections(method):
+    """The sections of a method's config (method, student, disc, its own, train)."""
+    return {f.name for f in fields(config_class(method))}
+
+
+def for_method(study, method):
+    """(the study's `--set` changes whose section the method's config has, the others)."""
+    has = sections(method)
+    applied = [s for s in study if s.split(".", 1)[0] in has]
+    return applied, [s for s in study if s not in applied]
+
+
+def check_study(study, variants):
+    """A one-line reason to refuse the study's `--set` changes, or None: each must be a valid change for a method
+    that has its section, and apply to at least one of the chosen variants."""
+    methods = {variant_method(v) for v in variants}
+    for s in study:
+        owners = [m for m in METHODS if for_method([s], m)[0]]
+        try:
+            load_config(None, [f"method={owners[0] if owners else METHODS[0]}", s])
+        except UserError as e:
+            return str(e)
+        if not any(for_method([s], m)[0] for m in methods):
+            return (f"--set {s}: no chosen variant's config has the section {s.split('.', 1)[0]!r} "
+                    f"(their methods: {', '.join(sorted(methods))})")
+    return None
+
+
 def sample_grid(model, data, png, env, log, extra=()):
     """`twostep sample --eval-prompts` in a fresh process; True when the PNG exists afterwards."""
     rc, _ = run_child(TWOSTEP + ["sample", "--model", str(model), "--eval-prompts", data, "--seed", str(GRID_SEED),
@@ -153,30 +202,18 @@ def sample_grid(model, data, png, env, log, extra=()):
 
 def grid_meta(data, teacher_dir):
     """Prompts, noise seed and teacher of a benchmark's grids, and the reference grids' settings
-    (teacher default; naive 2 steps without CFG and with twostep.generate.cfg_guidance)."""
-    from types import SimpleNamespace
-
-    from twostep.data import get_dataset
-    from twostep.flow import nfe
-    from twostep.generate import cfg_guidance
-    from twostep.io.folders import read_config
-    from twostep.report import GRID_PROMPTS
-    from twostep.io.files import sha256_file
-
+    (teacher default; the naive peer's settings, twostep.sampling.naive_settings)."""
     cfg = read_config(teacher_dir)
     res = int(cfg.get("image_resolution", cfg["resolution"]))
     g, steps = float(cfg["sampling"]["guidance"]), int(cfg["sampling"]["steps"])
-    g_cfg = cfg_guidance(SimpleNamespace(sampling=cfg["sampling"], config=cfg))
     caps = get_dataset(data, res).sample(GRID_PROMPTS, seed=GRID_SEED, split="test").captions
+    grids = {"teacher-8step": {"label": f"teacher {steps}-step (g={g:g})", "nfe": nfe(steps, g), "args": []}}
+    for name, gn in naive_settings(cfg).items():
+        grids[name] = {"label": f"naive {NAIVE_STEPS}-step (g={gn:g})" if gn else f"naive {NAIVE_STEPS}-step, no CFG",
+                       "nfe": nfe(NAIVE_STEPS, gn), "args": ["--steps", str(NAIVE_STEPS), "--guidance", f"{gn:g}"]}
     return {"benchmark": data, "prompts": caps, "seed": GRID_SEED, "noises_per_prompt": GRID_NOISES,
             "teacher": Path(teacher_dir).relative_to(ROOT).as_posix(),
-            "teacher_weights_sha256": sha256_file(Path(teacher_dir) / "model.safetensors"),
-            "grids": {"teacher-8step": {"label": f"teacher {steps}-step (g={g:g})", "nfe": nfe(steps, g),
-                                        "args": []},
-                      "naive-2step-nocfg": {"label": "naive 2-step, no CFG", "nfe": 2,
-                                            "args": ["--steps", "2", "--guidance", "0"]},
-                      "naive-2step-cfg": {"label": f"naive 2-step (g={g_cfg:g})", "nfe": nfe(2, g_cfg),
-                                          "args": ["--steps", "2", "--guidance", f"{g_cfg:g}"]}}}
+            "teacher_weights_sha256": sha256_file(Path(teacher_dir) / "model.safetensors"), "grids": grids}
 
 
 def reference_grids(data, out_dir, env, log):
@@ -236,11 +273,9 @@ def parse_args(argv=None):
         p.error("--set changes every variant: give the study its own --out folder "
                 "(e.g. --out benchmarks/results/sigma_mid_0.5)")
     if a.set:  # an unknown key or a bad value fails here, once, rather than in every run
-        from twostep.config import UserError, load_config
-        try:
-            load_config(None, a.set)
-        except UserError as e:
-            p.error(str(e))
+        why = check_study(a.set, a.variants)
+        if why:
+            p.error(why)
     if a.quick:
         a.updates, a.cache_num, a.eval_num, a.seeds, a.batch = 2, 16, 20, a.seeds[:1], 4
     return a

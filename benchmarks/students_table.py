@@ -1,7 +1,7 @@
 """The results table: each committed student against its teacher (8 steps, CFG) and the naive 2-step sampler
 (without / with CFG) on the same benchmark, eval seeds and sample count, from the eval records
-benchmarks/results/students/<student>-seed<s>.json (written by benchmarks/turbopp_<data>.sh) and the teacher-gap
-records of the same seeds (benchmarks/teacher_gap.py); plus the `twostep speed` records
+benchmarks/results/students/<student>-seed<s>.json (written by `benchmarks/models.py commit-student <data>`) and
+the teacher-gap records of the same seeds (benchmarks/teacher_gap.py); plus the `twostep speed` records
 benchmarks/results/students/<student>-speed.json. Writes benchmarks/results/students.md.
 
     .venv/bin/python benchmarks/students_table.py

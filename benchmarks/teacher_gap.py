@@ -21,21 +21,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twostep.io.files import atomic_write_text  # noqa: E402
 from twostep.evaluate import evaluate  # noqa: E402
-from twostep.generate import TeacherSampler, cfg_guidance  # noqa: E402
+from twostep.io.files import atomic_write_text, sha256_file  # noqa: E402
 from twostep.model import load_teacher  # noqa: E402
-from twostep.io.files import sha256_file  # noqa: E402
+from twostep.sampling import TeacherSampler, naive_generators  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "teacher_gap"
 METRICS = ["fd", "kid", "swd", "alignment", "diversity", "psnr_vs_teacher", "sec_per_image"]
 
 
 def settings(teacher):
-    """Teacher default, naive 2-step without CFG, naive 2-step with CFG (twostep.generate.cfg_guidance)."""
-    g = float(teacher.sampling["guidance"])
-    return [("teacher-8step", int(teacher.sampling["steps"]), g), ("naive-2step-nocfg", 2, 0.0),
-            ("naive-2step-cfg", 2, cfg_guidance(teacher))]
+    """{setting: generator}: the teacher's default, and the naive peer without and with CFG
+    (twostep.sampling.naive_generators)."""
+    return {"teacher-8step": TeacherSampler(teacher), **naive_generators(teacher)}
 
 
 def ms(vals):
@@ -65,7 +63,8 @@ def main():
         teacher = load_teacher(tdir)
         wsha = sha256_file(tdir / "model.safetensors")  # a record of another teacher is stale: redo it
         recs = {}
-        for name, steps, g in settings(teacher):
+        gens = settings(teacher)
+        for name, gen in gens.items():
             for seed in a.seeds:
                 f = OUT / f"{data}-{name}-n{a.num}-seed{seed}.json"
                 r = json.loads(f.read_text()) if f.exists() else None
@@ -74,17 +73,16 @@ def main():
                     r = None
                 if r is None:
                     print(f"{data} {name} seed {seed} ...", flush=True)
-                    r = evaluate(TeacherSampler(teacher, steps, g), data, num=a.num, seed=seed, teacher_dir=tdir,
-                                 progress=False)
+                    r = evaluate(gen, data, num=a.num, seed=seed, teacher_dir=tdir, progress=False)
                     r.update({"benchmark": data, "setting": name, "teacher": str(tdir.relative_to(ROOT)),
                               "teacher_weights_sha256": wsha})
                     atomic_write_text(f, json.dumps(r, indent=1))
                 recs.setdefault(name, []).append(r)
         base = {r["seed"]: r["fd"] for r in recs["teacher-8step"]}
-        for name, steps, g in settings(teacher):
+        for name, gen in gens.items():
             rs = recs[name]
             ratio = [r["fd"] / base[r["seed"]] for r in rs if base.get(r["seed"])]
-            lines.append(f"| {data} | {name} | {steps} | {g:g} | {rs[0]['nfe']} | " +
+            lines.append(f"| {data} | {name} | {gen.steps} | {gen.guidance:g} | {rs[0]['nfe']} | " +
                          " | ".join(ms([r[k] for r in rs]) for k in ("fd", "kid", "swd", "alignment", "diversity"))
                          + f" | {ms(ratio)} |")
     md = "\n".join(lines) + (f"\n\nFD/KID in each benchmark's feature net (models/features-<data>), {a.num} samples "

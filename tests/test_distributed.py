@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from twostep.config import load_config
+from twostep.methods import load_config
 from twostep.train import BatchSource, distill
 
 UPDATES = 4
@@ -78,7 +78,7 @@ def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(tiny_loop, m
     trainable adapters are small and its frozen base is the teacher, so lora + FSDP is refused, not half-sharded."""
     from accelerate.utils import DistributedType
 
-    import twostep.train as train
+    import twostep.train.loop as loop
     from twostep.errors import UserError
 
     class FakeAcc:
@@ -86,7 +86,7 @@ def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(tiny_loop, m
         num_processes = 2
 
     root, teacher, cache = tiny_loop
-    monkeypatch.setattr(train, "_accelerator", lambda cfg: FakeAcc())
+    monkeypatch.setattr(loop, "accelerator", lambda cfg: FakeAcc())
     with pytest.raises(UserError, match=match):
         distill(load_config(None, SETTINGS + settings), teacher, cache, root / "refused", progress=False)
     assert not (root / "refused").exists()

@@ -46,8 +46,9 @@ def teacher(root):
 
 def make_run(folder, teacher_bb, teacher_cfg, decoupling, mid_noise="same", sigma_mid=0.6):
     """A student run folder whose two steps differ (full: two perturbed copies; lora: random LoRA B per step)."""
-    from twostep.config import load_config
-    from twostep.student import TwoStepStudent, save_student, student_config
+    from twostep.methods import load_config
+    from twostep.sampling import save_student
+    from twostep.student import TwoStepStudent, student_config
 
     cfg = load_config(None, [f"student.decoupling={decoupling}", f"student.sigma_mid={sigma_mid}",
                              f"student.mid_noise={mid_noise}", "student.lora_rank=4"])
@@ -72,7 +73,7 @@ def runs(root, teacher):
 
 def sample_ref(run):
     """What `twostep sample --model RUN --prompt PROMPT --num NUM --seed SEED` generates (before decoding)."""
-    from twostep.generate import load_generator
+    from twostep.sampling import load_generator
 
     gen = load_generator(run)
     return gen.generate(gen.encode([PROMPT] * NUM), gen.noise(NUM, SEED)).x0
@@ -112,7 +113,7 @@ def test_export_reproduces_sample_in_two_forwards(case, runs, root):
     rc = main(["export", "--model", str(run), "--out", str(out)] + (["--merge"] if case.endswith("merge") else []))
     assert rc == 0
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert {"model_index.json", "pipeline.py", "twostep_export.json", "transformer/config.json",
+    assert {"model_index.json", "pipeline.py", "flow.py", "twostep_export.json", "transformer/config.json",
             "text_encoder/config.json"} <= files
     assert ("lora/step1/pytorch_lora_weights.safetensors" in files) == (case == "lora")
     assert any(f.startswith("transformer_2/") for f in files) == (case in ("full", "lora-merge"))
@@ -175,6 +176,8 @@ def test_lora_pipeline_save_pretrained_and_custom_pipeline_loading(runs, root, t
     monkeypatch.setattr(sys, "path", list(sys.path))
     custom = DiffusionPipeline.from_pretrained(str(out), custom_pipeline="pipeline", trust_remote_code=True)
     assert type(custom).__name__ == "TwoStepZImagePipeline" and type(custom) is not TwoStepZImagePipeline
+    rule = sys.modules[type(custom).__module__].mid_state  # the mid-noise rule from the folder's flow.py copy
+    assert rule.__module__.endswith(".flow") and not rule.__module__.startswith("twostep")
     got, calls = run_counted(custom, output_type="latent")
     assert calls == EXPECTED_CALLS["lora"] and (got - ref).abs().max().item() == 0
 
@@ -185,7 +188,7 @@ def test_latent_student_export_copies_text_encoder_and_vae(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_pipeline_teacher import build_tiny_pipeline
 
-    from twostep.generate import load_generator
+    from twostep.sampling import load_generator
     from twostep.model import load_teacher
     from twostep.pipeline import TwoStepZImagePipeline
 

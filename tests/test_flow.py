@@ -109,8 +109,8 @@ def test_sampler_matches_diffusers_euler_step(n, seed):
 
 def test_cfg_form_and_nfe():
     pos, neg = torch.tensor([2.0]), torch.tensor([1.0])
-    assert flow.cfg(pos, neg, 0.0).item() == 2.0
-    assert flow.cfg(pos, neg, 1.5).item() == 2.0 + 1.5
+    assert flow.apply_guidance(pos, neg, 0.0).item() == 2.0
+    assert flow.apply_guidance(pos, neg, 1.5).item() == 2.0 + 1.5
     assert flow.nfe(8, 0.0) == 8 and flow.nfe(8, 2.0) == 16 and flow.nfe(2, 0) == 2
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twostep.config import load_config
+from twostep.methods import load_config
 from twostep.train import distill
 
 UPDATES = 4
@@ -115,7 +115,7 @@ def test_fsdp_resume_from_a_mid_run_checkpoint_ends_at_the_same_weights(runs):
 
 def test_fsdp_shared_student_when_ranks_call_it_differently(runs):
     """LADD (shared student) runs step 1 only for the samples that drew step k = 2; with 1 row per rank a rank
-    often has none, and it must still join the other rank's FSDP all-gathers (twostep.methods.ladd.step_input)
+    often has none, and it must still join the other rank's FSDP all-gathers (TwoStepStudent.step_input)
     rather than hang. Ends in sync, with full-tensor model files."""
     root, teacher, cache, one, two = runs
     out = _launch(teacher, cache, root / "ladd", ["method=ladd", "student.decoupling=shared", "train.updates=4", "train.d_warmup=0",

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny import fake_batch, tiny_teacher_backbone  # noqa: E402
 
-from twostep.config import load_config  # noqa: E402
+from twostep.methods import load_config  # noqa: E402
 from twostep.methods import build_method  # noqa: E402
 from twostep.train import enable_grad_checkpointing  # noqa: E402
 

@@ -114,7 +114,7 @@ def test_interrupted_model_save_is_refused_until_resumed(tiny_loop):
     assert r.returncode == -signal.SIGKILL
     # the first model file holds the new update, config.json does not exist yet or names the old one
     from twostep.errors import UserError
-    from twostep.student import load_student_generator
+    from twostep.sampling import load_student_generator
     if (run / "config.json").exists():
         with pytest.raises(UserError, match="interrupted"):
             load_student_generator(run)

@@ -17,7 +17,7 @@ from twostep.data import get_dataset
 from twostep.errors import UserError
 from twostep.metrics import (DistributionMetrics, alignment, alignment_report, diversity, fd, fd_kid, psnr, swd,
                              swd_levels)
-from twostep.metrics.features import accuracy, load_feature_net, train_feature_net
+from twostep.metrics.features import FeatureTrainConfig, accuracy, load_feature_net, train_feature_net
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 300          # images per set for FD (small: the FD floor between two real sets is then a few units)
@@ -120,8 +120,8 @@ def test_load_feature_net_errors(tmp_path, shapes_net):
 
 def test_train_feature_net_smoke(tmp_path):
     out = tmp_path / "feat"
-    cfg = train_feature_net("photos", out, minutes=0.01, num_train=32, num_test=16, progress=False, width=8,
-                            num_features=32)
+    cfg = train_feature_net(FeatureTrainConfig("photos", minutes=0.01, num_train=32, num_test=16, width=8,
+                                               num_features=32), out, progress=False)
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     saved = json.loads((out / "config.json").read_text())
     assert saved["heldout_accuracy"] == cfg["heldout_accuracy"] and "source" in saved["heldout_accuracy"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from twostep import flow
-from twostep.config import load_config
+from twostep.methods import load_config
 from twostep.errors import UserError
 from twostep.methods import build_method
 from twostep.methods.dmd2 import DMD2
@@ -27,7 +27,7 @@ NULL = torch.randn(3, 384, generator=torch.Generator().manual_seed(99))
 def _method(*sets):
     torch.manual_seed(0)
     m = build_method(load_config(CONFIG, list(sets)), _teacher())
-    m._null = NULL  # the "" caption without loading the text encoder
+    m.null_caption = NULL  # the "" caption without loading the text encoder
     return m
 
 
@@ -104,7 +104,7 @@ def test_real_score_is_the_teacher_with_cfg(monkeypatch):
     with torch.no_grad():
         pos = m.teacher.denoise(x_t, sigma, batch["text"])
         neg = m.teacher.denoise(x_t, sigma, [NULL, NULL])
-    assert torch.allclose(m.real_x0(x_t, sigma, batch["text"]), flow.cfg(pos, neg, 1.5), atol=1e-5)
+    assert torch.allclose(m.real_x0(x_t, sigma, batch["text"]), flow.apply_guidance(pos, neg, 1.5), atol=1e-5)
     calls = []
     orig = m.teacher.denoise
     monkeypatch.setattr(m.teacher, "denoise", lambda x, s, t: calls.append((x.shape[0], list(t))) or orig(x, s, t))
@@ -170,3 +170,26 @@ def test_teacher_unchanged_after_updates():
     assert all(torch.equal(before[k], v) for k, v in m.teacher.state_dict().items())
     assert all(p.grad is None and not p.requires_grad for p in m.teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(fake_before, m.critic.fake.parameters()))
+
+
+def test_setup_takes_the_null_caption_from_a_pipeline_teacher_and_data_real_needs_pixels():
+    """Method.setup: a ZImagePipeline teacher's "" features (its encoder only when CFG is on); a pixel-space
+    teacher leaves the MiniLM "" to the first use. check_teacher refuses real data with a latent teacher."""
+    from types import SimpleNamespace
+    bb = _teacher()
+    calls = []
+    latent = SimpleNamespace(parts=object(), backbone=bb, null_text=lambda n: calls.append(n) or [NULL] * n)
+    m = build_method(load_config(CONFIG), bb)
+    m.setup(latent)
+    assert m.null_caption is NULL and calls == [1]
+    m = build_method(load_config(CONFIG, ["dmd.guidance=0"]), bb)
+    m.setup(latent)
+    assert torch.equal(m.null_caption, torch.zeros(1, bb.cap_feat_dim)) and calls == [1]
+    pixel = SimpleNamespace(parts=None, backbone=bb)
+    fresh = build_method(load_config(CONFIG), bb)
+    fresh.setup(pixel)
+    assert fresh.null_caption is None                                         # encoded on first use
+    with pytest.raises(UserError, match="disc.real=data needs a pixel-space teacher"):
+        m.check_teacher(latent)
+    m.check_teacher(pixel)
+    build_method(load_config(CONFIG, ["disc.real=teacher"]), bb).check_teacher(latent)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from twostep.config import load_config
+from twostep.methods import load_config
 from twostep.errors import UserError
 from twostep.methods import build_method
 from twostep.methods.ladd import LADD

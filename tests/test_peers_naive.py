@@ -5,8 +5,8 @@ import torch
 
 from twostep import flow
 from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
-from twostep.methods.naive import NaiveSampler, naive_generators
 from twostep.model import Teacher
+from twostep.sampling import NaiveSampler, naive_generators
 
 
 def _teacher(guidance=1.5):

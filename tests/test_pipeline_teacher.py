@@ -182,7 +182,7 @@ def test_grid_decodes_latents(pipe_dir, tmp_path):
     from twostep.model import load_teacher
     from twostep.student import TwoStepStudent
     from twostep.teacher.cache import TeacherCache
-    from twostep.train import _grid_inputs, _write_grid
+    from twostep.train import grid_inputs as _grid_inputs, write_grid as _write_grid
 
     teacher = load_teacher(pipe_dir)
     noise = teacher.noise(2, 0)

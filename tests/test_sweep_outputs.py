@@ -183,7 +183,7 @@ def test_sample_eval_prompts_grid_is_the_eval_protocol(tiny_teacher, tmp_path, c
     from twostep.cli import main
     from twostep.data import get_dataset
     from twostep.evaluate import NOISE_OFFSET
-    from twostep.generate import load_generator
+    from twostep.sampling import load_generator
     from twostep.images import to_uint8
 
     out = tmp_path / "g.png"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from twostep.config import load_config
+from twostep.methods import load_config
 from twostep.errors import UserError
 from twostep.train import distill
 

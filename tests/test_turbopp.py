@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from twostep.config import load_config
+from twostep.methods import load_config
 from twostep.methods.turbopp import TurboPP
 
 

@@ -2,6 +2,11 @@
 
 An unknown key, a wrong type or a value outside its choices is a UserError naming the key (exit code 2).
 The resolved config is saved in every run folder (`config.yaml`).
+
+Here: the machinery (from_dict, to_dict, read_sections, load_typed, dump_config) and the sections every
+distillation method shares (student, disc, train). A method's own sections are dataclasses in its module
+(twostep/methods/*.py, e.g. turbopp's `loss`); twostep.methods assembles one config class per method
+(distill_config_class) and holds the distill `load_config`, since it sees the registry and this module must not.
 """
 
 from __future__ import annotations
@@ -49,46 +54,9 @@ class DiscriminatorConfig:
     loss: str = choice("ns", ["ns", "hinge"], "non-saturating softplus or hinge GAN loss")
     r1: float = opt(0.0, "R1 penalty weight on the heads' inputs (real samples)")
     sigma_dist: str = choice("logit_normal", ["logit_normal", "uniform"], "distribution of the re-noising σ")
-    # −1.5 (mostly low noise) by measurement: benchmarks/results/disc_probe.md, README "Distillation" (session 4)
-    sigma_mean: float = opt(-1.5, "logit-normal mean of the re-noising σ (LADD biases it to high noise, +1)")
+    sigma_mean: float = opt(-1.5, "logit-normal mean of the re-noising σ (−1.5: mostly low noise; LADD biases it to "
+                            "high noise, +1)")
     sigma_std: float = opt(1.0, "logit-normal std of the re-noising σ")
-
-
-@dataclass
-class LossConfig:
-    gradient: str = choice("end_to_end", ["end_to_end", "detach"], "whether the final-image loss reaches θ1 "
-                           "through x_m (end_to_end) or stops at x_m (detach, ablation)")
-    adv_weight: float = opt(1.0, "weight of the final-image adversarial loss")
-    step1_loss: str = choice("adv", ["adv", "traj", "none"], "iterative regularisation of step 1: adversarial "
-                             "on x̂0₁ (default by measurement, README), regression to the teacher's state at σm, "
-                             "or none (ablation)")
-    step1_weight: float = opt(1.0, "weight of the step-1 loss")
-    traj_distance: str = choice("mse", ["mse", "perceptual"], "distance of step1_loss=traj: pixel MSE or MSE "
-                                "of the discriminator's frozen teacher features")
-    paired_weight: float = opt(0.0, "optional paired regression of x̂0₂ to the teacher's final sample")
-    paired_distance: str = choice("mse", ["mse", "perceptual"], "distance of the paired regression")
-
-
-@dataclass
-class DMDConfig:
-    guidance: float = opt(2.0, "DMD2: CFG scale of the real score (Z-Image form pos + g·(pos − neg); g = 0 is "
-                          "no guidance); set it to the teacher's tuned value")
-    gan_weight: float = opt(5e-3, "DMD2: weight of the GAN generator loss (DMD2 SDXL: 5e-3)")
-    critic_gan_weight: float = opt(1e-2, "DMD2: weight of the GAN classifier loss in the critic update "
-                                   "(DMD2 SDXL: 1e-2)")
-    sigma_min: float = opt(0.02, "DMD2: lowest σ of the uniform re-noising of the DMD term and fake-score loss")
-    sigma_max: float = opt(0.98, "DMD2: highest σ of the uniform re-noising")
-
-
-@dataclass
-class D2GConfig:
-    regression_weight: float = opt(1.0, "Diffusion2GAN: weight of the paired perceptual regression")
-    gan_weight: float = opt(0.5, "Diffusion2GAN: weight of the conditional GAN generator loss")
-    blocks: list = opt([], "Diffusion2GAN: teacher blocks the multi-scale discriminator reads ([] = all blocks)")
-    scales: list = opt([1, 2], "Diffusion2GAN: input scales of the discriminator (k = downsampled k× then "
-                       "upsampled back)")
-    translate: float = opt(0.125, "Diffusion2GAN: max translation of the paired augmentation (fraction of the side)")
-    flip: bool = opt(True, "Diffusion2GAN: random horizontal flip in the paired augmentation")
 
 
 @dataclass
@@ -98,17 +66,16 @@ class TrainConfig:
     batch_size: int = opt(32, "GLOBAL batch over all processes: each of N processes takes batch_size/N rows of "
                           "the same global draw (N must divide it); N processes reproduce one process's batches")
     lr_student: float = opt(2e-5, "AdamW learning rate of the student (full / shared decoupling)")
-    lr_lora: float = opt(1e-4, "AdamW learning rate of the student's adapters when student.decoupling=lora "
-                         "(zero-initialised adapters barely move at the full-model rate; by measurement, README)")
-    lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (Turbo++ default by "
-                         "measurement; the peers' configs set their own)")
+    lr_lora: float = opt(1e-4, "AdamW learning rate of the student's adapters when student.decoupling=lora")
+    lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (the peers' configs set "
+                         "their own)")
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")
     weight_decay: float = opt(0.0, "AdamW weight decay of the student")
     weight_decay_disc: float = opt(0.01, "AdamW weight decay of the discriminator heads / critic (torch's AdamW "
-                                   "default, which every measurement in the README used)")
+                                   "default)")
     d_updates: int = opt(1, "discriminator / critic updates per student update")
-    d_warmup: int = opt(300, "discriminator / critic-only updates before the first student update (a head start: "
-                        "without it the student reaches the teacher before the heads learn anything)")
+    d_warmup: int = opt(300, "discriminator / critic-only updates before the first student update (a head start "
+                        "for the discriminator)")
     ema: float = opt(0.99, "EMA decay of the student (with warm-up)")
     grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
     grad_checkpointing: bool = opt(False, "gradient checkpointing on the backbone blocks")
@@ -119,23 +86,26 @@ class TrainConfig:
     seed: int = opt(0, "seed of the run")
     log_every: int = opt(10, "updates between log lines")
     grid_every: int = opt(250, "updates between fixed-noise sample grids (0 = off)")
-    eval_every: int = opt(0, "updates between quick evals (0 = off)")
-    eval_num: int = opt(200, "images in a quick eval")
     checkpoint_every: int = opt(250, "updates between checkpoints")
     keep_checkpoints: int = opt(2, "complete checkpoints kept")
     max_nonfinite: int = opt(5, "non-finite losses in a row before rolling back to the last checkpoint "
                              "with half the learning rates")
 
 
-@dataclass
 class Config:
-    method: str = choice("turbopp", ["turbopp", "diffusion2gan", "ladd", "dmd2"], "distillation method")
-    student: StudentConfig = field(default_factory=StudentConfig)
-    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    dmd: DMDConfig = field(default_factory=DMDConfig)
-    d2g: D2GConfig = field(default_factory=D2GConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    """The type of a distill config. twostep.methods.config_class(method) is a dataclass derived from it, one per
+    method, with the sections method, student, disc, the method's own sections (its `sections`), train."""
+
+
+def distill_config_class(class_name: str, method: str, methods, sections: dict[str, type]) -> type:
+    """The config dataclass of one distillation method: `method` (one of `methods`, default this one), the shared
+    sections student, disc, then the method's own `sections` ({YAML name: dataclass}), then train."""
+    fields_ = [("method", str, choice(method, methods, "distillation method")),
+               ("student", StudentConfig, field(default_factory=StudentConfig)),
+               ("disc", DiscriminatorConfig, field(default_factory=DiscriminatorConfig)),
+               *[(name, cls, field(default_factory=cls)) for name, cls in sections.items()],
+               ("train", TrainConfig, field(default_factory=TrainConfig))]
+    return dataclasses.make_dataclass(class_name, fields_, bases=(Config,), namespace={"__module__": __name__})
 
 
 def _check(cls, name: str, value, path: str):
@@ -214,7 +184,8 @@ def apply_overrides(d: dict, sets: list[str]) -> dict:
     return d
 
 
-def load_config(path: Path | None = None, sets: list[str] | None = None) -> Config:
+def read_sections(path: Path | None = None, sets: list[str] | None = None) -> dict:
+    """A YAML file of sections (none: {}) with the `--set` overrides applied, as a plain dict (not yet checked)."""
     d: dict = {}
     if path is not None:
         path = Path(path)
@@ -225,10 +196,48 @@ def load_config(path: Path | None = None, sets: list[str] | None = None) -> Conf
         except yaml.YAMLError as e:
             raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); fix the file")
         if not isinstance(d, dict):
-            raise UserError(f"{path}: top level must be a mapping of sections (student, disc, loss, train)")
-    d = apply_overrides(d, sets or [])
-    return from_dict(Config, d)
+            raise UserError(f"{path}: top level must be a mapping of sections (e.g. student, disc, train)")
+    return apply_overrides(d, sets or [])
 
 
-def dump_config(cfg: Config) -> str:
+def load_typed(cls, path: Path | None = None, sets: list[str] | None = None):
+    """A config dataclass `cls` from a YAML file and `--set` overrides (read_sections, then from_dict). A distill
+    config, whose sections depend on its method, comes from twostep.methods.load_config."""
+    return from_dict(cls, read_sections(path, sets))
+
+
+def dump_config(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# -- the configs of the other training commands (teacher, feature net): flat dataclasses, YAML + flags + --set --
+
+def add_config_flags(parser, cls, keys, required=()) -> None:
+    """--config FILE, --set KEY=VALUE and one shortcut flag per key of `keys` (num_train → --num-train) of the
+    config dataclass `cls`: type, choices and help from its field, default None (the dataclass holds the
+    default; load_flagged_config applies the flags given)."""
+    parser.add_argument("--config", default=None, help="YAML config file (the keys of the flags below, and more)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set lr=1e-3 (repeatable; after the file and the flags)")
+    hints, known = typing.get_type_hints(cls), {f.name: f for f in fields(cls)}
+    for k in keys:
+        f, hint = known[k], hints[k]
+        doc = f.metadata.get("doc", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = (doc if k in required else f"{doc} (default {default!r})" if doc else f"default {default!r}")
+        help_ = help_.replace("%", "%%")
+        if hint is bool:
+            parser.add_argument("--" + k.replace("_", "-"), dest=k, action="store_true", default=None, help=help_)
+        else:
+            parser.add_argument("--" + k.replace("_", "-"), dest=k, type=hint, choices=f.metadata.get("choices"),
+                                default=None, required=k in required, help=help_)
+
+
+def load_flagged_config(cls, args, keys):
+    """The config `cls` of a command parsed with add_config_flags: its --config file, then the shortcut flags
+    that were given (not None), then the --set overrides. Unknown keys and bad values: UserError."""
+    d = read_sections(getattr(args, "config", None))
+    for k in keys:
+        if getattr(args, k, None) is not None:
+            d[k] = getattr(args, k)
+    return from_dict(cls, apply_overrides(d, getattr(args, "set", None) or []))

@@ -7,49 +7,49 @@ naive 2-step with CFG (4 NFE) / student 2-step → report.html + metrics.json.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
+from .data import get_dataset
+from .evaluate import evaluate, format_table
 from .io.files import atomic_write_text
-from .config import load_config
-from .evaluate import REPO_MODELS, evaluate, format_table
-from .generate import TeacherSampler, cfg_guidance, load_generator
+from .methods import load_config
 from .model import load_teacher
+from .paths import committed_config, committed_model
 from .report import comparison_grids, write_report
+from .sampling import TeacherSampler, load_generator, naive_generators
+from .teacher.cache import build_cache
+from .train import distill
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NAIVE_LABELS = {"naive-2step-nocfg": "naive 2-step (no CFG)", "naive-2step-cfg": "naive 2-step (g={g:g})"}
 
 
-def run_demo(out: Path, data: str = "shapes", teacher_dir: Path | None = None, cache_num: int = 1024,
-             minutes: float = 7.0, eval_num: int = 500, seed: int = 0, sets: list[str] | None = None) -> dict:
-    from .teacher.cache import build_cache
-    from .train import distill
-
+def run_demo(out: Path = Path("out/demo"), data: str = "shapes", teacher_dir: Path | None = None,
+             cache_num: int = 1024, minutes: float = 7.0, eval_num: int = 500, seed: int = 0,
+             sets: list[str] | None = None, config: Path | None = None) -> dict:
+    """teacher_dir: default teacher-<data> of twostep.paths; config: default demo.yaml of twostep.paths."""
     t0 = time.time()
     out = Path(out)
+    teacher_dir = Path(teacher_dir) if teacher_dir else committed_model(f"teacher-{data}", "--teacher DIR")
+    cfg = load_config(Path(config) if config else committed_config("demo.yaml", "--config FILE"),
+                      [f"train.minutes={minutes}", *(sets or [])])
     out.mkdir(parents=True, exist_ok=True)
-    teacher_dir = Path(teacher_dir or REPO_MODELS / f"teacher-{data}")
     timings = {}
     print(f"[1/4] teacher cache: {cache_num} samples of {teacher_dir}", flush=True)
     build_cache(teacher_dir, data, cache_num, out / "cache", seed=seed)
     timings["cache_s"] = time.time() - t0
 
     print(f"[2/4] Turbo++ distillation ({minutes} min budget)", flush=True)
-    cfg_file = REPO_CONFIGS / "demo.yaml"
-    cfg = load_config(cfg_file if cfg_file.exists() else None, [f"train.minutes={minutes}", *(sets or [])])
     run = out / "run"
     distill(cfg, teacher_dir, out / "cache", run, resume=(run / "checkpoints").exists())
     timings["distill_s"] = time.time() - t0 - timings["cache_s"]
 
     print(f"[3/4] eval ({eval_num} images each, seed {seed}, reference = {data} data)", flush=True)
     teacher = load_teacher(teacher_dir)
-    g, g_cfg = float(teacher.sampling["guidance"]), cfg_guidance(teacher)
-    gens = {
-        f"teacher 8-step (g={g:g})": TeacherSampler(teacher),
-        "naive 2-step (no CFG)": TeacherSampler(teacher, steps=2, guidance=0.0),
-        f"naive 2-step (g={g_cfg:g})": TeacherSampler(teacher, steps=2, guidance=g_cfg),
-        "Turbo++ student 2-step": load_generator(run),
-    }
+    gens = {f"teacher 8-step (g={float(teacher.sampling['guidance']):g})": TeacherSampler(teacher),
+            **{NAIVE_LABELS[k].format(g=gen.guidance): gen for k, gen in naive_generators(teacher).items()},
+            "Turbo++ student 2-step": load_generator(run)}
     rows = []
     for name, gen in gens.items():
         r = evaluate(gen, data, num=eval_num, seed=seed, teacher_dir=teacher_dir)
@@ -59,17 +59,14 @@ def run_demo(out: Path, data: str = "shapes", teacher_dir: Path | None = None, c
     timings["eval_s"] = time.time() - t0 - timings["cache_s"] - timings["distill_s"]
 
     print("[4/4] report", flush=True)
-    from .data import get_dataset
     caps = get_dataset(data).sample(6, seed=seed, split="test").captions
     grids = comparison_grids(gens, caps, out, seed=seed)
-    naive_fd = rows[1]["fd"]
-    student_fd = rows[3]["fd"]
+    teacher_fd, naive_fd, student_fd = rows[0]["fd"], rows[1]["fd"], rows[-1]["fd"]
     summary = {"data": data, "eval_num": eval_num, "seed": seed, "rows": rows, "timings_s": timings,
                "student_fd_over_naive_fd": student_fd / naive_fd if naive_fd else None,
-               "student_fd_over_teacher_fd": student_fd / rows[0]["fd"] if rows[0]["fd"] else None,
+               "student_fd_over_teacher_fd": student_fd / teacher_fd if teacher_fd else None,
                "wall_minutes": (time.time() - t0) / 60}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
-    import shutil
     if (run / "loss_curves.png").exists():
         shutil.copy(run / "loss_curves.png", out / "loss_curves.png")
     write_report(out / "report.html", f"twostep demo — Turbo++ on {data}", grids, caps, rows,

@@ -8,7 +8,7 @@ gradients still flow through it to the *input* when the student is trained again
 Heads (one per chosen block):
   grid   — tokens reshaped to their h×w grid → 1×1 conv → GroupNorm+SiLU → FiLM(σ) → 3×3 conv → per-token logit
            (+ a projection term ⟨h_token, W·pooled caption⟩ when text_cond), so D judges local structure;
-  pooled — mean over tokens → MLP (the design that fell to chance in a quick trial; kept for the ablation).
+  pooled — mean over tokens → MLP (an ablation).
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ class Discriminator(nn.Module):
         Head = GridHead if head == "grid" else PooledHead
         self.heads = nn.ModuleList([Head(dim, hidden, text_dim, text_cond) for _ in self.blocks])
         self.sigma_dist, self.sigma_mean, self.sigma_std = sigma_dist, sigma_mean, sigma_std
+
+    @classmethod
+    def from_config(cls, teacher: ZImageBackbone, d, blocks=None) -> "Discriminator":
+        """The discriminator of a config's `disc` section (blocks: d.blocks unless given)."""
+        return cls(teacher, d.blocks if blocks is None else blocks, d.head, d.hidden, d.text_cond, d.sigma_dist,
+                   d.sigma_mean, d.sigma_std)
 
     @property
     def teacher(self) -> ZImageBackbone:

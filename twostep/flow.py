@@ -90,7 +90,7 @@ def euler_step(x_sigma: torch.Tensor, sigma, sigma_next, x0_hat: torch.Tensor) -
     return x_sigma + (s - sn) * u
 
 
-def cfg(pos: torch.Tensor, neg: torch.Tensor, guidance: float) -> torch.Tensor:
+def apply_guidance(pos: torch.Tensor, neg: torch.Tensor, guidance: float) -> torch.Tensor:
     """Z-Image CFG: pred = pos + g·(pos − neg). Linear, so it applies to u and to x̂0 alike."""
     return pos + guidance * (pos - neg)
 
@@ -113,9 +113,38 @@ def sigma_grid(steps: int, shift: float = DEFAULT_SHIFT, dtype=torch.float64) ->
     return shift_sigma(base, shift).to(dtype)
 
 
+def two_step_sigmas(sigma_mid: float) -> list[float]:
+    """The 2-step student's σ grid [1, σm, 0]: step 1 denoises ε at σ = 1, step 2 the mid state x_m at σm."""
+    return [1.0, float(sigma_mid), 0.0]
+
+
 def nfe(steps: int, guidance: float) -> int:
     """Truthful count of forward passes: CFG (g ≠ 0) doubles every step."""
     return steps * (2 if guidance != 0 else 1)
+
+
+# ---- the 2-step rollout's mid state -----------------------------------------------------------------
+# twostep.student.TwoStepStudent (training and sampling) and twostep.pipeline (the exported diffusers pipeline,
+# which the export ships with a copy of this file) both use these two functions.
+
+def mid_state(x0_1: torch.Tensor, noise: torch.Tensor, sigma_mid: float, mid_noise: str = "same",
+              fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x_m = (1 − σm)·x̂0₁ + σm·ε_m, the state step 2 starts from: ε_m is the initial noise ε
+    (mid_noise="same") or a fresh ε' (mid_noise="fresh": `fresh_noise`, or drawn with randn_like when None)."""
+    eps_m = noise if mid_noise == "same" else fresh_noise
+    if eps_m is None:
+        eps_m = torch.randn_like(noise)
+    return add_noise(x0_1, eps_m, sigma_mid)
+
+
+def inference_fresh_noise(noise: torch.Tensor, mid_noise: str) -> torch.Tensor | None:
+    """The ε' of mid_noise="fresh" at inference: drawn from a CPU generator seeded by the initial noise, so that
+    one seed gives one image (None for mid_noise="same")."""
+    if mid_noise != "fresh":
+        return None
+    seed = int(noise.flatten()[:4].abs().sum().item() * 1e6) % (2 ** 31)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(noise.shape, generator=g).to(device=noise.device, dtype=noise.dtype)
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
@@ -136,7 +165,7 @@ def guided(denoiser: Denoiser, neg_text, guidance: float) -> Denoiser:
     def fn(x, sigma, text):
         b = x.shape[0]
         out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), list(text) + list(neg_text))
-        return cfg(out[:b], out[b:], guidance)
+        return apply_guidance(out[:b], out[b:], guidance)
 
     return fn
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .errors import UserError
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -36,3 +39,23 @@ def save_png(arr: np.ndarray, path: Path):
     tmp = path.with_name(path.stem + ".tmp.png")
     Image.fromarray(arr).save(tmp)
     tmp.replace(path)
+
+
+def as_feature_input(x: torch.Tensor, resolution: int, what: str = "images") -> torch.Tensor:
+    """Validate [N, 3, H, W]; uint8 [0, 255] is converted to float [-1, 1]; floats are clamped to [-1, 1] (as
+    when saved to 8-bit files); resized to the net's resolution (area when shrinking, bilinear when growing)."""
+    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise UserError(f"{what}: expected a tensor [N, 3, H, W] of images in [-1, 1], got {shape}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 127.5 - 1
+    x = x.detach().float()
+    if len(x) and x.abs().max() > 10:
+        raise UserError(f"{what}: values up to {x.abs().max():.0f} look like [0, 255] floats; pass images in "
+                        "[-1, 1] (or uint8)")
+    x = x.clamp(-1, 1)   # as when the images are written to 8-bit files
+    if x.shape[-2:] != (resolution, resolution):
+        mode = "area" if x.shape[-1] > resolution else "bilinear"
+        x = F.interpolate(x, size=(resolution, resolution), mode=mode,
+                          **({} if mode == "area" else {"align_corners": False}))
+    return x

@@ -1,5 +1,10 @@
-"""A model folder (teacher or student): `config.json` + `model.safetensors`, loaded behind one `Generator`
-interface that samples images from prompts. Text features come from the encoder the config names.
+"""A model folder's sample space and the teacher.
+
+`SampleSpace` is the one encode / decode / noise of every model and generator (teacher, samplers, students):
+where samples live (resolution, channels), how captions become text features (MiniLM, or a ZImagePipeline's
+own text encoder in `parts`) and how samples become images (identity, or the pipeline's VAE). `Teacher` is a
+loaded teacher folder (twostep or ZImagePipeline) sampled with an Euler grid; twostep.sampling wraps it and
+the student behind one Generator interface.
 """
 
 from __future__ import annotations
@@ -16,22 +21,23 @@ from .io.folders import CONFIG, WEIGHTS, read_config
 from .teacher.pipeline_folder import PipelineParts, load_pipeline_backbone
 from .text import get_encoder
 
-@dataclass
-class Teacher:
-    """A flow model sampled with an Euler grid; default sampling (steps, shift, guidance) from its config.
 
-    Pixel space with MiniLM text (a twostep teacher folder), or latent space with the pipeline's own text encoder
-    and VAE in `parts` (a ZImagePipeline folder; loaded lazily). `decode` maps samples to images in [-1, 1].
-    """
+def default_sampling(config: dict) -> dict:
+    """A teacher config's default sampling (steps, shift, guidance); 8 steps at the default shift, no CFG when
+    the config names none."""
+    return config.get("sampling", {"steps": 8, "shift": flow.DEFAULT_SHIFT, "guidance": 0.0})
 
-    backbone: ZImageBackbone
+
+def num_parameters(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+class SampleSpace:
+    """Where a model's samples live, from its config (`config.json`) and `parts` (a ZImagePipeline teacher's
+    text encoder and VAE, loaded lazily; None for a pixel-space MiniLM model)."""
+
     config: dict
-    folder: Path | None = None
-    parts: PipelineParts | None = None  # a pipeline teacher's text encoder and VAE
-
-    @property
-    def sampling(self) -> dict:
-        return self.config.get("sampling", {"steps": 8, "shift": flow.DEFAULT_SHIFT, "guidance": 0.0})
+    parts: PipelineParts | None
 
     @property
     def resolution(self) -> int:
@@ -39,7 +45,7 @@ class Teacher:
 
     @property
     def image_resolution(self) -> int:
-        """Side of the decoded images (= resolution for a pixel-space teacher)."""
+        """Side of the decoded images (= resolution for a pixel-space model)."""
         return int(self.config.get("image_resolution", self.config["resolution"]))
 
     @property
@@ -53,12 +59,30 @@ class Teacher:
         return self.encode([""] * n)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Samples → images in [-1, 1]: the VAE for a latent teacher, the identity for a pixel one."""
+        """Samples → images in [-1, 1]: the VAE for a latent model, the identity for a pixel one."""
         return self.parts.decode(x) if self.parts is not None else x
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(seed))
         return torch.randn(n, self.channels, self.resolution, self.resolution, generator=g)
+
+
+@dataclass
+class Teacher(SampleSpace):
+    """A flow model sampled with an Euler grid; default sampling (steps, shift, guidance) from its config.
+
+    Pixel space with MiniLM text (a twostep teacher folder), or latent space with the pipeline's own text encoder
+    and VAE in `parts` (a ZImagePipeline folder; loaded lazily). `decode` maps samples to images in [-1, 1].
+    """
+
+    backbone: ZImageBackbone
+    config: dict
+    folder: Path | None = None
+    parts: PipelineParts | None = None  # a pipeline teacher's text encoder and VAE
+
+    @property
+    def sampling(self) -> dict:
+        return default_sampling(self.config)
 
     @torch.no_grad()
     def sample(self, text, noise: torch.Tensor, steps: int | None = None, guidance: float | None = None,

@@ -10,8 +10,9 @@ Written by `twostep export --model RUN --out DIR`. Load it with our class (offli
                   generator=torch.Generator().manual_seed(0)).images          # PIL images; output_type="pt"|"np"|"latent"
 
 `DiffusionPipeline.from_pretrained("DIR")` alone cannot work: diffusers looks `_class_name` up inside the diffusers
-package. Without twostep installed, the exported folder carries this file as `pipeline.py` (it imports only torch,
-diffusers and transformers), so diffusers' custom-pipeline mechanism loads it:
+package. Without twostep installed, the exported folder carries this file as `pipeline.py` and twostep/flow.py as
+`flow.py` beside it (the two import only torch, diffusers and transformers, and this one imports the mid-noise rule
+from `.flow`, which diffusers' dynamic-module loader copies along), so diffusers' custom-pipeline mechanism loads it:
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("DIR", custom_pipeline="pipeline", trust_remote_code=True)
@@ -44,6 +45,8 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from .flow import inference_fresh_noise, mid_state  # relative: the export ships flow.py beside this file
 
 LORA_DIR = "lora"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -175,14 +178,6 @@ class TwoStepZImagePipeline(DiffusionPipeline):
         u = torch.stack(out, 0).squeeze(2).to(x.dtype)
         return x + sig.reshape(-1, 1, 1, 1) * u
 
-    @staticmethod
-    def fresh_noise(latents: torch.Tensor) -> torch.Tensor:
-        """mid_noise = "fresh": ε' drawn from a CPU generator seeded by the initial noise (as twostep's
-        StudentGenerator does), so a seed gives one image."""
-        seed = int(latents.flatten()[:4].abs().sum().item() * 1e6) % (2 ** 31)
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(latents.shape, generator=g).to(device=latents.device, dtype=latents.dtype)
-
     @torch.no_grad()
     def __call__(self, prompt=None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, generator=None, latents: torch.Tensor | None = None,
@@ -223,10 +218,9 @@ class TwoStepZImagePipeline(DiffusionPipeline):
         eps = latents.to(device=device, dtype=torch.float32)
 
         _, sigma_mid, _ = self.config.sigmas
+        mid_noise = self.config.mid_noise
         x0_1 = self._denoise(1, eps, 1.0, text)                                # step 1 at σ = 1
-        eps_m = eps if self.config.mid_noise == "same" else self.fresh_noise(eps)
-        s = torch.tensor(sigma_mid, dtype=eps.dtype, device=device)
-        x_m = (1 - s) * x0_1 + s * eps_m                                       # x_m = (1 − σm)·x̂0₁ + σm·ε
+        x_m = mid_state(x0_1, eps, sigma_mid, mid_noise, inference_fresh_noise(eps, mid_noise))  # flow.mid_state
         x0 = self._denoise(2, x_m, sigma_mid, text)                            # step 2 at σm → the sample
 
         if output_type == "latent":

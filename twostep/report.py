@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .io.files import atomic_write_text
+from .data import get_dataset
+from .evaluate import NOISE_OFFSET, TABLE_COLUMNS, format_cell, format_table
 from .images import grid, save_png
+from .io.files import atomic_write_text
 
 
 def comparison_grids(gens: dict, captions: list[str], out_dir: Path, seed: int = 0, per_prompt: int = 4) -> list[dict]:
@@ -36,9 +38,6 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
     rows = the first `prompts` test-split captions `twostep eval --seed seed` draws, columns = `per_prompt` noises
     drawn with the eval noise seed (column 0 is exactly the noise eval gives those prompts, so it shows the first
     images eval scores). Returns the captions."""
-    from .data import get_dataset
-    from .evaluate import NOISE_OFFSET
-
     caps = get_dataset(data, gen.image_resolution).sample(prompts, seed=seed, split="test").captions
     noise = gen.noise(prompts * per_prompt, NOISE_OFFSET + seed)  # noise[j * prompts + i]: prompt i, column j
     order = [j * prompts + i for i in range(prompts) for j in range(per_prompt)]
@@ -47,6 +46,22 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
         x = gen.decode(gen.generate(text, noise[order]).x0)
     save_png(grid(x, nrow=per_prompt, scale=scale), path)
     return caps
+
+
+PROMPT_SEED_STRIDE = 1000  # row j of a prompt grid draws its noise with seed + 1000·j
+
+
+def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: int = 8, scale: int = 4) -> int:
+    """`twostep sample --prompt ...`: one row per prompt, `per_prompt` images each (row j: noise seeded by
+    seed + PROMPT_SEED_STRIDE·j). Returns the number of images."""
+    rows = []
+    for j, pr in enumerate(prompts):
+        text = gen.encode([pr] * per_prompt)
+        noise = gen.noise(per_prompt, seed + PROMPT_SEED_STRIDE * j)
+        rows.append(gen.decode(gen.generate(text, noise).x0))
+    x = torch.cat(rows)
+    save_png(grid(x, nrow=per_prompt, scale=scale), path)
+    return len(x)
 
 
 # Every page sets body[data-images] / body[data-images-ok] once loaded: the images-load check (tests/test_report.py).
@@ -76,16 +91,7 @@ def table_html(header: list[str], rows: list[list]) -> str:
 
 def write_report(path: Path, title: str, grids: list[dict], captions: list[str], rows: list[dict],
                  extra_images: list[tuple[str, str]] = (), notes: str = ""):
-    from .evaluate import format_table
-
-    cols = ["model", "nfe", "fd", "kid", "swd", "alignment", "psnr_vs_teacher", "diversity", "sec_per_image"]
-
-    def cell(v):
-        if v is None:
-            return "—"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    table = table_html(cols, [[cell(r.get(c)) for c in cols] for r in rows])
+    table = table_html(TABLE_COLUMNS, [[format_cell(r.get(c)) for c in TABLE_COLUMNS] for r in rows])
     figs = "".join(figure_html(g["file"], f'{g["name"]} ({g["nfe"]} NFE)') for g in grids)
     caps = "".join(f"<li>{html.escape(c)}</li>" for c in captions)
     extras = "".join(f'<h2>{html.escape(t)}</h2><img src="{html.escape(f)}" alt="{html.escape(t)}">'

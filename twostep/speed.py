@@ -8,8 +8,15 @@ import time
 
 import torch
 
+from .model import check_pair
+from .sampling import load_generator
 
-def measure(teacher_gen, student_gen, batch: int = 32, repeats: int = 5, warmup: int = 1, prompts=None) -> dict:
+
+BATCH, REPEATS = 32, 5
+
+
+def measure(teacher_gen, student_gen, batch: int = BATCH, repeats: int = REPEATS, warmup: int = 1,
+            prompts=None) -> dict:
     prompts = prompts or ["a large red circle center, gray background"] * batch
     text = teacher_gen.encode(prompts[:batch])  # cached text features, shared by both
     noise = teacher_gen.noise(batch, 0)
@@ -32,3 +39,20 @@ def measure(teacher_gen, student_gen, batch: int = 32, repeats: int = 5, warmup:
     res["nfe_ratio_student_over_teacher"] = res["student"]["nfe"] / res["teacher"]["nfe"]
     res["ratio_over_nfe_limit"] = res["time_ratio_student_over_teacher"] / res["nfe_ratio_student_over_teacher"]
     return res
+
+
+def measure_folders(teacher_dir, student_dir, batch: int = BATCH, repeats: int = REPEATS) -> dict:
+    """`twostep speed`: measure() of a teacher folder (its default steps and CFG) against a student folder made
+    from it (refused when their sample spaces differ)."""
+    student = load_generator(student_dir)
+    check_pair(student.config, teacher_dir)
+    return measure(load_generator(teacher_dir), student, batch=batch, repeats=repeats)
+
+
+def summary(r: dict) -> str:
+    """measure()'s result as the lines `twostep speed` prints."""
+    lines = [f"{k:8s} {r[k]['model']:45s} NFE {r[k]['nfe']:3d}  {r[k]['images_per_sec']:8.1f} img/s  "
+             f"{1e3 * r[k]['sec_per_image']:.2f} ms/img" for k in ("teacher", "student")]
+    lines.append(f"student/teacher time ratio {r['time_ratio_student_over_teacher']:.3f} vs NFE ratio "
+                 f"{r['nfe_ratio_student_over_teacher']:.3f} -> {r['ratio_over_nfe_limit']:.3f}x the NFE limit")
+    return "\n".join(lines)

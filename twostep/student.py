@@ -1,4 +1,4 @@
-"""The step-decoupled 2-step student (Turbo++ idea 2) and its run-folder I/O.
+"""The step-decoupled 2-step student (Turbo++ idea 2); its folder is written and read by twostep.sampling.
 
     ε ~ N(0, I)
     x̂0₁ = F_θ1(ε, σ = 1, c)                       step 1 (its Euler step to σm and same-noise re-noising coincide)
@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import faults, flow
+from . import flow
 from .backbones.zimage import ZImageBackbone
 from .errors import UserError
-from .io.files import load_tensors
-from .io.folders import check_stamps, read_config, save_stamped
 
 STEP_NAMES = ("step1", "step2")
 
@@ -81,22 +79,67 @@ class TwoStepStudent(nn.Module):
 
     @property
     def sigmas(self) -> list[float]:
-        return [1.0, self.sigma_mid, 0.0]
+        return flow.two_step_sigmas(self.sigma_mid)
+
+    def transformers(self) -> dict[str, ZImageBackbone]:
+        """The backbones that hold trainable weights, by name: {"step1", "step2"} (full), {"shared"} (shared) or
+        {"base"} (lora: the frozen base carrying both step adapters); in step order."""
+        if self.decoupling == "full":
+            return {"step1": self.step1, "step2": self.step2}
+        if self.decoupling == "shared":
+            return {"shared": self.shared}
+        return {"base": self.base}
 
     # -- the 2-step rollout ---------------------------------------------------------------------------
+    def mid_state(self, x0_1: torch.Tensor, noise: torch.Tensor,
+                  fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_m = (1 − σm)·x̂0₁ + σm·ε: the same ε (mid_noise=same) or the fresh ε' (flow.mid_state)."""
+        return flow.mid_state(x0_1, noise, self.sigma_mid, self.mid_noise, fresh_noise)
+
     def forward(self, noise: torch.Tensor, text, gradient: str = "end_to_end",
                 fresh_noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         b = noise.shape[0]
         one = torch.ones(b, dtype=noise.dtype, device=noise.device)
         x0_1 = self.step_backbone(1).denoise(noise, one, text)                     # step 1 at σ = 1
-        eps_m = noise if self.mid_noise == "same" else fresh_noise
-        if eps_m is None:
-            eps_m = torch.randn_like(noise)
-        x_m = flow.add_noise(x0_1, eps_m, self.sigma_mid)                          # x_m = (1−σm)x̂0₁ + σm·ε
+        x_m = self.mid_state(x0_1, noise, fresh_noise)                             # x_m = (1−σm)x̂0₁ + σm·ε
         if gradient == "detach":
             x_m = x_m.detach()                                                     # ablation: no grad into θ1
         x0_2 = self.step_backbone(2).denoise(x_m, one * self.sigma_mid, text)     # step 2 at σm
         return {"x0_1": x0_1, "x_m": x_m, "x0_2": x0_2}
+
+    @torch.no_grad()
+    def generate(self, noise: torch.Tensor, text) -> dict[str, torch.Tensor]:
+        """The inference rollout (forward's dict) without gradient; mid_noise=fresh draws ε' from a generator
+        seeded by the noise (flow.inference_fresh_noise), so one seed gives one image."""
+        return self(noise, text, fresh_noise=flow.inference_fresh_noise(noise, self.mid_noise))
+
+    def step_input(self, noise: torch.Tensor, text, k: torch.Tensor,
+                   fresh_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_in, σ_in) of step k per sample: ε at σ = 1 for k = 1; for k = 2 the state x_m made by the student's
+        own step 1, computed under no_grad (it never requires grad) and re-noised to σm as in forward."""
+        b = noise.shape[0]
+        sigma = torch.ones(b, dtype=noise.dtype, device=noise.device)
+        sigma[k == 2] = self.sigma_mid
+        x_in = noise.clone()
+        two = (k == 2).nonzero().flatten()
+        if len(two):
+            sub_text = [text[i] for i in two.tolist()]
+            with torch.no_grad():
+                x0_1 = self.step_backbone(1).denoise(noise[two], sigma.new_ones(len(two)), sub_text)
+                x_in[two] = self.mid_state(x0_1, noise[two], None if fresh_noise is None else fresh_noise[two])
+        elif self.sharded:  # FSDP: this rank drew no k = 2 sample, but the others may run step 1; join their
+            with torch.no_grad():  # all-gathers with a 1-sample call whose result is unused (no RNG drawn)
+                self.step_backbone(1).denoise(noise[:1], sigma.new_ones(1), [text[0]])
+        return x_in.detach(), sigma
+
+    def at_step(self, noise: torch.Tensor, text, k: torch.Tensor,
+                fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x̂0 at step k per sample, gradient through that step only (the earlier step under no_grad). One call
+        runs both steps' samples, so it needs one parameter set (decoupling=shared)."""
+        if self.decoupling != "shared":
+            raise UserError("TwoStepStudent.at_step runs both steps in one call: it needs student.decoupling=shared")
+        x_in, sigma = self.step_input(noise, text, k, fresh_noise)
+        return self.step_backbone(2).denoise(x_in, sigma, text)
 
     # -- weights --------------------------------------------------------------------------------------
     def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -141,55 +184,6 @@ def _trainable_copy(bb: ZImageBackbone) -> ZImageBackbone:
     return c
 
 
-# -- run folder as a generator ---------------------------------------------------------------------------
-
-class StudentGenerator:
-    """A distilled student sampled with its own 2-step σ grid, no CFG (2 NFE)."""
-
-    def __init__(self, student: TwoStepStudent, config: dict, folder: Path | None = None):
-        self.student = student.eval()
-        self.config = config
-        self.folder = folder
-        self.resolution = int(config["resolution"])
-        self.image_resolution = int(config.get("image_resolution", self.resolution))
-        self.channels = int(config["transformer"]["in_channels"])
-        self.steps, self.guidance = 2, 0.0
-        from .teacher.pipeline_folder import parts_for_model
-        self.parts = parts_for_model(config, folder)  # a ZImagePipeline teacher's text encoder / VAE (lazy)
-
-    @property
-    def nfe(self) -> int:
-        return 2
-
-    def describe(self) -> str:
-        return f"student 2-step ({self.student.decoupling}, σm={self.student.sigma_mid:g}), 2 NFE"
-
-    def encode(self, prompts):
-        if self.parts is not None:
-            return self.parts.encode(prompts)
-        from .text import get_encoder
-        return get_encoder().encode(prompts)
-
-    def decode(self, x):
-        """Samples → images in [-1, 1] (the teacher pipeline's VAE for a latent-space student)."""
-        return self.parts.decode(x) if self.parts is not None else x
-
-    def noise(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(n, self.channels, self.resolution, self.resolution, generator=g)
-
-    @torch.no_grad()
-    def generate(self, text, noise, return_trajectory: bool = False) -> flow.SampleResult:
-        fresh = None
-        if self.student.mid_noise == "fresh":
-            g = torch.Generator().manual_seed(int(noise.flatten()[:4].abs().sum().item() * 1e6) % (2**31))
-            fresh = torch.randn(noise.shape, generator=g)
-        out = self.student(noise, text, fresh_noise=fresh)
-        traj = [noise, out["x_m"], out["x0_2"]] if return_trajectory else []
-        return flow.SampleResult(x0=out["x0_2"], nfe=2, sigmas=torch.tensor(self.student.sigmas, dtype=torch.float64),
-                                 trajectory=traj)
-
-
 def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
     return {"kind": "student", "backbone": teacher_cfg.get("backbone", "zimage"),
             "transformer": teacher_cfg["transformer"], "resolution": teacher_cfg["resolution"],
@@ -199,7 +193,7 @@ def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
             "method": cfg.method, "decoupling": cfg.student.decoupling, "sigma_mid": cfg.student.sigma_mid,
             "mid_noise": cfg.student.mid_noise, "lora_rank": cfg.student.lora_rank,
             "lora_alpha": cfg.student.lora_alpha, "lora_targets": list(cfg.student.lora_targets),
-            "sampling": {"steps": 2, "sigmas": [1.0, cfg.student.sigma_mid, 0.0], "guidance": 0.0},
+            "sampling": {"steps": 2, "sigmas": flow.two_step_sigmas(cfg.student.sigma_mid), "guidance": 0.0},
             # a ZImagePipeline teacher: the latent space, and the folder whose text encoder and VAE the student uses
             **{k: teacher_cfg[k] for k in ("format", "pipeline", "image_resolution", "vae") if k in teacher_cfg}}
 
@@ -208,20 +202,3 @@ def build_student_from_config(c: dict) -> TwoStepStudent:
     base = ZImageBackbone.from_config(c["transformer"])
     return TwoStepStudent(base, c["decoupling"], c["sigma_mid"], c.get("mid_noise", "same"),
                           c.get("lora_rank", 16), c.get("lora_alpha", 16.0), c.get("lora_targets", ["to_q"]))
-
-
-def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dict | None = None):
-    """Write the usable model files (io.folders.save_stamped: stamped weight files, config.json last).
-    `state`: the student's full state dict, when the module holds FSDP shards (see export_state)."""
-    save_stamped(student.export_state(state), config, folder, on_file=lambda: faults.point("model.save"))
-
-
-def load_student_generator(folder) -> StudentGenerator:
-    folder = Path(folder)
-    c = read_config(folder)
-    st = build_student_from_config(c)
-    stems = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base", "step1", "step2"]}[c["decoupling"]]
-    check_stamps(folder, stems, c)
-    st.load_export_state({s: load_tensors(folder / f"{s}.safetensors") for s in stems})
-    st.requires_grad_(False)
-    return StudentGenerator(st, c, folder)

@@ -17,14 +17,28 @@ The discriminator trunk is the frozen teacher (LADD-style heads), not a fine-tun
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import opt
 from ..discriminator import Discriminator, critic_gan_loss, feature_distance, g_loss
 from ..errors import UserError
-from ..student import TwoStepStudent
-from .ladd import require_shared
+from .base import Method
+
+
+@dataclass
+class D2GConfig:
+    """Diffusion2GAN's own settings (YAML section `d2g`)."""
+    regression_weight: float = opt(1.0, "Diffusion2GAN: weight of the paired perceptual regression")
+    gan_weight: float = opt(0.5, "Diffusion2GAN: weight of the conditional GAN generator loss")
+    blocks: list = opt([], "Diffusion2GAN: teacher blocks the multi-scale discriminator reads ([] = all blocks)")
+    scales: list = opt([1, 2], "Diffusion2GAN: input scales of the discriminator (k = downsampled k× then "
+                       "upsampled back)")
+    translate: float = opt(0.125, "Diffusion2GAN: max translation of the paired augmentation (fraction of the side)")
+    flip: bool = opt(True, "Diffusion2GAN: random horizontal flip in the paired augmentation")
 
 
 # ---- paired differentiable augmentation (same parameters for both images) --------------------------------
@@ -68,8 +82,7 @@ class MultiScaleDiscriminator(nn.Module):
         self.scales = [int(s) for s in scales]
         if not self.scales or any(s < 1 for s in self.scales):
             raise UserError(f"d2g.scales={scales}: need a non-empty list of integers >= 1")
-        self.discs = nn.ModuleList([Discriminator(teacher, blocks, d.head, d.hidden, d.text_cond, d.sigma_dist,
-                                                  d.sigma_mean, d.sigma_std) for _ in self.scales])
+        self.discs = nn.ModuleList([Discriminator.from_config(teacher, d, blocks) for _ in self.scales])
 
     @property
     def teacher(self):
@@ -98,26 +111,17 @@ class MultiScaleDiscriminator(nn.Module):
         return self.heads_logits(self.features(x0, text, sigma, noise), sigma, text)
 
 
-class Diffusion2GAN:
+class Diffusion2GAN(Method):
     name = "diffusion2gan"
+    sections = {"d2g": D2GConfig}
+    shared_only = True
+    log_keys = ("g_loss", "paired", "g_adv", "d_loss", "d_acc_real", "d_acc_fake", "r1", "mse_vs_teacher")
 
-    def __init__(self, cfg, teacher):
-        require_shared(cfg, self.name)
-        self.cfg = cfg
-        s = cfg.student
-        self.teacher = teacher                   # frozen ZImageBackbone; never updated
-        self.student = TwoStepStudent(teacher, s.decoupling, s.sigma_mid, s.mid_noise, s.lora_rank,
-                                      s.lora_alpha, s.lora_targets)
-        self.critic = MultiScaleDiscriminator(teacher, cfg.disc, cfg.d2g.blocks, cfg.d2g.scales)
-
-    def student_parameters(self):
-        return [p for p in self.student.parameters() if p.requires_grad]
-
-    def critic_parameters(self):
-        return list(self.critic.parameters())
+    def build_critic(self, cfg, teacher):
+        return MultiScaleDiscriminator(teacher, cfg.disc, cfg.d2g.blocks, cfg.d2g.scales)
 
     def needs(self) -> set[str]:
-        return {"noise", "text", "teacher_final"}
+        return {"noise", "text", "teacher_final"}   # real = the paired teacher outputs, whatever disc.real says
 
     def augment(self, a, b):
         return paired_augment(a, b, self.cfg.d2g.translate, self.cfg.d2g.flip)
@@ -145,11 +149,8 @@ class Diffusion2GAN:
         loss = c.regression_weight * reg
         logs = {"paired": reg.item()}
         if c.gan_weight > 0:
-            self.critic.requires_grad_(False)
-            try:
+            with self.critic_frozen():
                 adv = g_loss(self.critic(x, text), self.cfg.disc.loss)
-            finally:
-                self.critic.requires_grad_(True)
             loss = loss + c.gan_weight * adv
             logs["g_adv"] = adv.item()
         with torch.no_grad():

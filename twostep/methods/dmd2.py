@@ -21,16 +21,30 @@ What defines it, and where it happens here:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import flow
+from ..config import opt
 from ..discriminator import Discriminator, accuracy, d_loss, g_loss
 from ..errors import UserError
-from ..student import TwoStepStudent
-from .ladd import require_shared, student_at_step
+from ..text import get_encoder
+from .base import Method
+
+
+@dataclass
+class DMDConfig:
+    """DMD2's own settings (YAML section `dmd`)."""
+    guidance: float = opt(2.0, "DMD2: CFG scale of the real score (Z-Image form pos + g·(pos − neg); g = 0 is "
+                          "no guidance); set it to the teacher's tuned value")
+    gan_weight: float = opt(5e-3, "DMD2: weight of the GAN generator loss (DMD2 SDXL: 5e-3)")
+    critic_gan_weight: float = opt(1e-2, "DMD2: weight of the GAN classifier loss in the critic update "
+                                   "(DMD2 SDXL: 1e-2)")
+    sigma_min: float = opt(0.02, "DMD2: lowest σ of the uniform re-noising of the DMD term and fake-score loss")
+    sigma_max: float = opt(0.98, "DMD2: highest σ of the uniform re-noising")
 
 
 class DMD2Critic(nn.Module):
@@ -41,51 +55,40 @@ class DMD2Critic(nn.Module):
         self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
         # Discriminator keeps its extractor unregistered; here the extractor is `self.fake` (registered above),
         # so state_dict/parameters hold the fake score once and the heads once.
-        self.gan = Discriminator(self.fake, d.blocks, d.head, d.hidden, d.text_cond, d.sigma_dist,
-                                 d.sigma_mean, d.sigma_std)
+        self.gan = Discriminator.from_config(self.fake, d)
 
 
-class DMD2:
+class DMD2(Method):
     name = "dmd2"
+    sections = {"dmd": DMDConfig}
+    shared_only = True
+    log_keys = ("g_loss", "g_dmd", "g_adv", "fake_fm", "d_loss", "d_acc_real", "d_acc_fake", "critic_loss",
+                "frac_step2")
 
-    def __init__(self, cfg, teacher, null_text: torch.Tensor | None = None):
-        require_shared(cfg, self.name)
+    null_caption: torch.Tensor | None = None     # caption features of "" (CFG's negative branch of the real score)
+
+    def check_config(self, cfg):
+        super().check_config(cfg)
         if cfg.disc.r1 > 0:
             raise UserError("method dmd2 has no R1 penalty; set disc.r1=0")
-        self.cfg = cfg
-        s = cfg.student
-        self.teacher = teacher                   # frozen ZImageBackbone: the real score; never updated
-        self.student = TwoStepStudent(teacher, s.decoupling, s.sigma_mid, s.mid_noise, s.lora_rank,
-                                      s.lora_alpha, s.lora_targets)
-        self.critic = DMD2Critic(teacher, cfg.disc)
-        self._null = null_text                   # caption features of "" (CFG's negative branch)
 
-    def student_parameters(self):
-        return [p for p in self.student.parameters() if p.requires_grad]
+    def build_critic(self, cfg, teacher):
+        return DMD2Critic(teacher, cfg.disc)     # the real score is self.teacher (frozen); this is the fake one
 
-    def critic_parameters(self):
-        return list(self.critic.parameters())
-
-    def needs(self) -> set[str]:
-        return {"noise", "text", "data_real" if self.cfg.disc.real == "data" else "teacher_final"}
+    def setup(self, teacher):
+        """A ZImagePipeline teacher's "" caption comes from its own encoder, loaded only when the real score uses
+        CFG (dmd.guidance != 0; without CFG the negative branch is never run and zeros stand in). A pixel-space
+        teacher's MiniLM "" is encoded on first use (null_text)."""
+        if teacher.parts is not None:
+            self.null_caption = (teacher.null_text(1)[0] if self.cfg.dmd.guidance != 0
+                                 else torch.zeros(1, teacher.backbone.cap_feat_dim))
 
     # ---- pieces --------------------------------------------------------------------------------------------
     def null_text(self) -> torch.Tensor:
         """The unconditional caption: "" encoded as the teacher was trained with for CFG dropout."""
-        if self._null is None:
-            from ..text import get_encoder
-            self._null = get_encoder().encode([""])[0]
-        return self._null
-
-    def sample_steps(self, b: int, device) -> torch.Tensor:
-        """Which student step (1 or 2) each sample trains; uniform (DMD2 picks a random step of the schedule)."""
-        return torch.randint(1, 3, (b,), device=device)
-
-    def generate(self, batch, k: torch.Tensor | None = None):
-        """Backward simulation: x̂0 of the student at step k, earlier step under no_grad."""
-        noise = batch["noise"]
-        k = self.sample_steps(noise.shape[0], noise.device) if k is None else k
-        return student_at_step(self.student, noise, batch["text"], k, batch.get("fresh_noise")), k
+        if self.null_caption is None:
+            self.null_caption = get_encoder().encode([""])[0]
+        return self.null_caption
 
     def sample_sigma(self, b: int, device) -> torch.Tensor:
         c = self.cfg.dmd
@@ -120,14 +123,14 @@ class DMD2:
     def critic_loss(self, batch):
         text = batch["text"]
         with torch.no_grad():
-            x, _ = self.generate(batch)
+            x, _ = self.at_random_step(batch)
         x = x.detach()
         b = x.shape[0]
         sigma = self.sample_sigma(b, x.device)
         eps = torch.randn_like(x)
         u = self.critic.fake.raw_output(flow.add_noise(x, eps, sigma), sigma, text)
         fm = F.mse_loss(u, flow.flow_target(x, eps))
-        real = batch["data_real"] if self.cfg.disc.real == "data" else batch["teacher_final"]
+        real = batch[self.real_key()]
         logits_r = self.critic.gan(real, text)
         logits_f = self.critic.gan(x, text)
         cls = d_loss(logits_r, logits_f, self.cfg.disc.loss)
@@ -140,16 +143,13 @@ class DMD2:
     def student_loss(self, batch):
         c = self.cfg.dmd
         text = batch["text"]
-        x, k = self.generate(batch)
+        x, k = self.at_random_step(batch)                # backward simulation: the earlier step under no_grad
         dmd, _ = self.dmd_loss(x, text)
         loss = dmd
         logs = {"g_dmd": dmd.item()}
         if c.gan_weight > 0:
-            self.critic.requires_grad_(False)   # the generator's GAN loss must not train the critic
-            try:
+            with self.critic_frozen():   # the generator's GAN loss must not train the critic
                 adv = g_loss(self.critic.gan(x, text), self.cfg.disc.loss)
-            finally:
-                self.critic.requires_grad_(True)
             loss = loss + c.gan_weight * adv
             logs["g_adv"] = adv.item()
         logs["g_loss"] = loss.item()

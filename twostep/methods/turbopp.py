@@ -4,8 +4,9 @@
 The three ideas, where they happen:
   (1) Distribution-aligned adversarial learning — `critic_loss`: the discriminator's REAL images are the
       teacher's own cached 8-step samples (disc.real=teacher); its FAKE images are the student's outputs.
-  (2) Step-decoupled parameters — `self.student` (twostep.student.TwoStepStudent): θ1 runs step 1 (σ = 1),
-      θ2 runs step 2 (σ = σm); full copies, per-step LoRA, or shared (ablation).
+  (2) Step-decoupled parameters — `self.student` (twostep.student.TwoStepStudent, built from cfg.student by
+      methods.base.Method): θ1 runs step 1 (σ = 1), θ2 runs step 2 (σ = σm); full copies, per-step LoRA, or
+      shared (ablation).
   (3) End-to-end training with iterative regularisation — `student_loss`: the final-image adversarial loss
       back-propagates through step 2 and x_m into θ1 (loss.gradient=end_to_end; `detach` is the ablation),
       while an explicit step-1 loss keeps x̂0₁ meaningful (loss.step1_loss = traj | adv | none).
@@ -13,37 +14,43 @@ The three ideas, where they happen:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .. import flow
+from ..config import choice, opt
 from ..discriminator import Discriminator, critic_gan_loss, feature_distance, g_loss
-from ..student import TwoStepStudent
+from .base import Method
 
 
-class TurboPP:
+@dataclass
+class LossConfig:
+    """Turbo++'s student losses (YAML section `loss`)."""
+    gradient: str = choice("end_to_end", ["end_to_end", "detach"], "whether the final-image loss reaches θ1 "
+                           "through x_m (end_to_end) or stops at x_m (detach, ablation)")
+    adv_weight: float = opt(1.0, "weight of the final-image adversarial loss")
+    step1_loss: str = choice("adv", ["adv", "traj", "none"], "iterative regularisation of step 1: adversarial "
+                             "on x̂0₁, regression to the teacher's state at σm, or none (ablation)")
+    step1_weight: float = opt(1.0, "weight of the step-1 loss")
+    traj_distance: str = choice("mse", ["mse", "perceptual"], "distance of step1_loss=traj: pixel MSE or MSE "
+                                "of the discriminator's frozen teacher features")
+    paired_weight: float = opt(0.0, "optional paired regression of x̂0₂ to the teacher's final sample")
+    paired_distance: str = choice("mse", ["mse", "perceptual"], "distance of the paired regression")
+
+
+class TurboPP(Method):
     name = "turbopp"
+    sections = {"loss": LossConfig}
+    log_keys = ("g_loss", "g_adv", "step1", "paired", "d_loss", "d_acc_real", "d_acc_fake", "r1", "mse_vs_teacher")
 
-    def __init__(self, cfg, teacher):
-        self.cfg = cfg
-        s, d = cfg.student, cfg.disc
-        self.teacher = teacher                   # frozen ZImageBackbone; never updated
-        self.student = TwoStepStudent(teacher, s.decoupling, s.sigma_mid, s.mid_noise, s.lora_rank,
-                                      s.lora_alpha, s.lora_targets)
-        self.critic = Discriminator(teacher, d.blocks, d.head, d.hidden, d.text_cond, d.sigma_dist,
-                                    d.sigma_mean, d.sigma_std)
-
-    # what the loop needs to know
-    def student_parameters(self):
-        return [p for p in self.student.parameters() if p.requires_grad]
-
-    def critic_parameters(self):
-        return list(self.critic.parameters())
+    # (2) step-decoupled parameters: Method.__init__ builds self.student (θ1, θ2) from cfg.student
+    def build_critic(self, cfg, teacher):
+        return Discriminator.from_config(teacher, cfg.disc)   # heads on the frozen teacher's features
 
     def needs(self) -> set[str]:
-        """Batch keys this configuration reads (the loop only loads what is needed)."""
-        keys = {"noise", "text"}
-        keys.add("teacher_final" if self.cfg.disc.real == "teacher" else "data_real")
+        keys = super().needs()
         if self.cfg.loss.step1_loss == "traj":
             keys.add("teacher_mid")
         if self.cfg.loss.paired_weight > 0:
@@ -64,7 +71,7 @@ class TurboPP:
             out = self.student(batch["noise"], text, fresh_noise=batch.get("fresh_noise"))
         fake = self._fakes(out).detach()
         fake_text = list(text) * (fake.shape[0] // len(text))
-        real = batch["teacher_final"] if d.real == "teacher" else batch["data_real"]   # REAL = teacher samples
+        real = batch[self.real_key()]                                   # REAL = the teacher's samples
         return critic_gan_loss(self.critic, real, text, fake, fake_text, d.loss, d.r1)
 
     # ---- (2)+(3) the student update: end-to-end through both decoupled steps -----------------------------
@@ -72,8 +79,7 @@ class TurboPP:
         c = self.cfg.loss
         text, noise = batch["text"], batch["noise"]
         out = self.student(noise, text, gradient=c.gradient, fresh_noise=batch.get("fresh_noise"))
-        self.critic.requires_grad_(False)  # the student's adversarial loss must not train the discriminator
-        try:
+        with self.critic_frozen():  # the student's adversarial loss must not train the discriminator
             # final-image adversarial loss on x̂0₂: reaches θ2 and, end to end through x_m, θ1
             adv = g_loss(self.critic(out["x0_2"], text), self.cfg.disc.loss)
             loss = c.adv_weight * adv
@@ -94,8 +100,6 @@ class TurboPP:
                 p = self._distance(out["x0_2"], batch["teacher_final"], text, c.paired_distance)
                 loss = loss + c.paired_weight * p
                 logs["paired"] = p.item()
-        finally:
-            self.critic.requires_grad_(True)
         with torch.no_grad():
             if "teacher_final" in batch:
                 logs["mse_vs_teacher"] = F.mse_loss(out["x0_2"], batch["teacher_final"]).item()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from ..images import as_feature_input
 
 
 def _check(images, labels, net):
@@ -32,10 +33,8 @@ def _check(images, labels, net):
 
 def alignment_report(images: torch.Tensor, labels: dict, net) -> dict[str, float]:
     """Per-attribute agreement between the prompts' labels and the classifier's reading of the images."""
-    from .fd import _as_images
-
     _check(images, labels, net)
-    pred = net.predict(_as_images(images, net.resolution))
+    pred = net.predict(as_feature_input(images, net.resolution))
     obj = labels["shape"] > 0
     sh = pred["shape"] == labels["shape"]
     col = pred["colour"] == labels["colour"]

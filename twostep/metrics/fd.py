@@ -15,31 +15,9 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from ..errors import UserError
-
-
-def _as_images(x: torch.Tensor, resolution: int, what: str = "images") -> torch.Tensor:
-    """Validate [N, 3, H, W]; uint8 [0, 255] is converted to float [-1, 1]; floats are clamped to [-1, 1] (as
-    when saved to 8-bit files); resized to the net's resolution (area when shrinking, bilinear when growing)."""
-    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != 3:
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise UserError(f"{what}: expected a tensor [N, 3, H, W] of images in [-1, 1], got {shape}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 127.5 - 1
-    x = x.detach().float()
-    if len(x) and x.abs().max() > 10:
-        raise UserError(f"{what}: values up to {x.abs().max():.0f} look like [0, 255] floats; pass images in "
-                        "[-1, 1] (or uint8)")
-    x = x.clamp(-1, 1)   # as when the images are written to 8-bit files
-    if x.shape[-2:] != (resolution, resolution):
-        mode = "area" if x.shape[-1] > resolution else "bilinear"
-        x = F.interpolate(x, size=(resolution, resolution), mode=mode,
-                          **({} if mode == "area" else {"align_corners": False}))
-    return x
+from ..images import as_feature_input
 
 
 class TorchmetricsFeature(nn.Module):
@@ -65,7 +43,7 @@ class TorchmetricsFeature(nn.Module):
         # holds the batch itself (identity check, unchanged version), so a stale entry can never match.
         if self._cache is not None and self._cache[0] is images and self._cache[1] == images._version:
             return self._cache[2]
-        x = _as_images(images, self.net.resolution)
+        x = as_feature_input(images, self.net.resolution)
         f = self.net.embed_images(x, self.batch_size).double()
         self._cache = (images, images._version, f)
         return f
@@ -91,10 +69,13 @@ class DistributionMetrics:
                  kid_subsets: int = 100, seed: int = 0, batch_size: int = 512):
         self.feature = TorchmetricsFeature(net)   # embeds in batches of 128 (faster on CPU than larger ones)
         self.kid_subset_size, self.kid_subsets, self.seed, self.batch_size = kid_subset_size, kid_subsets, seed, batch_size
-        ref = _as_images(reference_images, net.resolution, "reference images")
+        ref = as_feature_input(reference_images, net.resolution, "reference images")
         if len(ref) < 2:
             raise UserError("reference images: need at least 2 images for FD")
         self.n_real = len(ref)
+        from torchmetrics.image.fid import FrechetInceptionDistance  # lazy: torchmetrics costs ~3 s to import
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         self.fid = FrechetInceptionDistance(feature=self.feature, reset_real_features=False)
         # KID's subset size is fixed at construction; the actual one is set per call in __call__.
         with warnings.catch_warnings():   # "KID will save all extracted features in buffer": intended here
@@ -108,7 +89,7 @@ class DistributionMetrics:
         self.feature.clear_cache()
 
     def __call__(self, fake_images: torch.Tensor) -> dict[str, float]:
-        fake = _as_images(fake_images, self.feature.net.resolution, "generated images")
+        fake = as_feature_input(fake_images, self.feature.net.resolution, "generated images")
         if len(fake) < 2:
             raise UserError("generated images: need at least 2 images for FD")
         subset_size = _kid_subset_size(self.n_real, len(fake), self.kid_subset_size)
@@ -140,10 +121,12 @@ def fd_kid(real_images: torch.Tensor, fake_images: torch.Tensor, net, kid_subset
 def fd(real_images: torch.Tensor, fake_images: torch.Tensor, net) -> float:
     """FD only (torchmetrics FrechetInceptionDistance with the feature net)."""
     feature = TorchmetricsFeature(net)
-    real = _as_images(real_images, net.resolution, "reference images")
-    fake = _as_images(fake_images, net.resolution, "generated images")
+    real = as_feature_input(real_images, net.resolution, "reference images")
+    fake = as_feature_input(fake_images, net.resolution, "generated images")
     if len(real) < 2 or len(fake) < 2:
         raise UserError("FD needs at least 2 images in each set")
+    from torchmetrics.image.fid import FrechetInceptionDistance  # lazy: torchmetrics costs ~3 s to import
+
     metric = FrechetInceptionDistance(feature=feature)
     metric.update(real, real=True)
     metric.update(fake, real=False)

@@ -26,18 +26,23 @@ A folder holds `config.json` (architecture, held-out accuracy per attribute, the
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors
+from ..config import add_config_flags, choice, load_flagged_config, opt, to_dict
+from ..data import get_dataset
 from ..errors import UserError
+from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors
 
 NUM_CELLS = 9
 SHAPES_HEADS = {"shape": 5, "colour": 7, "size": 2}   # per cell
@@ -215,17 +220,34 @@ def _from_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def train_feature_net(data: str, out: Path, minutes: float = 5.0, num_train: int = 20000, seed: int = 0,
-                      progress: bool = True, batch_size: int = 64, lr: float = 2e-3, width: int = 32,
-                      num_features: int = 256, num_test: int = 2000, command: str | None = None) -> dict:
-    """Train the feature network of `data` ('shapes' | 'photos') for `minutes` of wall time (data generation
-    not included), evaluate on `num_test` held-out `split="test"` images and write `out/config.json` +
-    `out/model.safetensors`. Returns the config dict (with `heldout_accuracy`).
+@dataclass
+class FeatureTrainConfig:
+    """`twostep metrics train` / `python -m twostep.metrics.features` (YAML --config, --set key=value, or the
+    commands' flags); the resolved config is saved as train_config.json in the folder."""
+    data: str = choice("shapes", ["shapes", "photos"], "the benchmark whose feature net this is")
+    minutes: float = opt(5.0, "training wall time (excluding data generation)")
+    num_train: int = opt(20000, "size of the training pool")
+    num_test: int = opt(2000, "held-out split='test' images the accuracy is measured on")
+    batch_size: int = opt(64, "images per Adam update")
+    lr: float = opt(2e-3, "peak Adam learning rate (3% linear warm-up, then cosine to 0 over the budget)")
+    width: int = opt(32, "channels of the trunk's first stage")
+    num_features: int = opt(256, "size of the embedding FD/KID use")
+    seed: int = opt(0, "seed of the pool, the held-out images, the weights and the batches")
+
+
+FLAGS = ("data", "minutes", "num_train", "batch_size", "lr", "width", "num_features", "seed")  # the module's own CLI
+
+
+def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True, command: str | None = None) -> dict:
+    """Train the feature network of `cfg.data` ('shapes' | 'photos') for `cfg.minutes` of wall time (data
+    generation not included), evaluate on `cfg.num_test` held-out `split="test"` images and write
+    `out/train_config.json`, `out/model.safetensors` and `out/config.json` (last). Returns the config.json dict
+    (with `heldout_accuracy`).
 
     Adam with a time-based schedule: linear warm-up over the first 3% of the budget, then cosine decay to 0.
     """
-    from ..data import get_dataset
-
+    data, minutes, num_train, seed, batch_size, lr = (cfg.data, cfg.minutes, cfg.num_train, cfg.seed,
+                                                      cfg.batch_size, cfg.lr)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder; pass a folder path")
@@ -235,10 +257,10 @@ def train_feature_net(data: str, out: Path, minutes: float = 5.0, num_train: int
     if progress:
         print(f"[features] generating {num_train} training images of {data} ...", file=sys.stderr, flush=True)
     tr = ds.sample(num_train, seed=seed, split="train")
-    te = ds.sample(num_test, seed=seed, split="test")
+    te = ds.sample(cfg.num_test, seed=seed, split="test")
     t_data = time.time() - t_start
 
-    net = FeatureNet(data, width=width, num_features=num_features, resolution=tr.images.shape[-1])
+    net = FeatureNet(data, width=cfg.width, num_features=cfg.num_features, resolution=tr.images.shape[-1])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     budget = minutes * 60.0
@@ -282,13 +304,13 @@ def train_feature_net(data: str, out: Path, minutes: float = 5.0, num_train: int
     if progress:
         print(f"[features] {data}: {step} steps, held-out accuracy " +
               ", ".join(f"{k} {v:.4f}" for k, v in acc.items()), file=sys.stderr, flush=True)
-    cfg = {
+    record = {
         "format": FORMAT,
         "arch": net.config(),
         "data_version": getattr(ds, "version", None),  # shapes v1/v2 (twostep/data/shapes.py); evaluation checks it
         "heads": net.head_sizes,
         "heldout_accuracy": {k: round(v, 5) for k, v in acc.items()},
-        "heldout": {"split": "test", "seed": seed, "num": num_test},
+        "heldout": {"split": "test", "seed": seed, "num": cfg.num_test},
         "train": {"num_train": num_train, "batch_size": batch_size, "lr": lr, "optimizer": "Adam",
                   "schedule": "3% linear warm-up then cosine to 0 over the time budget", "minutes": minutes,
                   "steps": step, "images_seen": seen, "seed": seed,
@@ -300,9 +322,10 @@ def train_feature_net(data: str, out: Path, minutes: float = 5.0, num_train: int
                               f"--num-train {num_train} --seed {seed}",
     }
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
     atomic_save_tensors(sd16, out / "model.safetensors", metadata={"format": FORMAT})
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=1) + "\n")  # last: marks completeness
-    return cfg
+    atomic_write_text(out / "config.json", json.dumps(record, indent=1) + "\n")  # last: marks completeness
+    return record
 
 
 def load_feature_net(folder: Path | str) -> FeatureNet:
@@ -342,29 +365,18 @@ def load_feature_net(folder: Path | str) -> FeatureNet:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import shlex
-
     p = argparse.ArgumentParser(prog="python -m twostep.metrics.features",
                                 description="Train the small CNN feature network used by FD/KID/alignment.")
-    p.add_argument("--data", required=True, choices=["shapes", "photos"])
     p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training wall time (excluding data generation)")
-    p.add_argument("--num-train", dest="num_train", type=int, default=20000, help="size of the training pool")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--num-features", dest="num_features", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    add_config_flags(p, FeatureTrainConfig, FLAGS, required=("data",))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cmd = "python -m twostep.metrics.features " + " ".join(shlex.quote(s) for s in (argv or sys.argv[1:]))
     try:
-        cfg = train_feature_net(a.data, Path(a.out), minutes=a.minutes, num_train=a.num_train, seed=a.seed,
-                                progress=not a.no_progress, batch_size=a.batch_size, lr=a.lr, width=a.width,
-                                num_features=a.num_features, command=cmd)
+        cfg = train_feature_net(load_flagged_config(FeatureTrainConfig, a, FLAGS), Path(a.out),
+                                progress=not a.no_progress, command=cmd)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 
 from ..errors import UserError
+from ..images import as_feature_input
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,8 +37,7 @@ def diversity(images: torch.Tensor, group_ids, net=None, space: str = "features"
     if space == "features":
         if net is None:
             raise UserError("diversity: space='features' needs the benchmark's feature net (load_feature_net)")
-        from .fd import _as_images
-        emb = net.embed_images(_as_images(images, net.resolution)).double()
+        emb = net.embed_images(as_feature_input(images, net.resolution)).double()
     elif space == "pixels":
         emb = images.detach().cpu().double().flatten(1) / math.sqrt(images[0].numel())
     else:

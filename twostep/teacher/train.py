@@ -10,16 +10,18 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import flow
 from ..backbones.zimage import ZImageBackbone, tiny_zimage_config
+from ..config import choice, opt, to_dict
 from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
 from ..io.files import all_finite, atomic_save_tensors, atomic_write_text, load_tensors
 from ..data import get_dataset
+from ..ema import ema_decay, ema_update
 from ..errors import UserError
 from ..text import get_encoder
 
@@ -28,33 +30,39 @@ SIGMA_BINS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 @dataclass
 class TeacherTrainConfig:
-    data: str = "shapes"
-    resolution: int = 32
-    num_train: int = 20000          # size of the fixed training pool (images + captions)
-    batch_size: int = 32
-    lr: float = 5e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    ema: float = 0.999
-    caption_dropout: float = 0.1
-    minutes: float = 30.0           # total training wall time (a resumed run continues up to this)
-    max_steps: int = 0              # 0 = no step limit
-    seed: int = 0
-    checkpoint_minutes: float = 5.0
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 2
-    n_refiner_layers: int = 1
-    patch_size: int = 4
-    default_guidance: float = 2.0   # replaced by `twostep teacher tune-guidance` (chosen by FD)
-    skip_bad: bool = False
-    init: str = ""                  # start from this teacher folder's (EMA) weights — same architecture
-    lr_decay: str = "none"          # none | linear (to 0 at the end of the budget: minutes, or max_steps)
+    """`twostep teacher train` (YAML --config, --set key=value, or the command's flags); the resolved config is
+    saved as train_config.json in the model folder, and a re-run with other architecture keys is refused."""
+    data: str = opt("shapes", "shapes | photos | a folder with captions.jsonl")
+    resolution: int = opt(32, "image side in pixels")
+    num_train: int = opt(20000, "size of the fixed training pool (images + captions)")
+    batch_size: int = opt(32, "images per update")
+    lr: float = opt(5e-4, "AdamW learning rate (after the linear warm-up)")
+    warmup_steps: int = opt(200, "updates of linear learning-rate warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    ema: float = opt(0.999, "EMA decay of the weights (with warm-up)")
+    caption_dropout: float = opt(0.1, "fraction of captions replaced by the empty caption (for CFG)")
+    minutes: float = opt(30.0, "TOTAL training wall time in minutes (a resumed run continues up to it)")
+    max_steps: int = opt(0, "stop after this many updates (0 = no step limit)")
+    seed: int = opt(0, "seed of the run (weights, pool, batches)")
+    checkpoint_minutes: float = opt(5.0, "wall minutes between checkpoints")
+    dim: int = opt(128, "transformer width (dim / n_heads must be a multiple of 8)")
+    n_layers: int = opt(4, "transformer layers")
+    n_heads: int = opt(2, "attention heads")
+    n_refiner_layers: int = opt(1, "refiner layers per stream")
+    patch_size: int = opt(4, "patch side in pixels")
+    default_guidance: float = opt(2.0, "the CFG scale written to config.json (`twostep teacher tune-guidance` "
+                                  "replaces it by the one chosen by FD)")
+    skip_bad: bool = opt(False, "skip (and count) unreadable images / caption lines of a folder dataset")
+    init: str = opt("", "continue from this teacher folder's (EMA) weights (same architecture; fresh optimizer)")
+    lr_decay: str = choice("none", ["none", "linear"], "after warm-up: constant learning rate (none) or linear "
+                           "decay to 0 over the budget (minutes, or max_steps)")
 
 
-def ema_decay(step: int, target: float) -> float:
-    """EMA warm-up (as in timm/EDM practice): decay grows as (1 + n)/(10 + n) up to the target."""
-    return min(target, (1 + step) / (10 + step))
+# the shortcut flags of `twostep teacher train` (every key can also be given by --config / --set)
+FLAGS = ("data", "minutes", "max_steps", "batch_size", "lr", "dim", "n_layers", "n_heads", "patch_size", "num_train",
+         "ema", "seed", "init", "lr_decay", "skip_bad")
+# the keys a re-run of the same --out must keep (another value is another teacher)
+ARCH_KEYS = ("data", "dim", "n_layers", "n_heads", "n_refiner_layers", "patch_size", "resolution", "seed")
 
 
 def model_config(cfg: TeacherTrainConfig, channels: int = 3, cap_dim: int = 384) -> dict:
@@ -78,12 +86,11 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
     saved_cfg = out / "train_config.json"
     if saved_cfg.exists():
         prev = json.loads(saved_cfg.read_text())
-        arch = ("data", "dim", "n_layers", "n_heads", "n_refiner_layers", "patch_size", "resolution", "seed")
-        diff = [k for k in arch if prev.get(k) != getattr(cfg, k)]
+        diff = [k for k in ARCH_KEYS if prev.get(k) != getattr(cfg, k)]
         if diff:
             raise UserError(f"{out}: holds a different teacher run ({', '.join(f'{k}={prev.get(k)}' for k in diff)});"
                             " choose another --out or the same settings to resume")
-    atomic_write_text(saved_cfg, json.dumps(asdict(cfg), indent=1))
+    atomic_write_text(saved_cfg, json.dumps(to_dict(cfg), indent=1))
     mcfg = model_config(cfg)
 
     torch.manual_seed(cfg.seed)
@@ -149,10 +156,7 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
             continue
         opt.step()
         step += 1
-        d = ema_decay(step, cfg.ema)
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        ema_update(ema, model, ema_decay(step, cfg.ema))
         b = torch.bucketize(sigma.detach(), torch.tensor(SIGMA_BINS[1:-1]))
         bin_sum.index_add_(0, b, per.detach())
         bin_cnt.index_add_(0, b, torch.ones_like(per))

@@ -1,0 +1,190 @@
+"""Processes: the accelerator, rank agreement (all ranks / mean over ranks / gradient averaging), the per-rank RNG
+seed, the end-of-run check that every rank holds the same weights, and torch FSDP2 (`train.fsdp`): the student's
+trainable transformers sharded, everything else replicated, full tensors gathered for files and sharded on load.
+
+Every function takes the accelerator `acc`; `acc=None` means one process (benchmarks that call the update step
+without an accelerator).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..io.files import atomic_write_text, load_tensors, tensors_sha256
+
+
+def accelerator(cfg):
+    """The run's accelerate.Accelerator (CPU when no GPU is present)."""
+    from accelerate import Accelerator  # heavy: loaded when a run starts
+
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def world_size(acc) -> int:
+    return 1 if acc is None else acc.num_processes
+
+
+def sync_grads(acc, params):
+    """Average gradients across processes (a no-op in one process). Works for any call pattern of the method,
+    unlike a DDP wrapper, which only syncs what goes through forward()."""
+    if world_size(acc) == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad = acc.reduce(p.grad, reduction="mean")
+
+
+def all_ranks(acc, flag: bool) -> bool:
+    """True when `flag` is true on every process (so all ranks take the same branch and no collective hangs)."""
+    if world_size(acc) == 1:
+        return bool(flag)
+    return bool(acc.reduce(torch.tensor([float(bool(flag))], device=acc.device), reduction="sum").item()
+                == acc.num_processes)
+
+
+def mean_over_ranks(acc, logs: dict) -> dict:
+    """Float log values averaged over processes (equal per-rank batches: the global-batch value of a mean loss)."""
+    keys = sorted(k for k, v in logs.items() if isinstance(v, float))
+    if world_size(acc) == 1 or not keys:
+        return logs
+    vals = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=acc.device), reduction="mean")
+    return {**logs, **{k: float(v) for k, v in zip(keys, vals.tolist())}}
+
+
+def rank_seed(seed: int, rank: int, update: int) -> int:
+    """Seed of the global torch RNG (the methods' σ and re-noising draws) for update k on rank r of a multi-process
+    run: distinct per rank (no two ranks draw the same σ for different samples) and a function of k (resume-exact)."""
+    return (seed * 1_000_003 + update * 7_919 + (rank + 1) * 104_729) % (2**63)
+
+
+def clip_grads(params, max_norm: float) -> bool:
+    """Clip gradients (when max_norm > 0); False when the gradient norm is not finite."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if is_dtensor(norm):  # FSDP shards: the norm over all shards of all ranks (clip_grad_norm_ reduces it)
+        norm = norm.full_tensor()
+    return bool(torch.isfinite(norm))
+
+
+def _digest(modules) -> int:
+    """63 bits of io.files.tensors_sha256 of the modules' state dicts (an integer, to all-gather as a tensor)."""
+    return int(tensors_sha256([m.state_dict() for m in modules])[:16], 16) >> 1
+
+
+def check_ranks_in_sync(acc, out: Path, modules) -> dict:
+    """End of a run: all-gather a digest of the student, EMA and critic weights from every process; write
+    `distributed.json` (num_processes, ranks_in_sync, digests) to the run folder; raise if the ranks differ."""
+    n = acc.num_processes
+    digests = [] if n == 1 else [int(x) for x in acc.gather(torch.tensor([_digest(modules)], device=acc.device)).tolist()]
+    rec = {"num_processes": n, "ranks_in_sync": len(set(digests)) <= 1, "distributed_type": str(acc.distributed_type),
+           "param_digests": [f"{d:016x}" for d in digests]}
+    if acc.is_main_process:
+        atomic_write_text(out / "distributed.json", json.dumps(rec, indent=1))
+    if not rec["ranks_in_sync"]:
+        raise RuntimeError(f"the {n} processes ended with different weights (digests {rec['param_digests']}): "
+                           "a gradient or update was not synchronised; this is a bug in the loop or the method")
+    return rec
+
+
+# -- FSDP2 (train.fsdp): the student's trainable transformers sharded, everything else replicated ------------
+
+def use_fsdp(acc, cfg) -> bool:
+    """FSDP on: train.fsdp, or an accelerate FSDP launch (its plugin is only read as the switch: the loop shards
+    with its own settings, see shard_student). Refuses what it cannot do. One process: nothing to shard."""
+    kind = acc.distributed_type.name
+    if kind == "DEEPSPEED":
+        raise UserError("accelerate DEEPSPEED is not supported by twostep's loop; launch with "
+                        "configs/accelerate/fsdp.yaml (or train.fsdp=true) or ddp.yaml (see docs/sizing.md)")
+    want = bool(cfg.train.fsdp) or kind == "FSDP"
+    if want and cfg.student.decoupling == "lora":
+        raise UserError("FSDP with student.decoupling=lora: not supported and not needed (the trainable LoRA "
+                        "adapters are ~1.3 % of the model and the frozen base is the teacher's own weights, "
+                        "shared); launch with configs/accelerate/ddp.yaml and train.fsdp=false (docs/sizing.md)")
+    if want and acc.num_processes == 1:
+        acc.print("train.fsdp: one process, nothing to shard (the student stays whole)")
+    return want and acc.num_processes > 1
+
+
+def shard_student(acc, *students) -> int:
+    """torch FSDP2 (`fully_shard`) over all processes: every ZImageTransformerBlock of each trainable transformer of
+    each student (the training student and its EMA; `student.transformers()`), then the transformer itself
+    (embedders, final layer, pad tokens), all resharded after forward. Parameters become DTensors sharded on dim 0;
+    FSDP all-gathers them per unit in forward/backward and reduce-scatters (averages) their gradients. Returns the
+    number of units."""
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock  # heavy, FSDP runs only
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    n = 0
+    for st in students:
+        for bb in st.transformers().values():
+            for m in bb.transformer.modules():
+                if isinstance(m, ZImageTransformerBlock):
+                    fully_shard(m, mesh=mesh, reshard_after_forward=True)
+                    n += 1
+            fully_shard(bb.transformer, mesh=mesh, reshard_after_forward=True)
+            n += 1
+    return n
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor  # ~0.5 s to import: loaded on first use, not with the package
+
+    return isinstance(t, DTensor)
+
+
+def _full(t, keep: bool):
+    """The whole tensor of a DTensor shard (a collective: every rank calls it, in the same order); on the CPU
+    when `keep`, dropped (None) otherwise. A plain tensor is returned as is."""
+    if is_dtensor(t):
+        t = t.full_tensor()
+        return t.cpu() if keep else None
+    return t
+
+
+def full_state(module, keep: bool) -> dict | None:
+    """A module's state dict with full tensors, kept on the rank that writes files (None elsewhere)."""
+    out = {k: _full(v.detach(), keep) for k, v in module.state_dict().items()}
+    return out if keep else None
+
+
+def full_optim_state(opt, keep: bool) -> dict | None:
+    """An optimizer's state dict (integer parameter ids, as torch writes it) with full tensors: the same file
+    format as an unsharded run (tests/test_fsdp.py compares them; resuming across the two is not tested)."""
+    sd = opt.state_dict()
+    state = {pid: {k: _full(v, keep) for k, v in sorted(sd["state"][pid].items())} for pid in sorted(sd["state"])}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+
+def _shard_like(full: torch.Tensor, like):
+    """A full tensor read from a file, as this rank's part of `like` (its shard when `like` is a DTensor)."""
+    if is_dtensor(like):
+        from torch.distributed.tensor import distribute_tensor  # see is_dtensor
+
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)  # every rank read the file: slice locally, no communication
+    return full
+
+
+def load_module(module, path: Path, fsdp: bool):
+    """A module's weights from a safetensors file of full tensors (each sharded like the module's under FSDP)."""
+    if not fsdp:
+        module.load_state_dict(load_tensors(path))
+        return
+    like = module.state_dict()
+    module.load_state_dict(load_tensors(path, lambda k, t: _shard_like(t, like[k]) if k in like else t))
+
+
+def optim_transform(opt):
+    """read_checkpoint transform for an optimizer over FSDP parameters: each saved full moment → its shard."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def tf(key, t):
+        p = params[int(key.split(".", 1)[0])]
+        return _shard_like(t, p) if t.dim() > 0 and tuple(t.shape) == tuple(p.shape) else t
+    return tf

@@ -1,0 +1,154 @@
+"""The one training loop every distillation method uses (accelerate; one process or many).
+
+It knows nothing of what the losses mean: it asks the method (methods/base.py: the Method contract) for
+`critic_loss(batch)` (train.d_updates times) and `student_loss(batch)` per update, steps AdamW for each parameter
+set, keeps an EMA of the student, logs, draws fixed-noise grids, and writes atomic, resumable checkpoints.
+Batches come from the teacher cache. The rooms: batches.py (inputs), steps.py (one update), distributed.py
+(processes, FSDP), state.py (run folder, optimizers, checkpoints), viz.py (bar, log, grids, curves).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import faults
+from ..config import Config
+from ..ema import ema_decay, ema_update
+from ..io.files import tensors_sha256
+from ..methods import build_method
+from ..student import deepcopy_sharing_frozen, student_config
+from .batches import BatchSource, load_inputs, real_images
+from .distributed import accelerator, all_ranks, check_ranks_in_sync, mean_over_ranks, rank_seed, shard_student, use_fsdp
+from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, optimizers, rollback,
+                    saved_modules, start_run_folder)
+from .steps import critic_step, enable_grad_checkpointing, student_step
+from .viz import Progress, RunLog, at_chance, grid_inputs, log_record, loss_curves, write_grid
+
+
+def prepare_method(cfg: Config, teacher, device):
+    """The method (on `device`, set up with the teacher) and its checks of the teacher."""
+    method = build_method(cfg, teacher.backbone)
+    for m in method.modules().values():
+        m.to(device)
+    method.setup(teacher)
+    method.check_teacher(teacher)
+    return method
+
+
+def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool = False,
+            progress: bool = True) -> Path:
+    out, t = Path(out), cfg.train
+    acc = accelerator(cfg)
+    fsdp = use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
+    ck, prev = check_run_folder(out, cfg, resume)
+    teacher, cache = load_inputs(teacher_dir, cache_dir)
+    torch.manual_seed(t.seed)
+    teacher.backbone.to(acc.device)  # every module on the accelerator's device; batches follow (BatchSource)
+    method = prepare_method(cfg, teacher, acc.device)
+    teacher_hash = tensors_sha256([teacher.backbone.state_dict()])
+    if t.grad_checkpointing:
+        enable_grad_checkpointing(method)
+    needs = method.needs()
+    src = BatchSource(cache, needs, cfg.student.sigma_mid, t.seed, real_images(cache, needs, t.seed),
+                      acc.process_index, acc.num_processes, acc.device)
+
+    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # EMA of a frozen weight = that weight
+    if fsdp:  # before the optimizers: fully_shard replaces the parameters by DTensor shards
+        units = shard_student(acc, method.student, ema)
+        acc.print(f"FSDP2: student and EMA sharded over {acc.num_processes} processes ({units} units)")
+    s_params, c_params = method.student_parameters(), method.critic_parameters()
+    opts = optimizers(cfg, s_params, c_params)
+    opt_s, opt_c = opts["student"], opts.get("critic")
+
+    update, records = 0, []
+    if ck is not None:
+        meta = load_state(ck, method, ema, opts, fsdp)
+        update, records = meta["step"], meta.get("log", [])
+        acc.print(f"resumed from {ck} at update {update}")
+        apply_resumed_hparams(acc, opts, prev, cfg)
+    start_run_folder(acc, out, cfg)
+    scfg = {**student_config(teacher.config, cfg, Path(teacher_dir)), "cache": str(cache_dir)}
+
+    grids = grid_inputs(teacher, cache, acc.device)
+    bar = Progress(progress and acc.is_main_process, t, f"distill[{cfg.method}]", update, method.log_keys, acc.print)
+    t_start = time.time()
+    log = RunLog(out / "log.jsonl", records, acc.is_main_process)
+    skipped = in_a_row = 0
+    warned_chance = False
+
+    def critic_updates(update: int, subs, logs: dict) -> int:
+        """Critic updates on the batches (update, sub) for each sub; returns how many were skipped."""
+        n = 0
+        with acc.autocast():
+            for sub in subs:
+                clogs = critic_step(method, opt_c, c_params, src.get(update, sub, t.batch_size), t.grad_clip, acc)
+                n += clogs is None
+                logs.update(clogs or {})
+        return n
+
+    if update == 0 and opt_c is not None and t.d_warmup > 0:
+        # Discriminator warm-up: critic-only updates against the initial student, so that the student's first
+        # adversarial gradients come from an informative discriminator. Checkpoints start after update 1, so a
+        # resume never repeats it.
+        wlogs: dict = {}
+        skipped += critic_updates(0, (1_000_000 + k for k in bar.warmup(t.d_warmup)), wlogs)
+        if wlogs:
+            rec = log_record(0, {"d_warmup": t.d_warmup, **mean_over_ranks(acc, wlogs)})
+            log.add(rec)
+            acc.print(f"discriminator warm-up ({t.d_warmup} updates): " +
+                      ", ".join(f"{k} {rec[k]:.3f}" for k in method.log_keys if k in rec))
+    while update < t.updates:
+        if t.minutes > 0 and not all_ranks(acc, time.time() - t_start <= t.minutes * 60):  # ranks stop together
+            acc.print(f"time budget of {t.minutes} min reached at update {update}")
+            break
+        if acc.num_processes > 1:  # per-rank σ / re-noising draws (one process keeps its single RNG stream)
+            torch.manual_seed(rank_seed(t.seed, acc.process_index, update))
+        ts = time.time()
+        logs: dict = {}
+        if opt_c is not None:
+            skipped += critic_updates(update, range(1, 1 + t.d_updates), logs)
+        ok, slogs = student_step(method, opt_s, s_params, src.get(update, 0, t.batch_size), t.grad_clip, acc, fsdp)
+        logs.update(slogs)
+        if not ok:  # non-finite loss or gradient: skip the update, count it, roll back after too many in a row
+            skipped += 1
+            in_a_row += 1
+            logs["skipped_updates"] = skipped
+            if in_a_row >= t.max_nonfinite:
+                update, log.records = rollback(acc, out, method, ema, opts, fsdp)
+                in_a_row = 0
+                continue
+        else:
+            in_a_row = 0
+        update += 1
+        faults.point("update")
+        ema_update(ema, method.student, ema_decay(update, t.ema))
+        logs["sec_per_update"] = time.time() - ts
+        if update % t.log_every == 0 or update == t.updates:
+            logs = mean_over_ranks(acc, logs)
+            rec = log_record(update, logs)
+            chance = at_chance(logs)
+            if chance is not None:
+                rec["d_at_chance"] = chance
+                if chance and not warned_chance and update >= 50:
+                    warned_chance = True
+                    bar.say(f"update {update}: the discriminator sits at chance (acc real {logs['d_acc_real']:.2f}, "
+                            f"fake {logs['d_acc_fake']:.2f}); consider disc.sigma_mean<0, a higher lr_disc or disc.r1")
+            log.add(rec)
+        bar.update(update, logs)
+        if (acc.is_main_process or fsdp) and t.grid_every and (update % t.grid_every == 0 or update == t.updates):
+            write_grid(out / "grids" / f"grid-{update:06d}.png", grids, ema,  # FSDP: every rank runs the
+                       save=acc.is_main_process)                              # sharded EMA, rank 0 saves
+        if t.checkpoint_every and update % t.checkpoint_every == 0 and update < t.updates:
+            checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
+    bar.close()
+    log.close()
+    checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
+    check_ranks_in_sync(acc, out, list(saved_modules(method, ema).values()))
+    if tensors_sha256([teacher.backbone.state_dict()]) != teacher_hash:  # the teacher never changes
+        raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")
+    if acc.is_main_process:
+        loss_curves(log.records, method.log_keys, out / "loss_curves.png")
+    return out

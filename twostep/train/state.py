@@ -1,0 +1,136 @@
+"""What a run keeps between processes: the run folder (refusals, its config.yaml), the optimizers and their
+hyper-parameters on resume, checkpoints (write, load, roll back after non-finite updates) and the usable model.
+
+Checkpoints always hold full tensors, in the same format with or without FSDP (distributed.py gathers and
+shards them). Module files are named by `method.modules()` plus `ema`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import dump_config, to_dict
+from ..errors import UserError
+from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from ..io.files import all_finite, atomic_write_text
+from ..sampling import save_student
+from .distributed import full_optim_state, full_state, load_module, optim_transform
+
+
+def check_run_folder(out: Path, cfg, resume: bool) -> tuple[Path | None, dict | None]:
+    """(newest complete checkpoint, the run's previous config as a dict) of the run folder `out`. Refuses a folder
+    that holds a run unless `resume`, and a resume whose config differs outside `train`."""
+    ck = latest_checkpoint(out / "checkpoints")
+    if ck is not None and not resume:
+        raise UserError(f"{out}: already holds a run (checkpoint {ck.name}); pass --resume to continue it or "
+                        "choose another --out")
+    prev = None
+    if resume and (out / "config.yaml").exists():
+        prev = yaml.safe_load((out / "config.yaml").read_text())
+        now = to_dict(cfg)
+        diff = [f"{s}.{k}" for s in now if isinstance(now[s], dict) for k in now[s]
+                if s != "train" and prev.get(s, {}).get(k) != now[s][k]]
+        if diff:
+            raise UserError(f"{out}: --resume with a different config ({', '.join(diff[:3])}); use the run's "
+                            "config.yaml or another --out")
+    return ck, prev
+
+
+def start_run_folder(acc, out: Path, cfg) -> None:
+    """The run folder with the resolved config.yaml (written by the main process) and grids/."""
+    out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        (out / "grids").mkdir(exist_ok=True)
+
+
+def student_lr(train: dict, decoupling: str) -> float:
+    """The student's learning rate: `train.lr_lora` for per-step LoRA adapters, `train.lr_student` otherwise
+    (a config written before lr_lora existed trained its adapters at lr_student)."""
+    if decoupling == "lora":
+        return train.get("lr_lora", train["lr_student"])
+    return train["lr_student"]
+
+
+def optimizers(cfg, s_params, c_params) -> dict[str, torch.optim.Optimizer]:
+    """AdamW of the student ("student") and, when it has parameters, of the critic ("critic")."""
+    t = cfg.train
+    lr_s = student_lr(to_dict(cfg)["train"], cfg.student.decoupling)
+    opt_s = torch.optim.AdamW(s_params, lr=lr_s, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    opt_c = (torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas), weight_decay=t.weight_decay_disc)
+             if c_params else None)
+    return {"student": opt_s, **({"critic": opt_c} if opt_c else {})}
+
+
+def apply_resumed_hparams(acc, opts, prev: dict | None, cfg) -> None:
+    """A checkpoint's optimizer state carries its learning rates, so loading it would silently undo a changed
+    `--set train.lr_student=...` on --resume. Apply the current config: the learning rate scaled by what the run
+    did to it (the NaN rollback's halvings survive), betas and weight decay as configured."""
+    t, dec = cfg.train, cfg.student.decoupling
+    now_t = to_dict(cfg)["train"]
+    prev_t = (prev or {}).get("train") or now_t
+    lrs = {"student": (student_lr(prev_t, dec), student_lr(now_t, dec), "lr_lora" if dec == "lora" else "lr_student"),
+           "critic": (prev_t["lr_disc"], now_t["lr_disc"], "lr_disc")}
+    for name, (was, now, key) in lrs.items():
+        if name not in opts:
+            continue
+        for g in opts[name].param_groups:
+            g["lr"] = g["lr"] * now / was
+            g["betas"] = tuple(t.betas)
+            g["weight_decay"] = t.weight_decay if name == "student" else t.weight_decay_disc
+        if now != was:
+            acc.print(f"resumed with train.{key}={now:g} (the run had {was:g})")
+
+
+def saved_modules(method, ema) -> dict[str, torch.nn.Module]:
+    """The modules a checkpoint holds, by file name: the student, its EMA, then the method's other trainable ones."""
+    mods = method.modules()
+    return {"student": mods["student"], "ema": ema, **{k: m for k, m in mods.items() if k != "student"}}
+
+
+def load_state(ck: Path, method, ema, opts, fsdp: bool) -> dict:
+    """Modules and optimizer state from a checkpoint (full tensors; sharded on load under FSDP); returns its meta."""
+    for name, m in saved_modules(method, ema).items():
+        load_module(m, ck / f"{name}.safetensors", fsdp)
+    tfs = {"student": optim_transform(opts["student"])} if fsdp else None
+    return read_checkpoint(ck, opts, tfs)
+
+
+def rollback(acc, out: Path, method, ema, opts, fsdp: bool = False) -> tuple[int, list]:
+    """Too many non-finite updates in a row: reload the newest complete checkpoint and halve the learning rates.
+    Returns the checkpoint's (update, log)."""
+    ck = latest_checkpoint(out / "checkpoints")
+    lrs = {k: [g["lr"] * 0.5 for g in o.param_groups] for k, o in opts.items()}
+    if ck is None:
+        raise RuntimeError("non-finite losses in a row and no checkpoint to roll back to; lower the learning "
+                           "rates (train.lr_student / train.lr_disc)")
+    meta = load_state(ck, method, ema, opts, fsdp)
+    for k, o in opts.items():
+        for g, lr in zip(o.param_groups, lrs[k]):
+            g["lr"] = lr
+    acc.print(f"rolled back to {ck.name} (update {meta['step']}) after repeated non-finite losses; learning "
+              f"rates halved to {', '.join(f'{k}={v[0]:.3g}' for k, v in lrs.items())}")
+    return meta["step"], meta.get("log", [])
+
+
+def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: int, scfg: dict, fsdp: bool = False):
+    """Rank 0 writes a checkpoint and the run folder's model files, always full tensors (under FSDP every rank
+    takes part in gathering them first), in the same format with or without FSDP."""
+    acc.wait_for_everyone()
+    main = acc.is_main_process
+    mods = saved_modules(method, ema)
+    if fsdp:
+        states = {k: full_state(m, main) for k, m in mods.items()}
+        opt_state = {**opts, "student": full_optim_state(opts["student"], main)}
+    elif main:
+        states, opt_state = {k: m.state_dict() for k, m in mods.items()}, opts
+    if not main:
+        return
+    if not all_finite(states["student"]):
+        acc.print(f"update {update}: non-finite student weights; checkpoint NOT written")
+        return
+    write_checkpoint(out / "checkpoints", states, {"step": update, "log": log}, keep=keep, optimizers=opt_state)
+    save_student(ema, {**scfg, "updates": update}, out, state=states["ema"])  # the usable model: EMA + config
