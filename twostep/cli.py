@@ -19,7 +19,7 @@ from .metrics.features import FLAGS as FEATURE_FLAGS, FeatureTrainConfig, train_
 from .sampling import load_generator
 from .teacher.cache import build_cache
 from .teacher.train import FLAGS as TEACHER_FLAGS, TeacherTrainConfig, train_teacher
-from .train import distill
+from .train import distill, parameter_counts
 
 
 def _threads(n: int | None):
@@ -57,7 +57,7 @@ def cmd_distill(a):
     cfg = load_config(a.config, a.set)
     if a.dry_run:
         print(dump_config(cfg), end="")
-        n = evaluate.parameter_counts(cfg, a.teacher)
+        n = parameter_counts(cfg, a.teacher)
         print(f"# parameters: teacher {n['teacher']:,} (frozen) | student trainable {n['student']:,} | "
               f"critic trainable {n['critic']:,}")
         return

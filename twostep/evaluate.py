@@ -23,7 +23,6 @@ from .errors import UserError
 from .io.files import atomic_save_tensors, atomic_write_text
 from .io.folders import CONFIG, read_config, save_teacher_settings, teacher_identity
 from .io.pipeline_format import SIDECAR
-from .methods import build_method
 from .model import batched, check_pair, load_teacher, num_parameters
 from .paths import committed_model
 from .sampling import TeacherSampler
@@ -197,12 +196,3 @@ def tune_guidance(teacher_dir: Path, data: str, grid=(0.0, 1.0, 2.0, 3.0, 4.0), 
                              "fd_by_guidance": {f"{g:g}": v for g, v in fds.items()}}
     save_teacher_settings(Path(teacher_dir), cfg)
     return best, Path(teacher_dir) / (SIDECAR if cfg.get("pipeline") else CONFIG)
-
-
-def parameter_counts(cfg, teacher_dir: Path) -> dict[str, int]:
-    """What a distillation trains (`twostep distill --dry-run`): the frozen teacher's parameters and the
-    trainable ones of the method's student and critic."""
-    teacher = load_teacher(teacher_dir)
-    m = build_method(cfg, teacher.backbone)
-    return {"teacher": num_parameters(teacher.backbone.parameters()),
-            "student": num_parameters(m.student_parameters()), "critic": num_parameters(m.critic_parameters())}

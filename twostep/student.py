@@ -144,7 +144,7 @@ class TwoStepStudent(nn.Module):
     # -- weights --------------------------------------------------------------------------------------
     def export_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Files of a student folder: {filename stem: state dict}. `state`: this module's full state dict when the
-        module itself holds shards (FSDP; train.py gathers it), else self.state_dict()."""
+        module itself holds shards (FSDP; twostep.train.state gathers it), else self.state_dict()."""
         sd = self.state_dict() if state is None else state
 
         def sub(prefix):

@@ -19,6 +19,7 @@ from ..config import Config
 from ..ema import ema_decay, ema_update
 from ..io.files import tensors_sha256
 from ..methods import build_method
+from ..model import load_teacher, num_parameters
 from ..student import deepcopy_sharing_frozen, student_config
 from .batches import BatchSource, load_inputs, real_images
 from .distributed import accelerator, all_ranks, check_ranks_in_sync, mean_over_ranks, rank_seed, shard_student, use_fsdp
@@ -36,6 +37,15 @@ def prepare_method(cfg: Config, teacher, device):
     method.setup(teacher)
     method.check_teacher(teacher)
     return method
+
+
+def parameter_counts(cfg, teacher_dir: Path) -> dict[str, int]:
+    """What a distillation trains (`twostep distill --dry-run`): the frozen teacher's parameters and the
+    trainable ones of the method's student and critic."""
+    teacher = load_teacher(teacher_dir)
+    m = build_method(cfg, teacher.backbone)
+    return {"teacher": num_parameters(teacher.backbone.parameters()),
+            "student": num_parameters(m.student_parameters()), "critic": num_parameters(m.critic_parameters())}
 
 
 def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool = False,
