@@ -30,6 +30,11 @@ def test_overrides_and_types(tmp_path):
     (["nosection.x=1"], "nosection"),
     (["student=3"], "student"),
     (["noequals"], "noequals"),
+    (["train.lr_student=nan"], "train.lr_student"),          # ranges (tests/test_ranges.py enumerates them all)
+    (["train.betas=[0.5]"], "train.betas"),
+    (["disc.blocks=[-1]"], "disc.blocks"),
+    (["student.sigma_mid=1.5"], "student.sigma_mid"),
+    (["train.batch_size=0"], "train.batch_size"),
 ])
 def test_bad_overrides(sets, needle):
     with pytest.raises(UserError) as e:
@@ -51,7 +56,8 @@ def test_bad_yaml_file(tmp_path):
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["student", "disc", "loss", "train", "x", "student.sigma_mid",
-                                           "train.updates", "loss.step1_loss", "disc.blocks", "method"]),
+                                           "train.updates", "loss.step1_loss", "disc.blocks", "method",
+                                           "train.betas", "train.lr_student", "train.seed"]),
                           st.text(max_size=12)), max_size=4))
 def test_fuzz_overrides_only_raise_user_errors(pairs):
     sets = [f"{k}={v}" for k, v in pairs]

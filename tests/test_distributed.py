@@ -12,12 +12,14 @@ import torch
 from twostep.methods import load_config
 from twostep.train import BatchSource, distill
 
+from tiny import BLOCKS_1
+
 UPDATES = 4
 # σ of the discriminator's re-noising pinned to its floor (1e-3): the methods draw σ and ε from each process's own
 # RNG, so 2 processes cannot reproduce 1 process's draws; at σ = 1e-3 those draws barely move the losses, and what
 # is left to compare is the data split, the gradient all-reduce and the logged mean over ranks.
 SETTINGS = [f"train.updates={UPDATES}", "train.d_warmup=0", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=0",
-            "train.grid_every=0", "disc.sigma_std=0.0", "disc.sigma_mean=-10.0"]
+            "train.grid_every=0", "disc.sigma_std=0.0", "disc.sigma_mean=-10.0", BLOCKS_1]
 KEYS = ("g_loss", "g_adv", "step1", "d_loss", "mse_vs_teacher")
 
 

@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 from twostep.methods import load_config
 from twostep.train import distill
 
+from tiny import BLOCKS_1
+
 UPDATES = 4
 SETTINGS = [f"train.updates={UPDATES}", "train.d_warmup=0", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
             "train.keep_checkpoints=2", "train.grid_every=4", "train.grad_clip=0.05", "train.lr_student=1e-3",
-            "student.decoupling=full", "loss.adv_weight=0.0", "loss.paired_weight=1.0", "loss.step1_loss=traj"]
+            "student.decoupling=full", "loss.adv_weight=0.0", "loss.paired_weight=1.0", "loss.step1_loss=traj", BLOCKS_1]
 FSDP = ["train.fsdp=true", "train.grad_checkpointing=true"]
 TOL = 1e-5
 
@@ -120,7 +122,7 @@ def test_fsdp_shared_student_when_ranks_call_it_differently(runs):
     root, teacher, cache, one, two = runs
     out = _launch(teacher, cache, root / "ladd", ["method=ladd", "student.decoupling=shared", "train.updates=4", "train.d_warmup=0",
                                                   "train.batch_size=2", "train.checkpoint_every=0",
-                                                  "train.grid_every=0", "train.fsdp=true"], units=8)
+                                                  "train.grid_every=0", "train.fsdp=true", BLOCKS_1], units=8)
     assert json.loads((out / "distributed.json").read_text())["ranks_in_sync"] is True
     w = load_file(str(out / "model.safetensors"))
     assert w.keys() == load_file(str(teacher / "model.safetensors")).keys()

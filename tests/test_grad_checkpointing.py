@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import fake_batch, tiny_teacher_backbone  # noqa: E402
+from tiny import BLOCKS_2, fake_batch, tiny_teacher_backbone  # noqa: E402
 
 from twostep.methods import load_config  # noqa: E402
 from twostep.methods import build_method  # noqa: E402
@@ -16,7 +16,7 @@ from twostep.train import enable_grad_checkpointing  # noqa: E402
 
 
 def _student_update(decoupling, checkpointing):
-    cfg = load_config(None, [f"student.decoupling={decoupling}",
+    cfg = load_config(None, [BLOCKS_2, f"student.decoupling={decoupling}",
                              f"train.grad_checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
     method = build_method(cfg, tiny_teacher_backbone())

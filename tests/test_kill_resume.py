@@ -19,10 +19,12 @@ from safetensors.torch import load_file
 
 from twostep.io.checkpoints import latest_checkpoint
 
+from tiny import BLOCKS_1
+
 POINTS = ["update", "ckpt.mid", "ckpt.rename", "ckpt.prune", "model.save"]
 UPDATES = 48  # > the most progress 10 kills can keep (≤ 4 updates per kill), so ≥ 10 kills always happen
 SETTINGS = [f"train.updates={UPDATES}", "train.d_warmup=0", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
-            "train.keep_checkpoints=2", "train.grid_every=0"]
+            "train.keep_checkpoints=2", "train.grid_every=0", BLOCKS_1]
 
 
 def _cmd(teacher, cache, out, resume):

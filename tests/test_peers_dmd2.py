@@ -19,6 +19,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dmd2.yaml"
 
 from tiny import fake_batch as _batch  # noqa: E402
 from tiny import tiny_teacher_backbone as _teacher  # noqa: E402
+from tiny import BLOCKS_2  # noqa: E402
 
 
 NULL = torch.randn(3, 384, generator=torch.Generator().manual_seed(99))
@@ -26,7 +27,7 @@ NULL = torch.randn(3, 384, generator=torch.Generator().manual_seed(99))
 
 def _method(*sets):
     torch.manual_seed(0)
-    m = build_method(load_config(CONFIG, list(sets)), _teacher())
+    m = build_method(load_config(CONFIG, [BLOCKS_2, *sets]), _teacher())
     m.null_caption = NULL  # the "" caption without loading the text encoder
     return m
 
@@ -179,17 +180,17 @@ def test_setup_takes_the_null_caption_from_a_pipeline_teacher_and_data_real_need
     bb = _teacher()
     calls = []
     latent = SimpleNamespace(parts=object(), backbone=bb, null_text=lambda n: calls.append(n) or [NULL] * n)
-    m = build_method(load_config(CONFIG), bb)
+    m = build_method(load_config(CONFIG, [BLOCKS_2]), bb)
     m.setup(latent)
     assert m.null_caption is NULL and calls == [1]
-    m = build_method(load_config(CONFIG, ["dmd.guidance=0"]), bb)
+    m = build_method(load_config(CONFIG, [BLOCKS_2, "dmd.guidance=0"]), bb)
     m.setup(latent)
     assert torch.equal(m.null_caption, torch.zeros(1, bb.cap_feat_dim)) and calls == [1]
     pixel = SimpleNamespace(parts=None, backbone=bb)
-    fresh = build_method(load_config(CONFIG), bb)
+    fresh = build_method(load_config(CONFIG, [BLOCKS_2]), bb)
     fresh.setup(pixel)
     assert fresh.null_caption is None                                         # encoded on first use
     with pytest.raises(UserError, match="disc.real=data needs a pixel-space teacher"):
         m.check_teacher(latent)
     m.check_teacher(pixel)
-    build_method(load_config(CONFIG, ["disc.real=teacher"]), bb).check_teacher(latent)
+    build_method(load_config(CONFIG, [BLOCKS_2, "disc.real=teacher"]), bb).check_teacher(latent)

@@ -16,11 +16,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ladd.yaml"
 
 from tiny import fake_batch as _batch  # noqa: E402
 from tiny import tiny_teacher_backbone as _teacher  # noqa: E402
+from tiny import BLOCKS_2  # noqa: E402
 
 
 def _method(*sets):
     torch.manual_seed(0)
-    return build_method(load_config(CONFIG, list(sets)), _teacher())
+    return build_method(load_config(CONFIG, [BLOCKS_2, *sets]), _teacher())
 
 
 def _force_steps(m, monkeypatch, k):

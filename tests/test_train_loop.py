@@ -9,10 +9,12 @@ from twostep.methods import load_config
 from twostep.errors import UserError
 from twostep.train import distill
 
+from tiny import BLOCKS_1
+
 
 def _cfg(updates, *extra):
     return load_config(None, [f"train.updates={updates}", "train.batch_size=4", "train.log_every=1",
-                              "train.checkpoint_every=2", "train.grid_every=0", "train.d_warmup=0", *extra])
+                              "train.checkpoint_every=2", "train.grid_every=0", "train.d_warmup=0", BLOCKS_1, *extra])
 
 
 def _log(run):

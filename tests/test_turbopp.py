@@ -12,11 +12,12 @@ from twostep.methods.turbopp import TurboPP
 
 from tiny import fake_batch as _batch  # noqa: E402
 from tiny import tiny_teacher_backbone as _teacher  # noqa: E402
+from tiny import BLOCKS_2  # noqa: E402
 
 
 def _method(*sets):
     torch.manual_seed(0)
-    return TurboPP(load_config(None, list(sets)), _teacher())
+    return TurboPP(load_config(None, [BLOCKS_2, *sets]), _teacher())
 
 
 def _grads(params):

@@ -4,6 +4,11 @@ import torch
 
 from twostep.backbones.zimage import ZImageBackbone, tiny_zimage_config
 
+# disc.blocks indexes the teacher's blocks; its default [1, 2, 3] needs 4 and an out-of-range entry is refused (never
+# taken modulo the count), so a config for a tiny teacher names blocks it has: the ones [1, 2, 3] used to wrap to.
+BLOCKS_2 = "disc.blocks=[0, 1]"   # tiny_teacher_backbone below (2 blocks)
+BLOCKS_1 = "disc.blocks=[0]"      # conftest.make_tiny_teacher (1 block)
+
 
 def tiny_teacher_backbone():
     bb = ZImageBackbone.from_config(tiny_zimage_config(dim=32, n_layers=2, n_heads=1), seed=0)

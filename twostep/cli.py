@@ -12,8 +12,9 @@ from functools import partial
 import torch
 
 from . import demo, evaluate, report, speed
-from .config import add_config_flags, dump_config, load_flagged_config
+from .config import COUNT, NON_NEGATIVE, POSITIVE, SEED, UPSCALE, add_config_flags, dump_config, load_flagged_config
 from .errors import UserError
+from .io.folders import check_output_path
 from .methods import load_config
 from .metrics.features import FLAGS as FEATURE_FLAGS, FeatureTrainConfig, train_feature_net
 from .sampling import load_generator
@@ -37,6 +38,7 @@ def cmd_teacher_train(a):
 def cmd_sample(a):
     if bool(a.prompt) == bool(a.eval_prompts):
         raise UserError("give either --prompt (repeatable) or --eval-prompts DATA")
+    check_output_path(a.out, "--out", {"--model": a.model})  # before the work
     gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
     if a.eval_prompts:
         caps = report.protocol_grid(gen, a.eval_prompts, a.out, seed=a.seed, prompts=a.rows, per_prompt=a.num,
@@ -66,6 +68,8 @@ def cmd_distill(a):
 
 
 def cmd_eval(a):
+    if a.json:  # before the work
+        check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features})
     gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
     res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
                             teacher_dir=a.teacher, progress=not a.no_progress)
@@ -95,6 +99,8 @@ def cmd_demo(a):
 
 
 def cmd_speed(a):
+    if a.json:  # before the work
+        check_output_path(a.json, "--json", {"--teacher": a.teacher, "--student": a.student})
     r = speed.measure_folders(a.teacher, a.student, batch=a.batch, repeats=a.repeats)
     r["cmd"] = f"twostep speed --teacher {a.teacher} --student {a.student} --batch {a.batch} --repeats {a.repeats}"
     print(speed.summary(r))
@@ -111,6 +117,7 @@ def cmd_export(a):
           f"  pipe = TwoStepZImagePipeline.from_pretrained({str(out)!r})")
 
 
+EVAL_NUM = evaluate.EVAL_NUM    # FD/KID need at least 10 images
 FEATURES_HELP = "feature-net folder (default: features-<data> in $TWOSTEP_MODELS, else ./models)"
 
 
@@ -122,7 +129,7 @@ def default(fn, name: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twostep", description="Distill a few-step flow-matching text-to-image model "
                                 "into a 2-step generator (Z-Image Turbo++), and measure it honestly.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS if set, else all cores)")
+    p.add_argument("--threads", type=COUNT.arg(), default=None, help="torch CPU threads (default: OMP_NUM_THREADS if set, else all cores)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("teacher", help="train a teacher, cache its samples, tune its guidance")
@@ -142,11 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--teacher", required=True, help="teacher folder, or a diffusers ZImagePipeline folder "
                     "(latents + its own text features are cached)")
     tc.add_argument("--data", required=True, help="prompt source: shapes | photos | folder with captions.jsonl")
-    tc.add_argument("--num", type=int, required=True, help="number of (prompt, noise) pairs")
+    tc.add_argument("--num", type=COUNT.arg(), required=True, help="number of (prompt, noise) pairs")
     tc.add_argument("--out", required=True, help="cache folder")
-    tc.add_argument("--seed", type=int, default=default(build_cache, "seed"))
-    tc.add_argument("--shard-size", dest="shard_size", type=int, default=default(build_cache, "shard_size"))
-    tc.add_argument("--batch-size", dest="batch_size", type=int, default=default(build_cache, "batch_size"))
+    tc.add_argument("--seed", type=SEED.arg(), default=default(build_cache, "seed"))
+    tc.add_argument("--shard-size", dest="shard_size", type=COUNT.arg(), default=default(build_cache, "shard_size"))
+    tc.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default(build_cache, "batch_size"))
     tc.add_argument("--skip-bad", dest="skip_bad", action="store_true")
     tc.add_argument("--no-progress", action="store_true")
     tc.set_defaults(fn=cmd_teacher_cache)
@@ -156,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the g with the lowest FD (and all FDs) in the teacher's config.json.")
     tg.add_argument("--teacher", required=True)
     tg.add_argument("--data", required=True)
-    tg.add_argument("--grid", type=float, nargs="+", default=default(evaluate.tune_guidance, "grid"))
-    tg.add_argument("--num", type=int, default=default(evaluate.tune_guidance, "num"))
-    tg.add_argument("--seed", type=int, default=default(evaluate.tune_guidance, "seed"),
+    tg.add_argument("--grid", type=NON_NEGATIVE.arg(), nargs="+", default=default(evaluate.tune_guidance, "grid"))
+    tg.add_argument("--num", type=EVAL_NUM.arg(), default=default(evaluate.tune_guidance, "num"))
+    tg.add_argument("--seed", type=SEED.arg(), default=default(evaluate.tune_guidance, "seed"),
                     help="eval seed (default %(default)s, so the reported seed 0 is not tuned on)")
     tg.add_argument("--features", default=None, help=FEATURES_HELP)
     tg.set_defaults(fn=cmd_tune_guidance)
@@ -170,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "teacher). Deterministic on CPU at a fixed seed.")
     ev.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
     ev.add_argument("--data", required=True, help="shapes | photos | folder (needs --features)")
-    ev.add_argument("--steps", type=int, default=None, help="teacher only")
-    ev.add_argument("--guidance", type=float, default=None, help="teacher only (0 = no CFG)")
-    ev.add_argument("--num", type=int, default=default(evaluate.evaluate, "num"))
-    ev.add_argument("--seed", type=int, default=default(evaluate.evaluate, "seed"))
+    ev.add_argument("--steps", type=COUNT.arg(), default=None, help="teacher only")
+    ev.add_argument("--guidance", type=NON_NEGATIVE.arg(), default=None, help="teacher only (0 = no CFG)")
+    ev.add_argument("--num", type=EVAL_NUM.arg(), default=default(evaluate.evaluate, "num"))
+    ev.add_argument("--seed", type=SEED.arg(), default=default(evaluate.evaluate, "seed"))
     ev.add_argument("--ref", default=default(evaluate.evaluate, "ref"), choices=["data", "teacher"])
     ev.add_argument("--teacher", default=None, help="teacher folder for PSNR / --ref teacher (default: the "
                     "student's own teacher, or the teacher itself)")
@@ -216,11 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "else ./models)")
     dm.add_argument("--config", default=None, help="distill config (default: demo.yaml in $TWOSTEP_CONFIGS, "
                     "else ./configs)")
-    dm.add_argument("--cache-num", dest="cache_num", type=int, default=default(demo.run_demo, "cache_num"))
-    dm.add_argument("--minutes", type=float, default=default(demo.run_demo, "minutes"),
-                    help="distillation time budget")
-    dm.add_argument("--eval-num", dest="eval_num", type=int, default=default(demo.run_demo, "eval_num"))
-    dm.add_argument("--seed", type=int, default=default(demo.run_demo, "seed"))
+    dm.add_argument("--cache-num", dest="cache_num", type=COUNT.arg(), default=default(demo.run_demo, "cache_num"))
+    dm.add_argument("--minutes", type=POSITIVE.arg(), default=default(demo.run_demo, "minutes"),
+                    help="distillation time budget (> 0)")
+    dm.add_argument("--eval-num", dest="eval_num", type=EVAL_NUM.arg(), default=default(demo.run_demo, "eval_num"))
+    dm.add_argument("--seed", type=SEED.arg(), default=default(demo.run_demo, "seed"))
     dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     dm.set_defaults(fn=cmd_demo)
 
@@ -229,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "interleaved after warm-up; prints images/sec, NFE and the ratio to the NFE limit.")
     spd.add_argument("--teacher", required=True)
     spd.add_argument("--student", required=True)
-    spd.add_argument("--batch", type=int, default=default(speed.measure_folders, "batch"))
-    spd.add_argument("--repeats", type=int, default=default(speed.measure_folders, "repeats"))
+    spd.add_argument("--batch", type=COUNT.arg(), default=default(speed.measure_folders, "batch"))
+    spd.add_argument("--repeats", type=COUNT.arg(), default=default(speed.measure_folders, "repeats"))
     spd.add_argument("--json", default=None)
     spd.set_defaults(fn=cmd_speed)
 
@@ -243,13 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-prompts", dest="eval_prompts", metavar="DATA", default=None,
                     help="instead of --prompt: the first --rows test-split captions and the noise that `twostep eval "
                     "--data DATA --seed SEED` uses (column 0 = eval's own noise), the same for every model")
-    sp.add_argument("--rows", type=int, default=default(report.protocol_grid, "prompts"),
+    sp.add_argument("--rows", type=COUNT.arg(), default=default(report.protocol_grid, "prompts"),
                     help="with --eval-prompts: number of prompts (rows)")
-    sp.add_argument("--steps", type=int, default=None, help="teacher only: Euler steps (default from config)")
-    sp.add_argument("--guidance", type=float, default=None, help="teacher only: CFG scale g (0 = off)")
-    sp.add_argument("--seed", type=int, default=default(report.prompt_grid, "seed"))
-    sp.add_argument("--num", type=int, default=default(report.prompt_grid, "per_prompt"), help="images per prompt")
-    sp.add_argument("--scale", type=int, default=default(report.prompt_grid, "scale"),
+    sp.add_argument("--steps", type=COUNT.arg(), default=None, help="teacher only: Euler steps (default from config)")
+    sp.add_argument("--guidance", type=NON_NEGATIVE.arg(), default=None, help="teacher only: CFG scale g (0 = off)")
+    sp.add_argument("--seed", type=SEED.arg(), default=default(report.prompt_grid, "seed"))
+    sp.add_argument("--num", type=COUNT.arg(), default=default(report.prompt_grid, "per_prompt"),
+                    help="images per prompt")
+    sp.add_argument("--scale", type=UPSCALE.arg(), default=default(report.prompt_grid, "scale"),
                     help="nearest-neighbour upscale of the grid PNG")
     sp.add_argument("--out", required=True, help="PNG file to write")
     sp.set_defaults(fn=cmd_sample)

@@ -1,7 +1,14 @@
 """Typed run configuration: dataclasses with documented defaults, YAML files and `--set a.b=c` overrides.
 
-An unknown key, a wrong type or a value outside its choices is a UserError naming the key (exit code 2).
-The resolved config is saved in every run folder (`config.yaml`).
+An unknown key, a wrong type, a value outside its choices or outside its range is a UserError naming the key
+(exit code 2). The resolved config is saved in every run folder (`config.yaml`).
+
+Ranges are declared once: every numeric field states its Range next to its default and doc (`opt(2e-5, "doc",
+range=POSITIVE)`), from_dict checks it when the config is parsed (before any model is built; NaN and ±inf are
+refused for every float), and a dataclass's `RULES` (Rule: keys, test, fix) check values that only make sense
+together. The same Range objects give the CLI's non-config flags their argparse type (`type=COUNT.arg()`, so
+argparse's own one-line `error:` and exit code 2 apply) and the library functions behind them their check
+(`COUNT.check(num, "num")`).
 
 Here: the machinery (from_dict, to_dict, read_sections, load_typed, dump_config) and the sections every
 distillation method shares (student, disc, train). A method's own sections are dataclasses in its module
@@ -11,34 +18,144 @@ distillation method shares (student, disc, train). A method's own sections are d
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
 from .errors import UserError
 
 
+# -- ranges: the values a numeric option allows, declared once -------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option allows: a number between `lo` and `hi` (None: unbounded; each bound closed
+    unless `lo_open` / `hi_open`), an integer when `integer`; with `items`, a list of such numbers (exactly
+    `length` of them when given, at least `min_items`). NaN and ±inf are never inside. `text` says it in messages
+    ("use a number > 0")."""
+    text: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    items: bool = False
+    length: int | None = None
+    min_items: int = 0
+
+    def number_ok(self, x) -> bool:
+        """One number (a list's item) inside the bounds."""
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            return False
+        if self.integer and not isinstance(x, numbers.Integral):
+            return False
+        if isinstance(x, float) and not math.isfinite(x):
+            return False
+        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+            return False
+        return self.hi is None or not (x > self.hi or (self.hi_open and x == self.hi))
+
+    def contains(self, value) -> bool:
+        if not self.items:
+            return self.number_ok(value)
+        return (isinstance(value, (list, tuple)) and len(value) >= self.min_items
+                and (self.length is None or len(value) == self.length) and all(self.number_ok(x) for x in value))
+
+    def check(self, value, name: str):
+        """`value` if inside, else a one-line UserError naming `name`, the value and the range (a library
+        function's check of an argument a CLI flag gives it)."""
+        if not self.contains(value):
+            raise UserError(f"{name}: {shown(value)} is out of range; use {self.text}")
+        return value
+
+    def arg(self) -> Callable[[str], Any]:
+        """An argparse `type=` for a flag in this range (one item per value when nargs is used): a value that is
+        not a number, or outside, is argparse's one-line error (exit code 2)."""
+        kind = "an integer" if self.integer else "a number"
+
+        def parse(text: str):
+            try:
+                value = int(text) if self.integer else float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not {kind}; use {self.text}") from None
+            if not self.number_ok(value):
+                raise argparse.ArgumentTypeError(f"{text} is out of range; use {self.text}")
+            return value
+
+        parse.__name__ = "integer" if self.integer else "number"
+        parse.range = self  # type: ignore[attr-defined]  # the flag's range (tests/test_ranges.py enumerates them)
+        return parse
+
+
+def at_least(n: int, why: str = "") -> Range:
+    """Integers >= n."""
+    return Range(f"an integer >= {n}{f' ({why})' if why else ''}", lo=n, integer=True)
+
+
+FINITE = Range("a finite number")
+POSITIVE = Range("a finite number > 0", lo=0, lo_open=True)
+NON_NEGATIVE = Range("a finite number >= 0", lo=0)
+UNIT = Range("a number in [0, 1]", lo=0, hi=1)
+UNIT_RIGHT_OPEN = Range("a number in [0, 1), i.e. 0 <= x < 1", lo=0, hi=1, hi_open=True)
+UNIT_OPEN = Range("a number in (0, 1), i.e. 0 < x < 1", lo=0, hi=1, lo_open=True, hi_open=True)
+SIGMA = Range("a noise level in (0, 1], i.e. 0 < sigma <= 1", lo=0, hi=1, lo_open=True)
+COUNT = at_least(1)
+NON_NEGATIVE_INT = at_least(0)
+SEED = Range(f"an integer in [0, {2 ** 32 - 1}]", lo=0, hi=2 ** 32 - 1, integer=True)
+UPSCALE = Range("an integer in [1, 64]", lo=1, hi=64, integer=True)
+BETAS = Range("a list of two numbers in [0, 1), e.g. [0.0, 0.99]", lo=0, hi=1, hi_open=True, items=True, length=2)
+BLOCKS = Range("a non-empty list of integers >= 0 (teacher block indices), e.g. [1, 2, 3]", lo=0, integer=True,
+               items=True, min_items=1)
+BLOCKS_OR_ALL = Range("a list of integers >= 0 (teacher block indices; [] = all blocks)", lo=0, integer=True,
+                      items=True)
+SCALES = Range("a non-empty list of integers >= 1, e.g. [1, 2]", lo=1, integer=True, items=True, min_items=1)
+GUIDANCES = Range("a non-empty list of numbers >= 0 (CFG scales)", lo=0, items=True, min_items=1)
+
+
+class Rule(NamedTuple):
+    """A check of values that only make sense together (a dataclass's `RULES`): `test(section)` must hold;
+    `fix` says what to change."""
+    keys: tuple[str, ...]
+    test: Callable[[Any], bool]
+    fix: str
+
+
 def choice(default, options, doc=""):
     return field(default=default, metadata={"choices": tuple(options), "doc": doc})
 
 
-def opt(default, doc=""):
+def opt(default, doc="", range: Range | None = None):  # noqa: A002  (shadows the builtin in here only)
+    meta = {"doc": doc, **({"range": range} if range is not None else {})}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_range(cls, name: str) -> Range | None:
+    """The declared range of a config field (a float field without one: FINITE; other fields: None)."""
+    f = {x.name: x for x in fields(cls)}[name]
+    rng = f.metadata.get("range")
+    if rng is None and typing.get_type_hints(cls)[name] is float:
+        return FINITE
+    return rng
 
 
 @dataclass
 class StudentConfig:
     decoupling: str = choice("full", ["full", "lora", "shared"], "step-decoupled parameters: two full copies, "
                              "one frozen base + a LoRA per step, or one shared set (ablation)")
-    sigma_mid: float = opt(0.75, "σm: the σ at which step 2 starts (the 2-step shift-3 grid gives 0.75)")
+    sigma_mid: float = opt(0.75, "σm: the σ at which step 2 starts (the 2-step shift-3 grid gives 0.75)",
+                           range=UNIT_OPEN)
     mid_noise: str = choice("same", ["same", "fresh"], "x_m re-noises x̂0₁ with the initial ε (same) or a fresh ε")
-    lora_rank: int = opt(16, "LoRA rank per step (decoupling=lora)")
-    lora_alpha: float = opt(16.0, "LoRA alpha (decoupling=lora)")
+    lora_rank: int = opt(16, "LoRA rank per step (decoupling=lora)", range=COUNT)
+    lora_alpha: float = opt(16.0, "LoRA alpha (decoupling=lora)", range=POSITIVE)
     lora_targets: list = opt(["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"],
                              "module names that get LoRA adapters (decoupling=lora)")
 
@@ -47,49 +164,53 @@ class StudentConfig:
 class DiscriminatorConfig:
     real: str = choice("teacher", ["teacher", "data"], "the GAN's real images: the teacher's cached 8-step "
                        "samples (Turbo++) or benchmark data (ablation)")
-    blocks: list = opt([1, 2, 3], "teacher blocks whose image-token features the heads read")
+    blocks: list = opt([1, 2, 3], "teacher blocks whose image-token features the heads read (indices into the "
+                        "teacher's blocks: 0 .. its layer count − 1)", range=BLOCKS)
     head: str = choice("grid", ["grid", "pooled"], "heads on the token grid (conv) or on mean-pooled tokens")
-    hidden: int = opt(64, "head width")
+    hidden: int = opt(64, "head width", range=COUNT)
     text_cond: bool = opt(True, "projection-conditioning of the heads on the pooled caption features")
     loss: str = choice("ns", ["ns", "hinge"], "non-saturating softplus or hinge GAN loss")
-    r1: float = opt(0.0, "R1 penalty weight on the heads' inputs (real samples)")
+    r1: float = opt(0.0, "R1 penalty weight on the heads' inputs (real samples)", range=NON_NEGATIVE)
     sigma_dist: str = choice("logit_normal", ["logit_normal", "uniform"], "distribution of the re-noising σ")
     sigma_mean: float = opt(-1.5, "logit-normal mean of the re-noising σ (−1.5: mostly low noise; LADD biases it to "
-                            "high noise, +1)")
-    sigma_std: float = opt(1.0, "logit-normal std of the re-noising σ")
+                            "high noise, +1)", range=FINITE)
+    sigma_std: float = opt(1.0, "logit-normal std of the re-noising σ", range=NON_NEGATIVE)
 
 
 @dataclass
 class TrainConfig:
-    updates: int = opt(2000, "student updates")
-    minutes: float = opt(0.0, "optional wall-time budget in minutes (0 = none); stops early when reached")
+    updates: int = opt(2000, "student updates", range=COUNT)
+    minutes: float = opt(0.0, "optional wall-time budget in minutes (0 = none); stops early when reached",
+                         range=NON_NEGATIVE)
     batch_size: int = opt(32, "GLOBAL batch over all processes: each of N processes takes batch_size/N rows of "
-                          "the same global draw (N must divide it); N processes reproduce one process's batches")
-    lr_student: float = opt(2e-5, "AdamW learning rate of the student (full / shared decoupling)")
-    lr_lora: float = opt(1e-4, "AdamW learning rate of the student's adapters when student.decoupling=lora")
+                          "the same global draw (N must divide it); N processes reproduce one process's batches",
+                          range=COUNT)
+    lr_student: float = opt(2e-5, "AdamW learning rate of the student (full / shared decoupling)", range=POSITIVE)
+    lr_lora: float = opt(1e-4, "AdamW learning rate of the student's adapters when student.decoupling=lora",
+                          range=POSITIVE)
     lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (the peers' configs set "
-                         "their own)")
-    betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)")
-    weight_decay: float = opt(0.0, "AdamW weight decay of the student")
+                         "their own)", range=POSITIVE)
+    betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)", range=BETAS)
+    weight_decay: float = opt(0.0, "AdamW weight decay of the student", range=NON_NEGATIVE)
     weight_decay_disc: float = opt(0.01, "AdamW weight decay of the discriminator heads / critic (torch's AdamW "
-                                   "default)")
-    d_updates: int = opt(1, "discriminator / critic updates per student update")
+                                   "default)", range=NON_NEGATIVE)
+    d_updates: int = opt(1, "discriminator / critic updates per student update", range=COUNT)
     d_warmup: int = opt(300, "discriminator / critic-only updates before the first student update (a head start "
-                        "for the discriminator)")
-    ema: float = opt(0.99, "EMA decay of the student (with warm-up)")
-    grad_clip: float = opt(1.0, "max gradient norm (0 = off)")
+                        "for the discriminator)", range=NON_NEGATIVE_INT)
+    ema: float = opt(0.99, "EMA decay of the student (with warm-up)", range=UNIT_RIGHT_OPEN)
+    grad_clip: float = opt(1.0, "max gradient norm (0 = off)", range=NON_NEGATIVE)
     grad_checkpointing: bool = opt(False, "gradient checkpointing on the backbone blocks")
     fsdp: bool = opt(False, "shard the student's trainable transformers with torch FSDP2 (each Z-Image block, then "
                      "the transformer; the EMA sharded alike; full/shared decoupling, 2+ processes; on by itself "
                      "under an accelerate FSDP launch); checkpoints hold full tensors (docs/sizing.md)")
     mixed_precision: str = choice("no", ["no", "bf16"], "bf16 autocast (GPUs)")
-    seed: int = opt(0, "seed of the run")
-    log_every: int = opt(10, "updates between log lines")
-    grid_every: int = opt(250, "updates between fixed-noise sample grids (0 = off)")
-    checkpoint_every: int = opt(250, "updates between checkpoints")
-    keep_checkpoints: int = opt(2, "complete checkpoints kept")
+    seed: int = opt(0, "seed of the run", range=SEED)
+    log_every: int = opt(10, "updates between log lines", range=COUNT)
+    grid_every: int = opt(250, "updates between fixed-noise sample grids (0 = off)", range=NON_NEGATIVE_INT)
+    checkpoint_every: int = opt(250, "updates between checkpoints (0 = only the final one)", range=NON_NEGATIVE_INT)
+    keep_checkpoints: int = opt(2, "complete checkpoints kept", range=COUNT)
     max_nonfinite: int = opt(5, "non-finite losses in a row before rolling back to the last checkpoint "
-                             "with half the learning rates")
+                             "with half the learning rates", range=COUNT)
 
 
 class Config:
@@ -122,19 +243,59 @@ def _check(cls, name: str, value, path: str):
             except ValueError:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = _as_float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
     elif hint is list:
         ok = isinstance(value, list)
+        rng = f.metadata.get("range")
+        if ok and rng is not None and not rng.integer:  # YAML's 1e-4 strings inside a list of numbers, as floats
+            value = [_yaml_float(x) for x in value]
     else:
         ok = True
     if not ok:
-        raise UserError(f"config key {path}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise UserError(f"config key {path}: expected {hint.__name__}, got {type(value).__name__} {shown(value)}")
     ch = f.metadata.get("choices")
     if ch and value not in ch:
         raise UserError(f"config key {path}: {value!r} is not one of {', '.join(map(str, ch))}")
+    rng = field_range(cls, name)
+    if rng is not None and not rng.contains(value):
+        raise UserError(f"config key {path}: {shown(value)} is out of range; use {rng.text}")
     return value
+
+
+def _as_float(x) -> float:
+    try:
+        return float(x)
+    except OverflowError:  # an integer beyond float: out of every range
+        return math.inf
+
+
+def _yaml_float(x):
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) for a one-line message, shortened (an integer of thousands of digits has no repr at all)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "<an integer of too many digits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_rules(obj, prefix: str = "") -> None:
+    """The `RULES` of a config section (values that only make sense together): a UserError naming the keys, their
+    values and the fix."""
+    for rule in getattr(type(obj), "RULES", ()):
+        if not rule.test(obj):
+            vals = ", ".join(f"{prefix}{k}={shown(getattr(obj, k))}" for k in rule.keys)
+            raise UserError(f"config keys {vals}: {rule.fix}")
 
 
 def from_dict(cls, d: dict, prefix: str = ""):
@@ -151,6 +312,7 @@ def from_dict(cls, d: dict, prefix: str = ""):
             setattr(obj, k, from_dict(sub, v, path + "."))
         else:
             setattr(obj, k, _check(cls, k, v, path))
+    check_rules(obj, prefix)
     return obj
 
 
@@ -162,8 +324,8 @@ def parse_value(text: str):
     """`--set` values are YAML scalars/lists: 0.75, true, [1, 2], fresh."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UserError(f"--set value {text!r} is not valid YAML ({e.__class__.__name__}); quote it or fix it")
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of too many digits for Python's int()
+        raise UserError(f"--set value {shown(text)} is not valid YAML ({e.__class__.__name__}); quote it or fix it")
 
 
 def apply_overrides(d: dict, sets: list[str]) -> dict:
@@ -193,8 +355,8 @@ def read_sections(path: Path | None = None, sets: list[str] | None = None) -> di
             raise UserError(f"{path}: config file not found")
         try:
             d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); fix the file")
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of too many digits for Python's int()
+            raise UserError(f"{path}: invalid YAML ({(str(e).splitlines() or [type(e).__name__])[0]}); fix the file")
         if not isinstance(d, dict):
             raise UserError(f"{path}: top level must be a mapping of sections (e.g. student, disc, train)")
     return apply_overrides(d, sets or [])
@@ -214,8 +376,8 @@ def dump_config(cfg) -> str:
 
 def add_config_flags(parser, cls, keys, required=()) -> None:
     """--config FILE, --set KEY=VALUE and one shortcut flag per key of `keys` (num_train → --num-train) of the
-    config dataclass `cls`: type, choices and help from its field, default None (the dataclass holds the
-    default; load_flagged_config applies the flags given)."""
+    config dataclass `cls`: type (a numeric field's range as the argparse type), choices and help from its field,
+    default None (the dataclass holds the default; load_flagged_config applies the flags given)."""
     parser.add_argument("--config", default=None, help="YAML config file (the keys of the flags below, and more)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set lr=1e-3 (repeatable; after the file and the flags)")
@@ -229,8 +391,9 @@ def add_config_flags(parser, cls, keys, required=()) -> None:
         if hint is bool:
             parser.add_argument("--" + k.replace("_", "-"), dest=k, action="store_true", default=None, help=help_)
         else:
-            parser.add_argument("--" + k.replace("_", "-"), dest=k, type=hint, choices=f.metadata.get("choices"),
-                                default=None, required=k in required, help=help_)
+            rng = field_range(cls, k) if hint in (int, float) else None
+            parser.add_argument("--" + k.replace("_", "-"), dest=k, type=rng.arg() if rng else hint,
+                                choices=f.metadata.get("choices"), default=None, required=k in required, help=help_)
 
 
 def load_flagged_config(cls, args, keys):

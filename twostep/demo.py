@@ -11,10 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
+from .config import COUNT, POSITIVE, SEED
 from .data import get_dataset
-from .evaluate import evaluate, format_table
+from .errors import UserError
+from .evaluate import EVAL_NUM, evaluate, format_table
+from .io.checkpoints import latest_checkpoint
 from .io.files import atomic_write_text
-from .methods import load_config
+from .io.folders import check_output_path, read_config
+from .methods import REGISTRY, load_config
 from .model import load_teacher
 from .paths import committed_config, committed_model
 from .report import comparison_grids, write_report
@@ -25,15 +29,41 @@ from .train import distill
 NAIVE_LABELS = {"naive-2step-nocfg": "naive 2-step (no CFG)", "naive-2step-cfg": "naive 2-step (g={g:g})"}
 
 
+DEMO_FILES = ("cache", "run", "metrics.json", "report.html", "loss_curves.png")
+
+
+def _check_demo_out(out: Path) -> None:
+    """The demo writes only into a new or empty folder, or one that holds a previous demo's files."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in DEMO_FILES and not (p.name.startswith("grid_") and p.suffix == ".png"))
+    if foreign:
+        raise UserError(f"--out {out}: holds {foreign[0]!r}, which a demo does not write (not a previous demo's "
+                        "folder); choose a new or empty --out")
+
+
 def run_demo(out: Path = Path("out/demo"), data: str = "shapes", teacher_dir: Path | None = None,
              cache_num: int = 1024, minutes: float = 7.0, eval_num: int = 500, seed: int = 0,
              sets: list[str] | None = None, config: Path | None = None) -> dict:
-    """teacher_dir: default teacher-<data> of twostep.paths; config: default demo.yaml of twostep.paths."""
+    """teacher_dir: default teacher-<data> of twostep.paths; config: default demo.yaml of twostep.paths.
+    `minutes` is the distillation's time budget and must be > 0 (the demo config's 100 000 updates are never meant
+    to be reached)."""
+    COUNT.check(cache_num, "cache_num")
+    POSITIVE.check(minutes, "minutes")
+    EVAL_NUM.check(eval_num, "eval_num")
+    SEED.check(seed, "seed")
     t0 = time.time()
     out = Path(out)
     teacher_dir = Path(teacher_dir) if teacher_dir else committed_model(f"teacher-{data}", "--teacher DIR")
     cfg = load_config(Path(config) if config else committed_config("demo.yaml", "--config FILE"),
                       [f"train.minutes={minutes}", *(sets or [])])
+    if cfg.train.minutes <= 0:  # a --set train.minutes=0 would leave the demo config's 100 000 updates unbudgeted
+        raise UserError("demo: train.minutes=0 leaves the distillation without a time budget; drop that --set and "
+                        "give --minutes > 0")
+    check_output_path(out, "--out", {"--teacher": teacher_dir}, folder=True)  # before the work
+    _check_demo_out(out)
+    REGISTRY[cfg.method].check_blocks(cfg, int(read_config(teacher_dir)["transformer"]["n_layers"]))  # before the cache
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     print(f"[1/4] teacher cache: {cache_num} samples of {teacher_dir}", flush=True)
@@ -42,7 +72,7 @@ def run_demo(out: Path = Path("out/demo"), data: str = "shapes", teacher_dir: Pa
 
     print(f"[2/4] Turbo++ distillation ({minutes} min budget)", flush=True)
     run = out / "run"
-    distill(cfg, teacher_dir, out / "cache", run, resume=(run / "checkpoints").exists())
+    distill(cfg, teacher_dir, out / "cache", run, resume=latest_checkpoint(run / "checkpoints") is not None)
     timings["distill_s"] = time.time() - t0 - timings["cache_s"]
 
     print(f"[3/4] eval ({eval_num} images each, seed {seed}, reference = {data} data)", flush=True)

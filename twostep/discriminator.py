@@ -14,6 +14,7 @@ Heads (one per chosen block):
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,26 @@ from torch import nn
 
 from . import flow
 from .backbones.zimage import ZImageBackbone
+from .errors import UserError
+
+
+def check_blocks(blocks, num_blocks: int, key: str = "blocks") -> list[int]:
+    """The sorted distinct teacher block indices `blocks` (of a teacher with `num_blocks` blocks). An entry outside
+    0 .. num_blocks − 1 is a UserError naming `key`, never taken modulo the count."""
+    def index(b):
+        try:
+            i = operator.index(b)
+        except TypeError:
+            return None
+        return i if 0 <= i < num_blocks else None
+
+    idx = [index(b) for b in blocks]
+    if None in idx:
+        bad = list(blocks)[idx.index(None)]
+        fix = sorted({i for i in idx if i is not None}) or [num_blocks - 1]
+        raise UserError(f"{key}={list(blocks)}: block {bad!r} is out of range for a teacher with {num_blocks} "
+                        f"block{'s' * (num_blocks != 1)}; use indices 0 to {num_blocks - 1} (e.g. --set {key}={fix})")
+    return sorted(set(idx))
 
 
 def sigma_embedding(sigma: torch.Tensor, dim: int = 32) -> torch.Tensor:
@@ -78,7 +99,7 @@ class Discriminator(nn.Module):
                  sigma_std: float = 1.0, text_dim: int | None = None):
         super().__init__()
         self._teacher = [teacher]  # frozen feature extractor, deliberately not registered as a submodule
-        self.blocks = sorted(set(int(b) % teacher.num_blocks for b in blocks))
+        self.blocks = check_blocks(blocks, teacher.num_blocks)
         dim = int(teacher.transformer.config.dim)
         text_dim = text_dim or teacher.cap_feat_dim
         Head = GridHead if head == "grid" else PooledHead

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .config import GUIDANCES, SEED, at_least
 from .data import get_dataset
 from .errors import UserError
 from .io.files import atomic_save_tensors, atomic_write_text
-from .io.folders import CONFIG, read_config, save_teacher_settings, teacher_identity
+from .io.folders import CONFIG, check_output_path, read_config, save_teacher_settings, teacher_identity
 from .io.pipeline_format import SIDECAR
 from .model import batched, check_pair, load_teacher, num_parameters
 from .paths import committed_model
@@ -30,6 +31,7 @@ from .text import default_cache_dir
 
 DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 25, 4
 NOISE_OFFSET = 777_000  # eval noise seeds live apart from training seeds
+EVAL_NUM = at_least(10, "FD/KID need at least 10 images")  # the range of `num` (and of the CLI's --num)
 
 
 def features_dir_for(data: str, features: str | None) -> Path:
@@ -95,8 +97,8 @@ def evaluate(gen, data: str, num: int = 1000, seed: int = 0, ref: str = "data", 
     # lazy: torchmetrics (with transformers, scipy and matplotlib) adds ~2.5 s to every command's start-up
     from .metrics import DistributionMetrics, alignment, diversity, load_feature_net, psnr, swd
 
-    if num < 10:
-        raise UserError(f"--num {num}: need at least 10 images for FD/KID")
+    EVAL_NUM.check(num, "num")
+    SEED.check(seed, "seed")
     if ref not in ("data", "teacher"):
         raise UserError(f"--ref {ref}: use data or teacher")
     net = load_feature_net(features_dir_for(data, features))
@@ -180,7 +182,12 @@ def tune_guidance(teacher_dir: Path, data: str, grid=(0.0, 1.0, 2.0, 3.0, 4.0), 
     of every g and the parameter count in its settings (config.json, or twostep.json of a ZImagePipeline folder).
     The default eval seed is 1, so the reported seed 0 is not tuned on. `log`, if given, gets a line per g.
     Returns (chosen g, the settings file written)."""
+    GUIDANCES.check(list(grid), "grid")
+    EVAL_NUM.check(num, "num")
+    SEED.check(seed, "seed")
     teacher = load_teacher(teacher_dir)
+    settings = Path(teacher_dir) / (SIDECAR if teacher.config.get("pipeline") else CONFIG)
+    check_output_path(settings, "--teacher")  # before the work: the settings file can be rewritten
     fds = {}
     for g in grid:
         r = evaluate(TeacherSampler(teacher, guidance=g), data, num=num, seed=seed, progress=False, features=features)

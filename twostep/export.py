@@ -1,6 +1,6 @@
 """`twostep export`: a student run folder → a diffusers pipeline folder (twostep.pipeline.TwoStepZImagePipeline).
 
-Layout of the exported folder (diffusers' save_pretrained, plus two files of ours):
+Layout of the exported folder (diffusers' save_pretrained, plus files of ours):
 
     model_index.json            _class_name TwoStepZImagePipeline; decoupling, sigmas [1, σm, 0], mid_noise, ...
     transformer/                ZImageTransformer2DModel (step 1 | the shared model | the frozen LoRA base)
@@ -12,8 +12,10 @@ Layout of the exported folder (diffusers' save_pretrained, plus two files of our
     pipeline.py, flow.py        copies of twostep/pipeline.py and twostep/flow.py (diffusers custom-pipeline
                                 loading without twostep; pipeline.py imports the mid-noise rule from flow.py)
     twostep_export.json         where it came from (run folder, update count, decoupling, merged)
+    status.json                 the completion marker (twostep.io.folders), written last
 
-The folder is written as DIR.partial and renamed at the end; a previous export in DIR is replaced.
+The folder is written as DIR.partial and renamed at the end; a previous export in DIR is replaced. DIR is never
+the run, a folder it was made from, or a folder of another kind (io.folders.claim_output).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from . import flow, pipeline
 from .errors import UserError
-from .io.folders import read_config
+from .io.folders import STATUS, claim_output, read_config, write_status
 from .io.pipeline_format import MAX_SEQUENCE_LENGTH, check_pipeline_folder
 from .pipeline import TwoStepZImagePipeline, merged_state_dict
 from .sampling import load_student_generator
@@ -36,7 +38,7 @@ from .text import MiniLMEncoder
 MARKER = "twostep_export.json"
 CLASS_NAME = "TwoStepZImagePipeline"
 CODE = (pipeline, flow)  # the modules an exported folder carries as files (pipeline.py imports .flow)
-OURS = {"model_index.json", "transformer", "transformer_2", "lora", "text_encoder", "tokenizer", "vae", MARKER,
+OURS = {"model_index.json", "transformer", "transformer_2", "lora", "text_encoder", "tokenizer", "vae", MARKER, STATUS,
         *(Path(m.__file__).name for m in CODE)}
 
 
@@ -138,6 +140,10 @@ def export_student(run, out, merge: bool = False) -> Path:
                         "folder of `twostep distill`")
     if merge and cfg.get("decoupling") != "lora":
         raise UserError(f"--merge applies to lora students; {run} has decoupling={cfg.get('decoupling')!r}")
+    # never into the run or the folders it was made from, a file or another kind of folder; a previous export is
+    # replaced (io.folders.claim_output)
+    claim_output(out, "export", inputs={"--model": run, "teacher": cfg.get("teacher"),
+                                        "pipeline": cfg.get("pipeline")}, allow_complete=True)
     _check_out(out)
     side = _caption_side(cfg)
     gen = load_student_generator(run)
@@ -159,6 +165,8 @@ def export_student(run, out, merge: bool = False) -> Path:
         "run": str(run.resolve()), "updates": cfg.get("updates"), "method": cfg.get("method"),
         "decoupling": cfg.get("decoupling"), "merged": bool(merge), "sigmas": gen.student.sigmas,
         "mid_noise": gen.student.mid_noise}, indent=1))
+    write_status(partial, "export", {"run": str(run.resolve()), "updates": cfg.get("updates"), "merged": bool(merge)},
+                 True)  # last: the completion marker
     if out.exists():  # empty, or a previous export (checked above): set aside only now that the new one is complete
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.replace(trash / out.name)

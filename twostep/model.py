@@ -9,6 +9,7 @@ the student behind one Generator interface.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from . import flow
 from .backbones.zimage import ZImageBackbone, load_backbone
+from .config import COUNT, NON_NEGATIVE, POSITIVE
 from .errors import UserError
 from .io.folders import CONFIG, WEIGHTS, read_config
 from .teacher.pipeline_folder import PipelineParts, load_pipeline_backbone
@@ -88,9 +90,10 @@ class Teacher(SampleSpace):
     def sample(self, text, noise: torch.Tensor, steps: int | None = None, guidance: float | None = None,
                shift: float | None = None, return_trajectory: bool = False) -> flow.SampleResult:
         s = self.sampling
-        steps = int(s["steps"] if steps is None else steps)
-        guidance = float(s["guidance"] if guidance is None else guidance)
-        shift = float(s.get("shift", flow.DEFAULT_SHIFT) if shift is None else shift)
+        steps = int(COUNT.check(s["steps"] if steps is None else steps, "steps"))
+        # a NaN guidance must never reach torch (NaN images crash oneMKL's LAPACK in FD's matrix square root)
+        guidance = float(NON_NEGATIVE.check(s["guidance"] if guidance is None else guidance, "guidance"))
+        shift = float(POSITIVE.check(s.get("shift", flow.DEFAULT_SHIFT) if shift is None else shift, "shift"))
         sig = flow.sigma_grid(steps, shift)
         neg = self.null_text(noise.shape[0]) if guidance != 0 else None
         self.backbone.eval()
@@ -107,9 +110,33 @@ def load_teacher(folder: Path) -> Teacher:
         return Teacher(bb, cfg, folder, PipelineParts(folder, cfg))
     if "transformer" not in cfg:
         raise UserError(f"{folder / CONFIG}: has no 'transformer' section; not a twostep teacher folder")
+    check_teacher_config(cfg, folder / CONFIG)
     bb = load_backbone(cfg["transformer"], folder / WEIGHTS)
     bb.requires_grad_(False).eval()
     return Teacher(bb, cfg, folder)
+
+
+def check_teacher_config(cfg: dict, where: Path) -> None:
+    """A twostep teacher folder's config.json fields besides `transformer` (backbones.zimage checks that one
+    against the weights): `resolution` an integer >= 1, `sampling` (when given) a mapping with integer `steps`
+    >= 1, finite `guidance` >= 0 and `shift` > 0. One UserError naming the field."""
+    fix = "restore the folder's original config.json"
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    r = cfg.get("resolution")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"{where}: resolution {r!r} must be an integer >= 1; {fix}")
+    s = cfg.get("sampling", {})
+    if not isinstance(s, dict):
+        raise UserError(f"{where}: sampling must be a mapping (steps, shift, guidance), got {type(s).__name__}; {fix}")
+    checks = {"steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+              "guidance": lambda v: number(v) and v >= 0, "shift": lambda v: number(v) and v > 0}
+    wants = {"steps": "an integer >= 1", "guidance": "a finite number >= 0", "shift": "a finite number > 0"}
+    for k, ok in checks.items():
+        if k in s and not ok(s[k]):
+            raise UserError(f"{where}: sampling.{k} {s[k]!r} must be {wants[k]}; {fix}")
 
 
 def batched(n: int, bs: int):

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from .config import COUNT, SEED, UPSCALE
 from .data import get_dataset
 from .evaluate import NOISE_OFFSET, TABLE_COLUMNS, format_cell, format_table
 from .images import grid, save_png
 from .io.files import atomic_write_text
+from .io.folders import check_output_path
 
 
 def comparison_grids(gens: dict, captions: list[str], out_dir: Path, seed: int = 0, per_prompt: int = 4) -> list[dict]:
@@ -38,6 +40,8 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
     rows = the first `prompts` test-split captions `twostep eval --seed seed` draws, columns = `per_prompt` noises
     drawn with the eval noise seed (column 0 is exactly the noise eval gives those prompts, so it shows the first
     images eval scores). Returns the captions."""
+    _check_grid(seed, per_prompt, scale, prompts=prompts)
+    check_output_path(path, "--out")  # before the work
     caps = get_dataset(data, gen.image_resolution).sample(prompts, seed=seed, split="test").captions
     noise = gen.noise(prompts * per_prompt, NOISE_OFFSET + seed)  # noise[j * prompts + i]: prompt i, column j
     order = [j * prompts + i for i in range(prompts) for j in range(per_prompt)]
@@ -51,9 +55,20 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
 PROMPT_SEED_STRIDE = 1000  # row j of a prompt grid draws its noise with seed + 1000·j
 
 
+def _check_grid(seed, per_prompt, scale, **counts) -> None:
+    """The ranges of a grid's arguments (the CLI's --seed, --num, --scale, --rows), before any sampling."""
+    SEED.check(seed, "seed")
+    COUNT.check(per_prompt, "per_prompt")
+    UPSCALE.check(scale, "scale")
+    for name, v in counts.items():
+        COUNT.check(v, name)
+
+
 def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: int = 8, scale: int = 4) -> int:
     """`twostep sample --prompt ...`: one row per prompt, `per_prompt` images each (row j: noise seeded by
     seed + PROMPT_SEED_STRIDE·j). Returns the number of images."""
+    _check_grid(seed, per_prompt, scale)
+    check_output_path(path, "--out")  # before the work
     rows = []
     for j, pr in enumerate(prompts):
         text = gen.encode([pr] * per_prompt)

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from . import faults, flow
+from .config import COUNT, NON_NEGATIVE
+from .backbones.zimage import check_transformer_config, check_weights
 from .errors import UserError
-from .io.files import load_tensors
+from .io.files import all_finite, load_tensors
 from .io.folders import check_stamps, read_config, save_stamped
 from .model import SampleSpace, default_sampling, load_teacher
 from .student import TwoStepStudent, build_student_from_config
@@ -49,8 +51,8 @@ class TeacherSampler(Generator):
     def __init__(self, teacher, steps: int | None = None, guidance: float | None = None):
         self.teacher = teacher
         s = teacher.sampling
-        self.steps = int(s["steps"] if steps is None else steps)
-        self.guidance = float(s["guidance"] if guidance is None else guidance)
+        self.steps = int(COUNT.check(s["steps"] if steps is None else steps, "steps"))
+        self.guidance = float(NON_NEGATIVE.check(s["guidance"] if guidance is None else guidance, "guidance"))
         self.shift = float(s.get("shift", flow.DEFAULT_SHIFT))
 
     @property
@@ -135,13 +137,57 @@ def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dic
     save_stamped(student.export_state(state), config, folder, on_file=lambda: faults.point("model.save"))
 
 
+def check_student_config(c, folder: Path) -> None:
+    """A student folder's config.json, checked before anything is built: one UserError naming the field."""
+    where, fix = folder / "config.json", "restore the run's original config.json (or re-run `twostep distill`)"
+    if not isinstance(c, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(c).__name__}; {fix}")
+    for key in ("transformer", "decoupling", "sigma_mid", "resolution"):
+        if key not in c:
+            raise UserError(f"{where}: required field {key!r} is missing; {fix}")
+    if c["decoupling"] not in STUDENT_FILES:
+        raise UserError(f"{where}: decoupling {c['decoupling']!r} is not one of {', '.join(STUDENT_FILES)}; {fix}")
+    sm = c["sigma_mid"]
+    if not isinstance(sm, (int, float)) or isinstance(sm, bool) or not 0 < sm < 1:
+        raise UserError(f"{where}: sigma_mid {sm!r} must be a number in (0, 1); {fix}")
+    r = c["resolution"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"{where}: resolution {r!r} must be an integer >= 1; {fix}")
+    if c["decoupling"] == "lora":
+        rank = c.get("lora_rank", 16)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise UserError(f"{where}: lora_rank {rank!r} must be an integer >= 1; {fix}")
+    check_transformer_config(c["transformer"], str(where), complete=False)  # a mapping; the rest after the weights
+
+
+# the files of a student folder that hold a whole transformer (checked against config.json's transformer section)
+WHOLE_TRANSFORMER = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base"]}
+
+
 def load_student_generator(folder) -> StudentGenerator:
     folder = Path(folder)
     c = read_config(folder)
-    st = build_student_from_config(c)
+    check_student_config(c, folder)
     stems = STUDENT_FILES[c["decoupling"]]
     check_stamps(folder, stems, c)
-    st.load_export_state({s: load_tensors(folder / f"{s}.safetensors") for s in stems})
+    files = {s: load_tensors(folder / f"{s}.safetensors") for s in stems}
+    for s in WHOLE_TRANSFORMER[c["decoupling"]]:
+        check_weights(c["transformer"], files[s], folder / f"{s}.safetensors", str(folder / "config.json"))
+    check_transformer_config(c["transformer"], str(folder / "config.json"), complete=not c.get("pipeline"))
+    for s, sd in files.items():
+        if not all_finite(sd):
+            raise UserError(f"{folder / f'{s}.safetensors'}: holds NaN/inf weights (saved by a run that diverged); "
+                            "distill again with lower learning rates")
+    try:
+        st = build_student_from_config(c)
+        st.load_export_state(files)
+    except UserError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, AssertionError) as e:  # torch / peft / diffusers
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        msg = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)[:200]
+        raise UserError(f"{folder}: its weights do not match its config.json ({msg}); restore the run's original "
+                        "config.json and weight files together (or re-run `twostep distill`)") from None
     st.requires_grad_(False)
     return StudentGenerator(st, c, folder)
 

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .config import COUNT, NON_NEGATIVE_INT
 from .model import check_pair
 from .sampling import load_generator
 
@@ -15,8 +16,15 @@ from .sampling import load_generator
 BATCH, REPEATS = 32, 5
 
 
+def _check_counts(batch, repeats, warmup=0) -> None:
+    COUNT.check(batch, "batch")
+    COUNT.check(repeats, "repeats")
+    NON_NEGATIVE_INT.check(warmup, "warmup")
+
+
 def measure(teacher_gen, student_gen, batch: int = BATCH, repeats: int = REPEATS, warmup: int = 1,
             prompts=None) -> dict:
+    _check_counts(batch, repeats, warmup)
     prompts = prompts or ["a large red circle center, gray background"] * batch
     text = teacher_gen.encode(prompts[:batch])  # cached text features, shared by both
     noise = teacher_gen.noise(batch, 0)
@@ -44,6 +52,7 @@ def measure(teacher_gen, student_gen, batch: int = BATCH, repeats: int = REPEATS
 def measure_folders(teacher_dir, student_dir, batch: int = BATCH, repeats: int = REPEATS) -> dict:
     """`twostep speed`: measure() of a teacher folder (its default steps and CFG) against a student folder made
     from it (refused when their sample spaces differ)."""
+    _check_counts(batch, repeats)
     student = load_generator(student_dir)
     check_pair(student.config, teacher_dir)
     return measure(load_generator(teacher_dir), student, batch=batch, repeats=repeats)

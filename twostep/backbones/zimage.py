@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import flow
 from ..errors import UserError
+from ..io.files import all_finite
 
 
 def tiny_zimage_config(in_channels: int = 3, dim: int = 128, n_layers: int = 4, n_heads: int = 2,
@@ -140,18 +141,150 @@ def save_backbone(backbone: ZImageBackbone, folder: Path, state_dict: dict | Non
 
 
 def load_backbone(config: dict, weights: Path) -> ZImageBackbone:
+    """A twostep folder's transformer: its config.json `transformer` section checked (check_transformer_config),
+    the weights checked against it (check_weights: one line naming the field that disagrees) and finite."""
     from safetensors.torch import load_file
 
     weights = Path(weights)
+    where = f"{weights.parent / 'config.json'}"
+    check_transformer_config(config, where, complete=False)  # a mapping (the weights name what else is wrong)
     if not weights.exists():
         raise UserError(f"{weights}: weights file missing; point --teacher/--model at a folder written by twostep")
-    bb = ZImageBackbone.from_config(config)
     try:
         sd = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise UserError(f"{weights}: cannot read safetensors ({e}); re-create or re-download the file")
-    missing, unexpected = bb.transformer.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights}: does not match its config (missing {list(missing)[:3]}, unexpected "
-                        f"{list(unexpected)[:3]}); the folder's config.json and weights come from different models")
+    check_weights(config, sd, weights, where)
+    check_transformer_config(config, where)
+    if not all_finite(sd):
+        raise UserError(f"{weights}: holds NaN/inf weights (saved by a run that diverged); retrain the model or "
+                        "restore the file")
+    bb = build_checked(config, where)
+    load_checked(bb.transformer, sd, weights)
     return bb
+
+
+# -- a folder's config.json against its weights: one line naming the field, not a size-mismatch traceback ---------
+
+# The settings a twostep folder's `transformer` section must name: diffusers' defaults for a missing one are the
+# 6B model's (dim 3840, 30 layers), which would be built silently and then fail to load the weights.
+REQUIRED_KEYS = ("all_patch_size", "in_channels", "dim", "n_layers", "n_refiner_layers", "n_heads", "n_kv_heads",
+                 "cap_feat_dim", "axes_dims", "axes_lens")
+OPTIONAL_KEYS = ("all_f_patch_size", "norm_eps", "qk_norm", "rope_theta", "t_scale", "siglip_feat_dim")
+
+
+def _int_list(v, minimum: int) -> bool:
+    return (isinstance(v, (list, tuple)) and len(v) > 0
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in v))
+
+
+def check_transformer_config(config, where: str, complete: bool = True) -> None:
+    """UserError (naming `where`, e.g. the config.json, and the field) unless `config` is a buildable
+    ZImageTransformer2DModel config: a mapping with REQUIRED_KEYS, positive integers, dim divisible by n_heads,
+    n_heads by n_kv_heads, and even RoPE axes_dims summing to dim / n_heads. `complete=False` (the config of a
+    diffusers ZImagePipeline's transformer, whose missing keys take diffusers' defaults and whose keys depend on the
+    diffusers version): only a mapping."""
+    fix = "restore the folder's original config.json"
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: 'transformer' must be a mapping of the transformer's settings, got "
+                        f"{type(config).__name__}; {fix}")
+    if not complete:
+        return
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise UserError(f"{where}: transformer.{missing[0]} is missing (required: {', '.join(missing)}); {fix}")
+    unknown = sorted(k for k in config if k not in REQUIRED_KEYS + OPTIONAL_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown transformer setting {unknown[0]!r}; {fix}")
+
+    def bad(key, want):
+        return UserError(f"{where}: transformer.{key} = {config[key]!r} must be {want}; {fix}")
+
+    for k, lo in (("in_channels", 1), ("dim", 1), ("n_layers", 1), ("n_refiner_layers", 0), ("n_heads", 1),
+                  ("n_kv_heads", 1), ("cap_feat_dim", 1)):
+        v = config[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise bad(k, f"an integer >= {lo}")
+    for k in ("all_patch_size", "all_f_patch_size", "axes_lens"):
+        if k in config and not _int_list(config[k], 1):
+            raise bad(k, "a non-empty list of integers >= 1")
+    dim, heads, kv = config["dim"], config["n_heads"], config["n_kv_heads"]
+    if dim % heads:
+        raise bad("n_heads", f"a divisor of dim {dim}")
+    if heads % kv:
+        raise bad("n_kv_heads", f"a divisor of n_heads {heads}")
+    axes = config["axes_dims"]
+    if not _int_list(axes, 0) or any(a % 2 for a in axes) or sum(axes) != dim // heads:
+        raise bad("axes_dims", f"a list of even integers summing to dim / n_heads = {dim // heads}")
+    if len(config["axes_lens"]) != len(axes):
+        raise bad("axes_lens", f"a list as long as axes_dims ({len(axes)})")
+
+
+def build_checked(config: dict, where: str) -> ZImageBackbone:
+    """ZImageBackbone.from_config of a checked config; whatever diffusers still refuses is one line naming `where`."""
+    try:
+        return ZImageBackbone.from_config(config)
+    except UserError:
+        raise
+    except Exception as e:  # diffusers asserts / raises TypeError or ValueError for settings it cannot build
+        msg = " ".join(str(e).split())[:160] or "refused by diffusers"
+        raise UserError(f"{where}: cannot build the transformer from its settings ({type(e).__name__}: {msg}); "
+                        "restore the folder's original config.json")
+
+
+def weights_architecture(sd: dict[str, torch.Tensor]) -> dict:
+    """The transformer settings that a ZImageTransformer2DModel state dict's names and shapes imply (those that
+    can be read off it; a LoRA-wrapped base state dict works too)."""
+    def count(prefix):
+        idx = {int(k.split(".")[1]) for k in sd if k.startswith(prefix + ".") and k.split(".")[1].isdigit()}
+        return max(idx) + 1 if idx else 0
+
+    got: dict = {"n_layers": count("layers"), "n_refiner_layers": count("noise_refiner")}
+    pad = sd.get("x_pad_token")
+    if pad is not None:
+        got["dim"] = int(pad.shape[-1])
+    q = sd.get("layers.0.attention.norm_q.weight")
+    if q is not None and "dim" in got and q.numel():
+        head = int(q.shape[0])
+        got["n_heads"] = got["dim"] // head
+        k = sd.get("layers.0.attention.to_k.weight", sd.get("layers.0.attention.to_k.base_layer.weight"))
+        if k is not None:
+            got["n_kv_heads"] = int(k.shape[0]) // head
+    cap = sd.get("cap_embedder.1.weight")
+    if cap is not None:
+        got["cap_feat_dim"] = int(cap.shape[-1])
+    emb = sorted(k for k in sd if k.startswith("all_x_embedder.") and k.endswith(".weight"))
+    if emb:
+        p, f = (int(x) for x in emb[0].split(".")[1].split("-"))
+        got["all_patch_size"] = [int(k.split(".")[1].split("-")[0]) for k in emb]
+        got["in_channels"] = int(sd[emb[0]].shape[1]) // (p * p * f)
+    return got
+
+
+def check_weights(config: dict, sd: dict[str, torch.Tensor], weights: Path, where: str) -> None:
+    """UserError naming the first transformer setting of config.json (`where`) that the weights disagree with."""
+    got = weights_architecture(sd)
+    for k in ("dim", "n_heads", "n_kv_heads", "n_layers", "n_refiner_layers", "cap_feat_dim", "in_channels",
+              "all_patch_size"):
+        if k in got and k not in config:
+            raise UserError(f"{where}: transformer.{k} is missing ({Path(weights).name} holds a model with {k} "
+                            f"{got[k]!r}); restore the folder's original config.json")
+        if k in got and config.get(k) != got[k]:
+            raise UserError(f"{where}: transformer.{k} is {config.get(k)!r} but {Path(weights).name} holds a model "
+                            f"with {k} {got[k]!r}; config.json and the weights come from different models (restore "
+                            "the folder's original config.json)")
+
+
+def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], weights: Path, strict: bool = True) -> None:
+    """module.load_state_dict(sd) with a one-line UserError for missing / unexpected names or other shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if strict and (missing or unexpected):
+        raise UserError(f"{weights}: does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                        "the folder's config.json and weights come from different models")
+    for k, v in sd.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise UserError(f"{weights}: tensor {k} has shape {list(v.shape)} but config.json implies "
+                            f"{list(own[k].shape)}; the folder's config.json and weights come from different models")
+    module.load_state_dict(sd, strict=strict)

@@ -1,8 +1,8 @@
 """Files written and read safely: atomic text/tensor writes, safetensors reads (never pickle), sha256 hashes.
 
-The one place twostep hashes things: `sha256_file` (one file's bytes), `sha256_files` (a set of files: their names
-and contents), `tensors_sha256` (in-memory state dicts: names, dtypes, shapes and bytes, e.g. to prove that
-processes hold the same weights or that the teacher never changed).
+The one place twostep hashes things: `sha256_file` (one file's bytes), `sha256_text` (a string), `sha256_files`
+(a set of files: their names and contents), `tensors_sha256` (in-memory state dicts: names, dtypes, shapes and
+bytes, e.g. to prove that processes hold the same weights or that the teacher never changed).
 """
 
 from __future__ import annotations
@@ -18,23 +18,42 @@ from safetensors.torch import load_file, save_file
 from ..errors import UserError
 
 
+def _drop(tmp: Path):
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+
+
 def atomic_write_text(path: Path, text: str):
-    """Write `text` to a temporary sibling, fsync, and rename it over `path`."""
+    """Write `text` to a temporary sibling, fsync, and rename it over `path` (the sibling is removed if that
+    fails: no `.tmp` is left behind)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        _drop(tmp)
+        raise
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    """safetensors to a temporary sibling, renamed over `path` (removed if that fails)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
+    md = {k: str(v) for k, v in (metadata or {}).items()}
+    if not tensors and not md:  # safetensors writes an unreadable header for no tensors + {} metadata (e.g. the
+        md = None               # empty state of an optimizer that never stepped); files with tensors keep {}
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=md)
+        tmp.replace(path)
+    except BaseException:
+        _drop(tmp)
+        raise
 
 
 def load_tensors(path: Path, transform=None) -> dict[str, torch.Tensor]:
@@ -57,6 +76,18 @@ def all_finite(sd: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
 
 
+def nonfinite_parts(states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """The state dicts (by name) that hold a NaN/inf value, each as "name (k of n tensors)"; [] when all are finite.
+    What a save checks: every state dict it writes, not a stand-in (an EMA can be NaN while the student is not)."""
+    out = []
+    for name, sd in states.items():
+        floats = [v for v in sd.values() if torch.is_tensor(v) and v.is_floating_point()]
+        bad = sum(not bool(torch.isfinite(v).all()) for v in floats)
+        if bad:
+            out.append(f"{name} ({bad} of {len(floats)} tensors)")
+    return out
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of one file's bytes (read in chunks)."""
     h = hashlib.sha256()
@@ -67,6 +98,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    """sha256 of a string's UTF-8 bytes (e.g. a list of prompts, or of checksums, joined)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_files(paths) -> str:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..discriminator import check_blocks
 from ..errors import UserError
 from ..student import TwoStepStudent
 
@@ -23,9 +24,11 @@ class Method:
     log_keys: ClassVar[tuple[str, ...]]          # scalar log keys this method reports, in display order
     sections: ClassVar[dict[str, type]] = {}     # the method's own config sections: {YAML name: dataclass}
     shared_only: ClassVar[bool] = False          # defined with one parameter set for both steps
+    block_keys: ClassVar[tuple[str, ...]] = ("disc.blocks",)   # config keys that index the teacher's blocks
 
     def __init__(self, cfg, teacher):
         self.check_config(cfg)
+        self.check_blocks(cfg, teacher.num_blocks)
         self.cfg = cfg
         self.teacher = teacher                   # frozen ZImageBackbone; never updated
         s = cfg.student
@@ -39,6 +42,14 @@ class Method:
             raise UserError(f"method {self.name} is defined with one set of parameters for both steps; set "
                             f"student.decoupling=shared (configs/{self.name}.yaml does), got "
                             f"{cfg.student.decoupling!r}")
+
+    @classmethod
+    def check_blocks(cls, cfg, num_blocks: int) -> None:
+        """Refuse a `block_keys` entry outside the teacher's blocks (a UserError naming the key), before anything
+        is built."""
+        for key in cls.block_keys:
+            section, name = key.split(".")
+            check_blocks(getattr(getattr(cfg, section), name), num_blocks, key)
 
     def build_critic(self, cfg, teacher) -> nn.Module | None:
         """The discriminator / critic the method trains beside the student (None: none)."""

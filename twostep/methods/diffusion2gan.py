@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import opt
+from ..config import BLOCKS_OR_ALL, NON_NEGATIVE, SCALES, UNIT_RIGHT_OPEN, opt
 from ..discriminator import Discriminator, critic_gan_loss, feature_distance, g_loss
 from ..errors import UserError
 from .base import Method
@@ -32,12 +32,15 @@ from .base import Method
 @dataclass
 class D2GConfig:
     """Diffusion2GAN's own settings (YAML section `d2g`)."""
-    regression_weight: float = opt(1.0, "Diffusion2GAN: weight of the paired perceptual regression")
-    gan_weight: float = opt(0.5, "Diffusion2GAN: weight of the conditional GAN generator loss")
-    blocks: list = opt([], "Diffusion2GAN: teacher blocks the multi-scale discriminator reads ([] = all blocks)")
+    regression_weight: float = opt(1.0, "Diffusion2GAN: weight of the paired perceptual regression",
+                                    range=NON_NEGATIVE)
+    gan_weight: float = opt(0.5, "Diffusion2GAN: weight of the conditional GAN generator loss", range=NON_NEGATIVE)
+    blocks: list = opt([], "Diffusion2GAN: teacher blocks the multi-scale discriminator reads ([] = all blocks)",
+                        range=BLOCKS_OR_ALL)
     scales: list = opt([1, 2], "Diffusion2GAN: input scales of the discriminator (k = downsampled k× then "
-                       "upsampled back)")
-    translate: float = opt(0.125, "Diffusion2GAN: max translation of the paired augmentation (fraction of the side)")
+                       "upsampled back)", range=SCALES)
+    translate: float = opt(0.125, "Diffusion2GAN: max translation of the paired augmentation (fraction of the side)",
+                            range=UNIT_RIGHT_OPEN)
     flip: bool = opt(True, "Diffusion2GAN: random horizontal flip in the paired augmentation")
 
 
@@ -115,6 +118,7 @@ class Diffusion2GAN(Method):
     name = "diffusion2gan"
     sections = {"d2g": D2GConfig}
     shared_only = True
+    block_keys = ("d2g.blocks",)   # its heads read d2g.blocks ([] = all); disc.blocks is not used
     log_keys = ("g_loss", "paired", "g_adv", "d_loss", "d_acc_real", "d_acc_fake", "r1", "mse_vs_teacher")
 
     def build_critic(self, cfg, teacher):

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import flow
-from ..config import opt
+from ..config import NON_NEGATIVE, SIGMA, Rule, opt
 from ..discriminator import Discriminator, accuracy, d_loss, g_loss
 from ..errors import UserError
 from ..text import get_encoder
@@ -39,12 +40,16 @@ from .base import Method
 class DMDConfig:
     """DMD2's own settings (YAML section `dmd`)."""
     guidance: float = opt(2.0, "DMD2: CFG scale of the real score (Z-Image form pos + g·(pos − neg); g = 0 is "
-                          "no guidance); set it to the teacher's tuned value")
-    gan_weight: float = opt(5e-3, "DMD2: weight of the GAN generator loss (DMD2 SDXL: 5e-3)")
+                          "no guidance); set it to the teacher's tuned value", range=NON_NEGATIVE)
+    gan_weight: float = opt(5e-3, "DMD2: weight of the GAN generator loss (DMD2 SDXL: 5e-3)", range=NON_NEGATIVE)
     critic_gan_weight: float = opt(1e-2, "DMD2: weight of the GAN classifier loss in the critic update "
-                                   "(DMD2 SDXL: 1e-2)")
-    sigma_min: float = opt(0.02, "DMD2: lowest σ of the uniform re-noising of the DMD term and fake-score loss")
-    sigma_max: float = opt(0.98, "DMD2: highest σ of the uniform re-noising")
+                                   "(DMD2 SDXL: 1e-2)", range=NON_NEGATIVE)
+    sigma_min: float = opt(0.02, "DMD2: lowest σ of the uniform re-noising of the DMD term and fake-score loss",
+                            range=SIGMA)
+    sigma_max: float = opt(0.98, "DMD2: highest σ of the uniform re-noising", range=SIGMA)
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("sigma_min", "sigma_max"), lambda c: c.sigma_min <= c.sigma_max, "sigma_min must not exceed sigma_max"),)
 
 
 class DMD2Critic(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import flow
-from ..config import choice, opt
+from ..config import NON_NEGATIVE, choice, opt
 from ..discriminator import Discriminator, critic_gan_loss, feature_distance, g_loss
 from .base import Method
 
@@ -30,13 +30,14 @@ class LossConfig:
     """Turbo++'s student losses (YAML section `loss`)."""
     gradient: str = choice("end_to_end", ["end_to_end", "detach"], "whether the final-image loss reaches θ1 "
                            "through x_m (end_to_end) or stops at x_m (detach, ablation)")
-    adv_weight: float = opt(1.0, "weight of the final-image adversarial loss")
+    adv_weight: float = opt(1.0, "weight of the final-image adversarial loss", range=NON_NEGATIVE)
     step1_loss: str = choice("adv", ["adv", "traj", "none"], "iterative regularisation of step 1: adversarial "
                              "on x̂0₁, regression to the teacher's state at σm, or none (ablation)")
-    step1_weight: float = opt(1.0, "weight of the step-1 loss")
+    step1_weight: float = opt(1.0, "weight of the step-1 loss", range=NON_NEGATIVE)
     traj_distance: str = choice("mse", ["mse", "perceptual"], "distance of step1_loss=traj: pixel MSE or MSE "
                                 "of the discriminator's frozen teacher features")
-    paired_weight: float = opt(0.0, "optional paired regression of x̂0₂ to the teacher's final sample")
+    paired_weight: float = opt(0.0, "optional paired regression of x̂0₂ to the teacher's final sample",
+                                range=NON_NEGATIVE)
     paired_distance: str = choice("mse", ["mse", "perceptual"], "distance of the paired regression")
 
 

@@ -30,21 +30,27 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import add_config_flags, choice, load_flagged_config, opt, to_dict
+from ..config import COUNT, POSITIVE, SEED, Rule, add_config_flags, choice, load_flagged_config, opt, to_dict
 from ..data import get_dataset
-from ..errors import UserError
-from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors
+from ..errors import NonFiniteWeights, UserError
+from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
+from ..io.folders import NAMES, claim_output, require_complete, write_status
+from ..io.folders import progress as run_progress
 
 NUM_CELLS = 9
+CELL_DIM = 24    # per-cell embedding of a shapes feature net (FeatureNet's cell_dim)
 SHAPES_HEADS = {"shape": 5, "colour": 7, "size": 2}   # per cell
 NUM_BACKGROUNDS = 4
 NUM_SOURCES = 6
@@ -76,7 +82,7 @@ class FeatureNet(nn.Module):
     """
 
     def __init__(self, data: str = "shapes", width: int = 32, num_features: int = 256, resolution: int = 32,
-                 cell_dim: int = 24):
+                 cell_dim: int = CELL_DIM):
         super().__init__()
         if resolution % 8:
             raise UserError(f"feature net: resolution {resolution} must be a multiple of 8")
@@ -225,14 +231,21 @@ class FeatureTrainConfig:
     """`twostep metrics train` / `python -m twostep.metrics.features` (YAML --config, --set key=value, or the
     commands' flags); the resolved config is saved as train_config.json in the folder."""
     data: str = choice("shapes", ["shapes", "photos"], "the benchmark whose feature net this is")
-    minutes: float = opt(5.0, "training wall time (excluding data generation)")
-    num_train: int = opt(20000, "size of the training pool")
-    num_test: int = opt(2000, "held-out split='test' images the accuracy is measured on")
-    batch_size: int = opt(64, "images per Adam update")
-    lr: float = opt(2e-3, "peak Adam learning rate (3% linear warm-up, then cosine to 0 over the budget)")
-    width: int = opt(32, "channels of the trunk's first stage")
-    num_features: int = opt(256, "size of the embedding FD/KID use")
-    seed: int = opt(0, "seed of the pool, the held-out images, the weights and the batches")
+    minutes: float = opt(5.0, "training wall time (excluding data generation)", range=POSITIVE)
+    num_train: int = opt(20000, "size of the training pool", range=COUNT)
+    num_test: int = opt(2000, "held-out split='test' images the accuracy is measured on", range=COUNT)
+    batch_size: int = opt(64, "images per Adam update", range=COUNT)
+    lr: float = opt(2e-3, "peak Adam learning rate (3% linear warm-up, then cosine to 0 over the budget)",
+                     range=POSITIVE)
+    width: int = opt(32, "channels of the trunk's first stage", range=COUNT)
+    num_features: int = opt(256, "size of the embedding FD/KID use (shapes: at least 9 cells × 24 + 4 = 220)",
+                               range=COUNT)
+    seed: int = opt(0, "seed of the pool, the held-out images, the weights and the batches", range=SEED)
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("data", "num_features"), lambda c: c.data != "shapes" or c.num_features >= NUM_CELLS * CELL_DIM + 4,
+             f"a shapes feature net needs num_features >= {NUM_CELLS * CELL_DIM + 4} (9 cells x {CELL_DIM} + 4)"),
+    )
 
 
 FLAGS = ("data", "minutes", "num_train", "batch_size", "lr", "width", "num_features", "seed")  # the module's own CLI
@@ -249,8 +262,7 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
     data, minutes, num_train, seed, batch_size, lr = (cfg.data, cfg.minutes, cfg.num_train, cfg.seed,
                                                       cfg.batch_size, cfg.lr)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder; pass a folder path")
+    claim_output(out, "features")  # before any work: new or empty (never a teacher, a run, a cache, a file ...)
     t_start = time.time()
     torch.manual_seed(seed)
     ds = get_dataset(data)
@@ -298,6 +310,10 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
     # Weights are stored as float16 (keeps the committed folders small); evaluate the rounded weights so the
     # recorded accuracy is exactly that of the saved model.
     sd16 = _to_storage(net.state_dict())
+    bad = nonfinite_parts({"feature net": sd16})  # what is saved (float16: an overflow is caught too)
+    if bad:
+        raise NonFiniteWeights(f"{out}: training diverged: NaN/inf weights in {bad[0]} after {step} steps; nothing "
+                               f"saved: lower --lr (now {lr:g}) and train again", bad)
     net.load_state_dict(_from_storage(sd16))
     net.eval()
     acc = accuracy(net, te.images, te.labels)
@@ -321,18 +337,53 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
         "command": command or f"python -m twostep.metrics.features --data {data} --out {out} --minutes {minutes:g} "
                               f"--num-train {num_train} --seed {seed}",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
-    atomic_save_tensors(sd16, out / "model.safetensors", metadata={"format": FORMAT})
-    atomic_write_text(out / "config.json", json.dumps(record, indent=1) + "\n")  # last: marks completeness
+    # written under a temporary sibling, status.json last, and renamed into place: never a half feature net
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        atomic_write_text(tmp / "train_config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
+        atomic_save_tensors(sd16, tmp / "model.safetensors", metadata={"format": FORMAT})
+        atomic_write_text(tmp / "config.json", json.dumps(record, indent=1) + "\n")
+        write_status(tmp, "features", {"data": data, "arch": net.config(), "seed": seed}, True,
+                     run_progress(step, step, "updates"))
+        if claim_output(out, "features").kind is not None:  # empty (or a half folder of an older version)
+            shutil.rmtree(out)
+        elif out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return record
+
+
+def _weights_arch(sd: dict[str, torch.Tensor]) -> dict:
+    """The FeatureNet settings a state dict's names and shapes imply (those that can be read off it)."""
+    got: dict = {}
+    if "cell_head.weight" in sd:
+        got["data"] = "shapes"
+    elif "src_head.weight" in sd:
+        got["data"] = "photos"
+    if "trunk.0.weight" in sd:
+        got["width"] = int(sd["trunk.0.weight"].shape[0])
+    if got.get("data") == "shapes" and "cell_mlp.2.weight" in sd and "global_mlp.0.weight" in sd:
+        got["cell_dim"] = int(sd["cell_mlp.2.weight"].shape[0])
+        got["num_features"] = NUM_CELLS * got["cell_dim"] + int(sd["global_mlp.0.weight"].shape[0])
+    elif got.get("data") == "photos" and "embed.0.weight" in sd:
+        got["num_features"] = int(sd["embed.0.weight"].shape[0])
+    return got
 
 
 def load_feature_net(folder: Path | str) -> FeatureNet:
     """Load a feature net folder (config.json + model.safetensors) in eval mode, frozen."""
     folder = Path(folder)
-    hint = ("re-create it with `python -m twostep.metrics.features --data shapes|photos --out "
-            f"{folder}`")
+    st = require_complete(folder, "feature net")
+    if st.kind not in (None, "features", "other", "file"):
+        raise UserError(f"{folder}: holds a {NAMES[st.kind]}, not a feature net; pass a feature-net folder (e.g. "
+                        "models/features-shapes), or train one with `twostep metrics train --data shapes|photos "
+                        "--out NEW_FOLDER`")
+    hint = ("re-create it with `twostep metrics train --data shapes|photos --out "
+            f"{folder if st.kind is None else 'NEW_FOLDER'}`")
     if not folder.is_dir():
         raise UserError(f"{folder}: feature-net folder does not exist; {hint}")
     cfg_path = folder / "config.json"
@@ -340,17 +391,32 @@ def load_feature_net(folder: Path | str) -> FeatureNet:
         raise UserError(f"{cfg_path}: missing, so {folder} is not a complete feature-net folder; {hint}")
     try:
         cfg = json.loads(cfg_path.read_text())
-        arch = cfg["arch"]
-        if cfg.get("format") != FORMAT:
-            raise ValueError("format")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, OSError) as e:
         raise UserError(f"{cfg_path}: not a valid feature-net config ({type(e).__name__}); {hint}") from None
-    try:
-        net = FeatureNet(arch["data"], width=int(arch["width"]), num_features=int(arch["num_features"]),
-                         resolution=int(arch.get("resolution", 32)), cell_dim=int(arch.get("cell_dim", 24)))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{cfg_path}: bad architecture entry ({type(e).__name__}: {e}); {hint}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("arch"), dict):
+        got = type(cfg).__name__ if not isinstance(cfg, dict) else f"arch {type(cfg.get('arch')).__name__}"
+        raise UserError(f"{cfg_path}: not a valid feature-net config (expected a JSON object with an 'arch' "
+                        f"mapping, got {got}); {hint}")
+    if cfg.get("format") != FORMAT:
+        raise UserError(f"{cfg_path}: not a valid feature-net config (format {cfg.get('format')!r}, expected "
+                        f"{FORMAT!r}); {hint}")
+    arch = {"resolution": 32, "cell_dim": 24, **cfg["arch"]}
+    if arch.get("data") not in ("shapes", "photos"):
+        raise UserError(f"{cfg_path}: arch.data {arch.get('data')!r} must be 'shapes' or 'photos'; {hint}")
+    mins = {"width": 1, "num_features": 1, "resolution": 8, "cell_dim": 1 if arch["data"] == "shapes" else 0}
+    for k, lo in mins.items():
+        if k not in arch or not isinstance(arch[k], int) or isinstance(arch[k], bool) or arch[k] < lo:
+            raise UserError(f"{cfg_path}: arch.{k} {arch.get(k)!r} must be an integer >= {lo}; {hint}")
     sd = _from_storage(load_tensors(folder / "model.safetensors"))
+    for k, v in _weights_arch(sd).items():  # config.json against the weights: name the field that disagrees
+        if arch[k] != v:
+            raise UserError(f"{cfg_path}: weights do not match config.json (arch.{k} is {arch[k]!r} but "
+                            f"model.safetensors holds a net with {k} {v!r}); {hint}")
+    try:
+        net = FeatureNet(arch["data"], width=arch["width"], num_features=arch["num_features"],
+                         resolution=arch["resolution"], cell_dim=arch["cell_dim"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{cfg_path}: bad architecture entry ({type(e).__name__}: {e}); {hint}") from None
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError:

@@ -28,6 +28,12 @@ Resuming: re-running `build_cache` with the same arguments verifies every record
 good ones, and (re)generates the missing, truncated or corrupt ones; a shard is written (tmp + rename) before
 its manifest entry, so an interruption never leaves a half shard under its final name, and shards are keyed
 by index, so nothing is ever duplicated.
+
+Ownership (twostep.io.folders): the manifest is the cache's status (its "complete" is written last; loading
+refuses an incomplete cache). Its identity is the teacher's, the arguments and `prompts_sha256`, a hash of the
+captions used: a rebuild whose prompt source changed (another captions.jsonl, another shapes version) is
+refused unless it goes to a new folder (a manifest from before the hash: the kept shards' own captions are
+compared). A shard's `file` must be a name inside the folder (an absolute or `../` path is refused).
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ import torch
 from safetensors import safe_open
 
 from .. import flow
+from ..config import COUNT, SEED
 from ..data import get_dataset, shapes
 from ..errors import UserError
-from ..io.files import atomic_save_tensors, atomic_write_text, one_line, sha256_file
-from ..io.folders import identity_diff, teacher_identity
+from ..io.files import atomic_save_tensors, atomic_write_text, one_line, sha256_file, sha256_text
+from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity
 from ..model import load_teacher
 
-FORMAT = "twostep-teacher-cache"
+FORMAT = CACHE_FORMAT  # "twostep-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 META_KEY = "twostep_cache"
@@ -101,25 +108,41 @@ def _read_manifest(path: Path) -> dict:
 
 def _shard_ok(folder: Path, entry: dict | None) -> bool:
     try:
-        p = folder / str(entry["file"])
+        p = path_inside(folder, entry["file"], "shard file")  # never read outside the cache folder
         return p.name == shard_name(int(entry["index"])) and p.is_file() and sha256_file(p) == entry["sha256"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, UserError):
         return False
+
+
+def prompts_sha256(captions: list[str]) -> str:
+    """The identity of a cache's prompt source: a sha256 of the captions used, in order."""
+    return sha256_text(json.dumps(list(captions)))
+
+
+def _shard_captions(path: Path):
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {})[META_KEY])["captions"]
+    except Exception:  # unreadable: not these prompts
+        return None
 
 
 def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int = 0, shard_size: int = 256,
                 batch_size: int = 64, progress: bool = True, skip_bad: bool = False) -> Path:
     """Sample the teacher for `num` (caption, noise) pairs into sharded safetensors under `out`; resumable.
 
-    Returns `out`. Raises UserError if `out` holds a different cache (other teacher, data, num, seed or
-    shard size) or is a non-empty folder that is not a cache.
+    Returns `out`. Raises UserError if `out` holds a different cache (other teacher, data, num, seed, shard
+    size or prompts), is a non-empty folder that is not a cache, or is (or holds, or is inside) an input.
     """
     out = Path(out)
     teacher_folder = Path(teacher_folder)
-    for name, v in (("--num", num), ("--shard-size", shard_size), ("--batch-size", batch_size)):
-        if int(v) < 1:
-            raise UserError(f"{name} must be >= 1, got {v}")
+    for name, v in (("num", num), ("shard_size", shard_size), ("batch_size", batch_size)):
+        COUNT.check(v, name)
+    SEED.check(seed, "seed")
     num, seed, shard_size, batch_size = int(num), int(seed), int(shard_size), int(batch_size)
+    # before any work: `out` is new, empty or a teacher cache; never a file, the teacher or the data folder
+    claim_output(out, "cache", inputs={"--teacher": teacher_folder, "--data": data if Path(data).is_dir() else None},
+                 allow_complete=True)
     teacher = load_teacher(teacher_folder)
     ident = teacher_identity(teacher_folder, teacher.config)
     s = teacher.sampling
@@ -128,8 +151,13 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
     if data == "shapes":  # the scenes (and captions) drawn for a seed depend on the benchmark's version
         params["data_version"] = shapes.VERSION
     n_shards = math.ceil(num / shard_size)
+    ds = get_dataset(data, resolution=teacher.resolution, skip_bad=skip_bad)
+    captions = ds.sample(num, seed=seed, split="train").captions
+    if len(captions) != num:
+        raise UserError(f"--data {data}: gave {len(captions)} captions, expected {num}")
+    prompts = prompts_sha256(captions)
 
-    # The folder: new, or a cache of exactly this (teacher, data, num, seed, shard_size), or refuse.
+    # The folder: new, or a cache of exactly this (teacher, data, num, seed, shard_size, prompts), or refuse.
     mpath = out / MANIFEST
     entries: dict[int, dict] = {}
     if out.exists() and not out.is_dir():
@@ -138,6 +166,8 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
         old = _read_manifest(mpath)
         diff = identity_diff(old.get("teacher", {}), ident)
         diff += [k for k in params if old.get(k) != params[k]]
+        if "prompts_sha256" in old and old["prompts_sha256"] != prompts:
+            diff.append("prompts")
         if diff:
             raise UserError(f"{out}: holds a different teacher cache (differs in: {', '.join(diff)}); "
                             "choose another --out (or delete that folder)")
@@ -145,17 +175,19 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
             entries = {int(e["index"]): e for e in old.get("shards", [])}
         except (KeyError, TypeError, ValueError):  # malformed entries: regenerate their shards
             entries = {}
-    elif out.exists():
-        foreign = [p.name for p in out.iterdir()
-                   if not (p.name.startswith("shard-") or p.name.startswith(MANIFEST))]
-        if foreign:
-            raise UserError(f"{out}: exists and is not a teacher cache (holds {foreign[0]!r}); choose another --out")
+        if "prompts_sha256" not in old:  # a manifest from before the prompt hash: the kept shards' own captions
+            for k, e in entries.items():
+                if k < n_shards and _shard_ok(out, e) and \
+                        _shard_captions(out / e["file"]) != captions[k * shard_size:(k + 1) * shard_size]:
+                    raise UserError(f"{out}: holds a different teacher cache (differs in: prompts); choose another "
+                                    "--out (or delete that folder)")
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
 
     manifest = {"format": FORMAT, "version": VERSION, "teacher": ident,
-                "teacher_folder": str(teacher_folder.resolve()), **params, "batch_size": batch_size,
+                "teacher_folder": str(teacher_folder.resolve()), **params, "prompts_sha256": prompts,
+                "batch_size": batch_size,
                 "num_shards": n_shards, "sigmas": [float(x) for x in sigmas], "complete": False, "shards": []}
 
     def write_manifest():
@@ -169,11 +201,6 @@ def build_cache(teacher_folder: Path, data: str, num: int, out: Path, seed: int 
     write_manifest()
     if not todo:
         return out
-
-    ds = get_dataset(data, resolution=teacher.resolution, skip_bad=skip_bad)
-    captions = ds.sample(num, seed=seed, split="train").captions
-    if len(captions) != num:
-        raise UserError(f"--data {data}: gave {len(captions)} captions, expected {num}")
 
     bar = None
     if progress:
@@ -279,6 +306,7 @@ def load_cache(folder: Path, expect_teacher: Path | None = None) -> TeacherCache
         entries = sorted(m.get("shards", []), key=lambda e: int(e["index"]))
         for e in entries:
             str(e["file"]), str(e["sha256"]), int(e["count"])
+            path_inside(folder, e["file"], "shard file", "delete the cache folder and build it again")
         sigmas = torch.tensor(m["sigmas"], dtype=torch.float64)
         int(m["num"])
     except (KeyError, TypeError, ValueError) as ex:

@@ -12,20 +12,25 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from .. import flow
 from ..backbones.zimage import ZImageBackbone, tiny_zimage_config
-from ..config import choice, opt, to_dict
+from ..config import (COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, UNIT, UNIT_RIGHT_OPEN, Rule, choice, opt,
+                      to_dict)
 from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
-from ..io.files import all_finite, atomic_save_tensors, atomic_write_text, load_tensors
+from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
+from ..io.folders import claim_output, require_complete, twostep_command, write_status
+from ..io.folders import progress as run_progress
 from ..data import get_dataset
 from ..ema import ema_decay, ema_update
-from ..errors import UserError
+from ..errors import NonFiniteWeights, UserError
 from ..text import get_encoder
 
 SIGMA_BINS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+MAX_NONFINITE = 5  # non-finite updates in a row before a rollback; rollbacks before the run gives up
 
 
 @dataclass
@@ -33,29 +38,37 @@ class TeacherTrainConfig:
     """`twostep teacher train` (YAML --config, --set key=value, or the command's flags); the resolved config is
     saved as train_config.json in the model folder, and a re-run with other architecture keys is refused."""
     data: str = opt("shapes", "shapes | photos | a folder with captions.jsonl")
-    resolution: int = opt(32, "image side in pixels")
-    num_train: int = opt(20000, "size of the fixed training pool (images + captions)")
-    batch_size: int = opt(32, "images per update")
-    lr: float = opt(5e-4, "AdamW learning rate (after the linear warm-up)")
-    warmup_steps: int = opt(200, "updates of linear learning-rate warm-up")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    ema: float = opt(0.999, "EMA decay of the weights (with warm-up)")
-    caption_dropout: float = opt(0.1, "fraction of captions replaced by the empty caption (for CFG)")
-    minutes: float = opt(30.0, "TOTAL training wall time in minutes (a resumed run continues up to it)")
-    max_steps: int = opt(0, "stop after this many updates (0 = no step limit)")
-    seed: int = opt(0, "seed of the run (weights, pool, batches)")
-    checkpoint_minutes: float = opt(5.0, "wall minutes between checkpoints")
-    dim: int = opt(128, "transformer width (dim / n_heads must be a multiple of 8)")
-    n_layers: int = opt(4, "transformer layers")
-    n_heads: int = opt(2, "attention heads")
-    n_refiner_layers: int = opt(1, "refiner layers per stream")
-    patch_size: int = opt(4, "patch side in pixels")
+    resolution: int = opt(32, "image side in pixels (a multiple of patch_size)", range=COUNT)
+    num_train: int = opt(20000, "size of the fixed training pool (images + captions)", range=COUNT)
+    batch_size: int = opt(32, "images per update", range=COUNT)
+    lr: float = opt(5e-4, "AdamW learning rate (after the linear warm-up)", range=POSITIVE)
+    warmup_steps: int = opt(200, "updates of linear learning-rate warm-up", range=COUNT)
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
+    ema: float = opt(0.999, "EMA decay of the weights (with warm-up)", range=UNIT_RIGHT_OPEN)
+    caption_dropout: float = opt(0.1, "fraction of captions replaced by the empty caption (for CFG)", range=UNIT)
+    minutes: float = opt(30.0, "TOTAL training wall time in minutes (a resumed run continues up to it)",
+                          range=POSITIVE)
+    max_steps: int = opt(0, "stop after this many updates (0 = no step limit)", range=NON_NEGATIVE_INT)
+    seed: int = opt(0, "seed of the run (weights, pool, batches)", range=SEED)
+    checkpoint_minutes: float = opt(5.0, "wall minutes between checkpoints", range=NON_NEGATIVE)
+    dim: int = opt(128, "transformer width (dim / n_heads must be a multiple of 8)", range=COUNT)
+    n_layers: int = opt(4, "transformer layers", range=COUNT)
+    n_heads: int = opt(2, "attention heads", range=COUNT)
+    n_refiner_layers: int = opt(1, "refiner layers per stream", range=NON_NEGATIVE_INT)
+    patch_size: int = opt(4, "patch side in pixels", range=COUNT)
     default_guidance: float = opt(2.0, "the CFG scale written to config.json (`twostep teacher tune-guidance` "
-                                  "replaces it by the one chosen by FD)")
+                                  "replaces it by the one chosen by FD)", range=NON_NEGATIVE)
     skip_bad: bool = opt(False, "skip (and count) unreadable images / caption lines of a folder dataset")
     init: str = opt("", "continue from this teacher folder's (EMA) weights (same architecture; fresh optimizer)")
     lr_decay: str = choice("none", ["none", "linear"], "after warm-up: constant learning rate (none) or linear "
                            "decay to 0 over the budget (minutes, or max_steps)")
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("dim", "n_heads"), lambda c: c.dim % c.n_heads == 0 and (c.dim // c.n_heads) % 8 == 0,
+             "dim / n_heads must be an integer multiple of 8 (e.g. dim 128, n_heads 2)"),
+        Rule(("resolution", "patch_size"), lambda c: c.resolution % c.patch_size == 0,
+             "resolution must be a multiple of patch_size"),
+    )
 
 
 # the shortcut flags of `twostep teacher train` (every key can also be given by --config / --set)
@@ -81,16 +94,28 @@ def model_config(cfg: TeacherTrainConfig, channels: int = 3, cap_dim: int = 384)
 
 def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> Path:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ckdir = out / "checkpoints"
     saved_cfg = out / "train_config.json"
-    if saved_cfg.exists():
-        prev = json.loads(saved_cfg.read_text())
-        diff = [k for k in ARCH_KEYS if prev.get(k) != getattr(cfg, k)]
+    # `out`: new, empty, a run that never trained (a failed start), or this teacher's run (same ARCH_KEYS) with a
+    # checkpoint to continue from; never the --init teacher or the --data folder, never another kind of folder
+    arch = {k: getattr(cfg, k) for k in ARCH_KEYS}
+    inputs = {"--init": cfg.init or None, "--data": cfg.data if Path(cfg.data).is_dir() else None}
+    st = claim_output(out, "teacher", None, inputs=inputs, allow_complete=True)
+    trained = latest_checkpoint(ckdir) is not None or (out / "model.safetensors").exists()
+    if trained:
+        claim_output(out, "teacher", arch, inputs=inputs, allow_complete=True)  # the same teacher run
+    if trained and saved_cfg.exists():  # a folder written before status.json: its train_config.json names the run
+        try:
+            prev = json.loads(saved_cfg.read_text())
+            diff = [k for k in ARCH_KEYS if prev.get(k) != getattr(cfg, k)]
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"{saved_cfg}: unreadable; this is not a teacher run to continue: choose another --out")
         if diff:
             raise UserError(f"{out}: holds a different teacher run ({', '.join(f'{k}={prev.get(k)}' for k in diff)});"
                             " choose another --out or the same settings to resume")
-    atomic_write_text(saved_cfg, json.dumps(to_dict(cfg), indent=1))
+    if st.kind is not None and (out / "model.safetensors").exists() and latest_checkpoint(ckdir) is None:
+        raise UserError(f"{out}: holds a trained teacher with no checkpoint to continue from; choose another --out "
+                        f"(to start from its weights: --init {out} --out NEW)")
     mcfg = model_config(cfg)
 
     torch.manual_seed(cfg.seed)
@@ -122,6 +147,11 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
         step, elapsed = meta["step"], meta["elapsed_s"]
         log = meta.get("log", [])
         print(f"resumed from {ck} (step {step}, {elapsed / 60:.1f} min trained)")
+    # the run starts for real (data, model and --init are good): its folder, status.json (unfinished) and config
+    out.mkdir(parents=True, exist_ok=True)
+    resume = twostep_command("teacher", "train", "--config", saved_cfg, "--data", cfg.data, "--out", out)
+    write_status(out, "teacher", arch, False, _progress(cfg, step, elapsed), resume)
+    atomic_write_text(saved_cfg, json.dumps(to_dict(cfg), indent=1))
 
     budget = cfg.minutes * 60
     bar = None
@@ -132,6 +162,8 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
     bin_sum = torch.zeros(len(SIGMA_BINS) - 1)
     bin_cnt = torch.zeros(len(SIGMA_BINS) - 1)
     run_loss, t_last_ck, t0 = None, time.time(), time.time() - elapsed
+    in_a_row = rollbacks = 0  # non-finite updates in a row; rollbacks (at most MAX_NONFINITE, then it gives up)
+    lr_scale = 1.0            # halved by each rollback
     model.train()
     while elapsed < budget and (cfg.max_steps <= 0 or step < cfg.max_steps):
         ts = time.time()
@@ -145,15 +177,23 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
         u = model.raw_output(x_sigma, sigma, cap)
         per = (u - flow.flow_target(x0, noise)).square().mean(dim=(1, 2, 3))
         loss = per.mean()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * _decay(cfg, step, time.time() - t0, budget)
+        lr = cfg.lr * lr_scale * min(1.0, (step + 1) / cfg.warmup_steps) * _decay(cfg, step, time.time() - t0, budget)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not torch.isfinite(loss):
-            print(f"step {step}: non-finite loss, update skipped")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            # skipped, but the step and time budgets advance (the run ends); a rollback after MAX_NONFINITE in a row
+            step, in_a_row = step + 1, in_a_row + 1
+            elapsed = time.time() - t0
+            print(f"step {step}: non-finite loss or gradient, update skipped ({in_a_row} in a row)", flush=True)
+            if in_a_row >= MAX_NONFINITE:
+                rollbacks += 1
+                step = _rollback(out, model, ema, opt, f"{in_a_row} non-finite losses in a row", rollbacks, lr)
+                lr_scale, in_a_row = lr_scale * 0.5, 0
             continue
+        in_a_row = 0
         opt.step()
         step += 1
         ema_update(ema, model, ema_decay(step, cfg.ema))
@@ -176,14 +216,30 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> 
             if bar is None:
                 print(json.dumps(log[-1]), flush=True)
         if time.time() - t_last_ck > cfg.checkpoint_minutes * 60:
-            _save(ckdir, model, ema, opt, step, elapsed, log)
-            _export(out, ema, mcfg, step, elapsed, log, cfg, lineage)
+            try:
+                _save(ckdir, model, ema, opt, step, elapsed, log)
+                _export(out, ema, mcfg, step, elapsed, log, cfg, lineage)
+            except NonFiniteWeights as e:  # nothing written: back to the newest checkpoint, like NaN losses
+                rollbacks += 1
+                step = _rollback(out, model, ema, opt, f"NaN/inf weights in {', '.join(e.parts)} at step {step}",
+                                 rollbacks, lr)
+                lr_scale, in_a_row, t_last_ck = lr_scale * 0.5, 0, time.time()
+                continue
+            write_status(out, "teacher", arch, False, _progress(cfg, step, elapsed), resume)
             t_last_ck = time.time()
     if bar is not None:
         bar.close()
     _save(ckdir, model, ema, opt, step, elapsed, log)
     _export(out, ema, mcfg, step, elapsed, log, cfg, lineage)
+    write_status(out, "teacher", arch, True, _progress(cfg, step, elapsed), resume)  # last: the completion marker
     return out
+
+
+def _progress(cfg: TeacherTrainConfig, step: int, elapsed: float) -> dict:
+    """status.json's progress of a teacher run: updates of max_steps, else minutes of the time budget."""
+    if cfg.max_steps > 0:
+        return run_progress(step, cfg.max_steps, "updates")
+    return run_progress(round(elapsed / 60, 2), cfg.minutes, "minutes")
 
 
 def _decay(cfg: TeacherTrainConfig, step: int, elapsed: float, budget: float) -> float:
@@ -198,6 +254,7 @@ def _init_from(model: ZImageBackbone, src: Path, mcfg: dict) -> dict:
     """Load a trained teacher's weights to continue from (a fresh optimizer; the warm-up re-runs)."""
     if not (src / "config.json").exists() or not (src / "model.safetensors").exists():
         raise UserError(f"--init {src}: not a teacher folder (needs config.json and model.safetensors)")
+    require_complete(src, "teacher")
     old = json.loads((src / "config.json").read_text())
     if old.get("transformer") != mcfg["transformer"]:
         raise UserError(f"--init {src}: its architecture differs from this run's; pass the same --dim/--n-layers/"
@@ -206,12 +263,34 @@ def _init_from(model: ZImageBackbone, src: Path, mcfg: dict) -> dict:
     return {"init_from": str(src), **(old.get("training") or {})}
 
 
+def _rollback(out: Path, model, ema, opt, reason: str, rollbacks: int, lr: float) -> int:
+    """Reload the newest checkpoint (the caller halves the learning rate); returns its step. With no checkpoint,
+    or past MAX_NONFINITE rollbacks, the run gives up with a one-line UserError (it stays unfinished)."""
+    ck = latest_checkpoint(out / "checkpoints")
+    if ck is None:
+        raise UserError(f"{out}: {reason} (learning rate {lr:.3g}) and no checkpoint to roll back to; lower --lr")
+    if rollbacks > MAX_NONFINITE:
+        raise UserError(f"{out}: {reason} after {MAX_NONFINITE} rollbacks with halved learning rates; gave up (the "
+                        f"run stays unfinished at {ck.name}): lower --lr and re-run the command to resume")
+    model.transformer.load_state_dict(load_tensors(ck / "model.safetensors"))
+    ema.transformer.load_state_dict(load_tensors(ck / "ema.safetensors"))
+    meta = read_checkpoint(ck, {"model": opt})
+    print(f"rolled back to {ck.name} (step {meta['step']}) after {reason}; learning rate halved", flush=True)
+    return meta["step"]
+
+
+def _refuse_nonfinite(out: Path, step: int, states: dict) -> None:
+    """Everything a teacher run saves is finite (the weights and their EMA, each checked itself)."""
+    bad = nonfinite_parts(states)
+    if bad:
+        raise NonFiniteWeights(f"{out}: step {step}: NaN/inf weights in {', '.join(bad)}; not saved (the run stays "
+                               "unfinished): lower --lr (or check ema), then re-run the command to resume", bad)
+
+
 def _save(ckdir, model, ema, opt, step, elapsed, log):
-    sd = model.transformer.state_dict()
-    if not all_finite(sd):
-        print("non-finite weights: checkpoint not written")
-        return
-    write_checkpoint(ckdir, {"model": sd, "ema": ema.transformer.state_dict()},
+    sd, esd = model.transformer.state_dict(), ema.transformer.state_dict()
+    _refuse_nonfinite(Path(ckdir).parent, step, {"model": sd, "ema": esd})
+    write_checkpoint(ckdir, {"model": sd, "ema": esd},
                      {"step": step, "elapsed_s": elapsed, "log": log}, optimizers={"model": opt})
 
 
@@ -225,6 +304,7 @@ def _export(out: Path, ema, mcfg, step, elapsed, log, cfg, lineage=None):
     mcfg = {**mcfg, "num_parameters": sum(p.numel() for p in ema.parameters()), "training": {"steps": step, "minutes": round(elapsed / 60, 2), "batch_size": cfg.batch_size,
                                  "final_loss": log[-1]["loss"] if log else None,
                                  **({"continued_from": lineage} if lineage else {})}}
+    _refuse_nonfinite(out, step, {"ema": ema.transformer.state_dict()})
     atomic_save_tensors(ema.transformer.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "loss_log.json", json.dumps(log, indent=1))
     atomic_write_text(cfg_path, json.dumps(mcfg, indent=1))

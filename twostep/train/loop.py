@@ -16,6 +16,7 @@ import torch
 
 from .. import faults
 from ..config import Config
+from ..errors import NonFiniteWeights
 from ..ema import ema_decay, ema_update
 from ..io.files import tensors_sha256
 from ..methods import build_method
@@ -23,8 +24,8 @@ from ..model import load_teacher, num_parameters
 from ..student import deepcopy_sharing_frozen, student_config
 from .batches import BatchSource, load_inputs, real_images
 from .distributed import accelerator, all_ranks, check_ranks_in_sync, mean_over_ranks, rank_seed, shard_student, use_fsdp
-from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, optimizers, rollback,
-                    saved_modules, start_run_folder)
+from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, mark_run, optimizers,
+                    resume_command, rollback, run_identity, saved_modules, start_run_folder)
 from .steps import critic_step, enable_grad_checkpointing, student_step
 from .viz import Progress, RunLog, at_chance, grid_inputs, log_record, loss_curves, write_grid
 
@@ -53,8 +54,10 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     out, t = Path(out), cfg.train
     acc = accelerator(cfg)
     fsdp = use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
-    ck, prev = check_run_folder(out, cfg, resume)
     teacher, cache = load_inputs(teacher_dir, cache_dir)
+    identity = run_identity(cache)  # never --out = --teacher / --cache; a resume only of a run of these inputs
+    ck, prev = check_run_folder(out, cfg, resume, identity, {"--teacher": teacher_dir, "--cache": cache_dir},
+                                teacher.config)
     torch.manual_seed(t.seed)
     teacher.backbone.to(acc.device)  # every module on the accelerator's device; batches follow (BatchSource)
     method = prepare_method(cfg, teacher, acc.device)
@@ -79,15 +82,16 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         update, records = meta["step"], meta.get("log", [])
         acc.print(f"resumed from {ck} at update {update}")
         apply_resumed_hparams(acc, opts, prev, cfg)
-    start_run_folder(acc, out, cfg)
+    start_run_folder(acc, out, cfg, identity, resume_command(teacher_dir, cache_dir, out), update)
     scfg = {**student_config(teacher.config, cfg, Path(teacher_dir)), "cache": str(cache_dir)}
 
     grids = grid_inputs(teacher, cache, acc.device)
     bar = Progress(progress and acc.is_main_process, t, f"distill[{cfg.method}]", update, method.log_keys, acc.print)
     t_start = time.time()
     log = RunLog(out / "log.jsonl", records, acc.is_main_process)
-    skipped = in_a_row = 0
+    skipped = in_a_row = rollbacks = 0  # rollbacks: at most train.max_nonfinite, then the run gives up (state.rollback)
     warned_chance = False
+    stopped = None  # why the run stopped before train.updates (a time budget: the run is complete)
 
     def critic_updates(update: int, subs, logs: dict) -> int:
         """Critic updates on the batches (update, sub) for each sub; returns how many were skipped."""
@@ -113,6 +117,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     while update < t.updates:
         if t.minutes > 0 and not all_ranks(acc, time.time() - t_start <= t.minutes * 60):  # ranks stop together
             acc.print(f"time budget of {t.minutes} min reached at update {update}")
+            stopped = f"time budget of {t.minutes:g} min"
             break
         if acc.num_processes > 1:  # per-rank σ / re-noising draws (one process keeps its single RNG stream)
             torch.manual_seed(rank_seed(t.seed, acc.process_index, update))
@@ -127,7 +132,9 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             in_a_row += 1
             logs["skipped_updates"] = skipped
             if in_a_row >= t.max_nonfinite:
-                update, log.records = rollback(acc, out, method, ema, opts, fsdp)
+                rollbacks += 1
+                update, log.records = rollback(acc, out, method, ema, opts, fsdp, f"{in_a_row} non-finite losses "
+                                               "in a row", rollbacks, t.max_nonfinite)
                 in_a_row = 0
                 continue
         else:
@@ -152,7 +159,16 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             write_grid(out / "grids" / f"grid-{update:06d}.png", grids, ema,  # FSDP: every rank runs the
                        save=acc.is_main_process)                              # sharded EMA, rank 0 saves
         if t.checkpoint_every and update % t.checkpoint_every == 0 and update < t.updates:
-            checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
+            try:
+                checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
+            except NonFiniteWeights as e:  # nothing was saved: back to the newest checkpoint, like NaN losses
+                rollbacks += 1
+                update, log.records = rollback(acc, out, method, ema, opts, fsdp, f"NaN/inf weights in "
+                                               f"{', '.join(e.parts) or 'a module'} at update {update}", rollbacks,
+                                               t.max_nonfinite)
+                in_a_row = 0
+                continue
+            mark_run(acc, out, t.updates)
     bar.close()
     log.close()
     checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
@@ -161,4 +177,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")
     if acc.is_main_process:
         loss_curves(log.records, method.log_keys, out / "loss_curves.png")
+    # last: the completion marker (a run stopped by SIGINT or an error stays unfinished: status.json says so)
+    mark_run(acc, out, t.updates, complete=update >= t.updates or (stopped is not None and update > 0),
+             stopped=stopped)
     return out

@@ -7,26 +7,55 @@ shards them). Module files are named by `method.modules()` plus `ema`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
 
 from ..config import dump_config, to_dict
-from ..errors import UserError
+from ..errors import NonFiniteWeights, UserError
 from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
-from ..io.files import all_finite, atomic_write_text
+from ..io.files import atomic_write_text, nonfinite_parts, sha256_text
+from ..io.folders import CONFIG, IDENTITY_KEYS, claim_output, progress, read_status, twostep_command, write_status
 from ..sampling import save_student
-from .distributed import full_optim_state, full_state, load_module, optim_transform
+from .distributed import all_ranks, full_optim_state, full_state, load_module, optim_transform
 
 
-def check_run_folder(out: Path, cfg, resume: bool) -> tuple[Path | None, dict | None]:
-    """(newest complete checkpoint, the run's previous config as a dict) of the run folder `out`. Refuses a folder
-    that holds a run unless `resume`, and a resume whose config differs outside `train`."""
+def run_identity(cache) -> dict:
+    """What a run is of (status.json's identity): its teacher, as the cache recorded it (load_cache checked that
+    it is the given teacher: weights, transformer, resolution, text encoder, default sampling), and the cache's
+    contents (a sha256 over its shards' checksums, so a moved or rebuilt-identical cache is the same)."""
+    m = cache.manifest
+    return {"teacher": {k: (m.get("teacher") or {}).get(k) for k in IDENTITY_KEYS},
+            "cache": sha256_text("\n".join(str(e["sha256"]) for e in sorted(m["shards"], key=lambda e: int(e["index"]))))}
+
+
+def check_run_folder(out: Path, cfg, resume: bool, identity: dict | None = None, inputs: dict | None = None,
+                     teacher_config: dict | None = None) -> tuple[Path | None, dict | None]:
+    """(newest complete checkpoint, the run's previous config as a dict) of the run folder `out`, after
+    io.folders.claim_output: never an input folder (`inputs`), a file or a folder of another kind or identity.
+    Refuses a folder that holds a run (a checkpoint, or a trained student) unless `resume`, a `resume` with
+    nothing to resume from, and a resume whose config differs outside `train`."""
+    st = claim_output(out, "student", identity, inputs=inputs, resume=resume, allow_complete=True)
     ck = latest_checkpoint(out / "checkpoints")
     if ck is not None and not resume:
         raise UserError(f"{out}: already holds a run (checkpoint {ck.name}); pass --resume to continue it or "
                         "choose another --out")
+    if ck is None and st.kind is not None and st.complete and not resume:
+        raise UserError(f"{out}: already holds a run (a trained student, no checkpoint to continue from); choose "
+                        "another --out")
+    if resume and ck is None:
+        raise UserError(f"{out}: nothing to resume (no complete checkpoint in {out / 'checkpoints'}); run without "
+                        "--resume to start it afresh")
+    if st.legacy and teacher_config is not None and (out / CONFIG).is_file():  # no recorded identity: the model's
+        try:                                                                  # architecture at least
+            old = json.loads((out / CONFIG).read_text())
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict) and old.get("transformer") not in (None, teacher_config.get("transformer")):
+            raise UserError(f"{out}: holds a run of another teacher (its transformer config differs); choose "
+                            "another --out")
     prev = None
     if resume and (out / "config.yaml").exists():
         prev = yaml.safe_load((out / "config.yaml").read_text())
@@ -39,12 +68,42 @@ def check_run_folder(out: Path, cfg, resume: bool) -> tuple[Path | None, dict | 
     return ck, prev
 
 
-def start_run_folder(acc, out: Path, cfg) -> None:
-    """The run folder with the resolved config.yaml (written by the main process) and grids/."""
+def resume_command(teacher_dir: Path, cache_dir: Path, out: Path) -> str:
+    """The command that continues the run in `out` (status.json's `resume`)."""
+    return twostep_command("distill", "--teacher", teacher_dir, "--cache", cache_dir, "--config",
+                           Path(out) / "config.yaml", "--out", out, "--resume")
+
+
+def start_run_folder(acc, out: Path, cfg, identity: dict | None = None, resume: str | None = None,
+                     update: int = 0) -> None:
+    """The run folder with status.json (unfinished), the resolved config.yaml (written by the main process) and
+    grids/."""
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
+        write_status(out, "student", identity, False, progress(update, cfg.train.updates), resume)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
         (out / "grids").mkdir(exist_ok=True)
+
+
+def mark_run(acc, out: Path, total: int, complete: bool = False, stopped: str | None = None) -> None:
+    """Rewrite the run's status.json: progress = the update of the newest complete checkpoint (where a resume
+    restarts), `complete` only when the run's model files hold that update. The completion marker is the last
+    thing a run writes."""
+    if not acc.is_main_process:
+        return
+    s = read_status(out)
+    if s is None:
+        return
+    ck = latest_checkpoint(out / "checkpoints")
+    done = json.loads((ck / "meta.json").read_text())["step"] if ck is not None else 0
+    try:
+        saved = json.loads((out / CONFIG).read_text()).get("updates")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    p = progress(done, total)
+    if stopped:
+        p["stopped"] = stopped
+    write_status(out, "student", s.get("identity"), bool(complete) and saved == done, p, s.get("resume"))
 
 
 def student_lr(train: dict, decoupling: str) -> float:
@@ -99,26 +158,36 @@ def load_state(ck: Path, method, ema, opts, fsdp: bool) -> dict:
     return read_checkpoint(ck, opts, tfs)
 
 
-def rollback(acc, out: Path, method, ema, opts, fsdp: bool = False) -> tuple[int, list]:
-    """Too many non-finite updates in a row: reload the newest complete checkpoint and halve the learning rates.
-    Returns the checkpoint's (update, log)."""
+def rollback(acc, out: Path, method, ema, opts, fsdp: bool = False, reason: str = "repeated non-finite losses",
+             rollbacks: int = 1, max_rollbacks: int | None = None) -> tuple[int, list]:
+    """Too many non-finite updates in a row (or weights that cannot be saved, `reason`): reload the newest complete
+    checkpoint and halve the learning rates. Returns the checkpoint's (update, log). This is the run's rollback
+    number `rollbacks`; past `max_rollbacks` (train.max_nonfinite), or with no checkpoint to go back to, the run
+    gives up with a one-line UserError (it stays unfinished and resumable from its newest checkpoint)."""
     ck = latest_checkpoint(out / "checkpoints")
     lrs = {k: [g["lr"] * 0.5 for g in o.param_groups] for k, o in opts.items()}
+    now = ", ".join(f"{k}={o.param_groups[0]['lr']:.3g}" for k, o in opts.items())
     if ck is None:
-        raise RuntimeError("non-finite losses in a row and no checkpoint to roll back to; lower the learning "
-                           "rates (train.lr_student / train.lr_disc)")
+        raise UserError(f"{out}: {reason} and no checkpoint to roll back to (learning rates {now}); lower "
+                        "train.lr_student / train.lr_disc (or check train.ema)")
+    if max_rollbacks is not None and rollbacks > max_rollbacks:
+        raise UserError(f"{out}: {reason} after {max_rollbacks} rollbacks with halved learning rates ({now}); "
+                        f"gave up, the run stays unfinished at {ck.name}: lower train.lr_student / train.lr_disc "
+                        "and resume it with --resume")
     meta = load_state(ck, method, ema, opts, fsdp)
     for k, o in opts.items():
         for g, lr in zip(o.param_groups, lrs[k]):
             g["lr"] = lr
-    acc.print(f"rolled back to {ck.name} (update {meta['step']}) after repeated non-finite losses; learning "
+    acc.print(f"rolled back to {ck.name} (update {meta['step']}) after {reason}; learning "
               f"rates halved to {', '.join(f'{k}={v[0]:.3g}' for k, v in lrs.items())}")
     return meta["step"], meta.get("log", [])
 
 
 def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: int, scfg: dict, fsdp: bool = False):
     """Rank 0 writes a checkpoint and the run folder's model files, always full tensors (under FSDP every rank
-    takes part in gathering them first), in the same format with or without FSDP."""
+    takes part in gathering them first), in the same format with or without FSDP. Everything saved must be
+    finite (student, EMA, critic: each state dict that is written, io.files.nonfinite_parts); otherwise nothing is
+    written and every rank raises NonFiniteWeights."""
     acc.wait_for_everyone()
     main = acc.is_main_process
     mods = saved_modules(method, ema)
@@ -127,10 +196,12 @@ def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: 
         opt_state = {**opts, "student": full_optim_state(opts["student"], main)}
     elif main:
         states, opt_state = {k: m.state_dict() for k, m in mods.items()}, opts
+    bad = nonfinite_parts(states) if main else []
+    if not all_ranks(acc, not bad):  # every rank takes the same branch (no rank left waiting in a collective)
+        raise NonFiniteWeights(f"{out}: update {update}: NaN/inf weights in {', '.join(bad) or 'a module'}; not "
+                               "saved (the run stays unfinished): lower train.lr_student / train.lr_disc or check "
+                               "train.ema, then resume with --resume", bad)
     if not main:
-        return
-    if not all_finite(states["student"]):
-        acc.print(f"update {update}: non-finite student weights; checkpoint NOT written")
         return
     write_checkpoint(out / "checkpoints", states, {"step": update, "log": log}, keep=keep, optimizers=opt_state)
     save_student(ema, {**scfg, "updates": update}, out, state=states["ema"])  # the usable model: EMA + config

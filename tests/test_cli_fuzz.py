@@ -1,0 +1,673 @@
+"""Hostile input over every subcommand (issue 15), in-process through `twostep.cli.main`.
+
+Every case of the table is a bad or hostile input. Each must give exit code 2, exactly one stderr line that
+contains `error:`, no traceback (an exception escaping `main` fails the case with its type), leave every input
+folder byte-identical (the sha256 of every file under the shared tiny world and under the case's own input
+copies, before and after) and leave no `.tmp` file behind. A case that would train or compute must be refused
+before it does (a per-case alarm fails a case that runs too long). The kinds are those of docs/reliability.md
+("Hostile input: the kinds"):
+
+    destroys      a command that would overwrite or write into a model / cache / run folder it must not touch
+    garbage       something untrained, diverged or unfinished that would be written or read as finished
+    numbers       numbers nobody checked (zero, negative, NaN, out of range)
+    never-stops   runs that would never end (or give up only after a long time)
+    path-leaves   a path read from a manifest that leaves its folder
+    after-work    a failure that would come only after the work (unwritable outputs), or a failed start that
+                  leaves a half-written folder which a corrected retry then refuses
+    fake-resume   --resume of nothing, or of another run
+    config        a model's config.json that disagrees with its weights (or is not a config at all)
+    misc          bad input that was already clean, pinned here
+
+Inputs live in one module-scoped world (a tiny teacher and cache, a finished and a stopped student run, a
+second teacher with its cache, a feature net); a case that uses an input folder as an output works on a copy
+(under its own `in/`), so a case that fails never spoils the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_teacher, make_tiny_teacher_and_cache
+from twostep.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE_SECONDS = 25  # a refused case takes well under a second; one that works instead of refusing is cut off here
+
+TEACHER_TRAIN = ["--dim", "32", "--n-heads", "1", "--n-layers", "1", "--num-train", "16", "--batch-size", "4",
+                 "--max-steps", "2", "--no-progress"]
+METRICS_TRAIN = ["--minutes", "0.01", "--num-train", "64", "--batch-size", "8", "--width", "4", "--set",
+                 "num_test=16", "--no-progress"]
+DISTILL = ["--set", "train.updates=2", "--set", "train.batch_size=2", "--set", "train.d_warmup=0", "--set",
+           "train.grid_every=0", "--set", "train.checkpoint_every=1", "--set", "train.log_every=1", "--set",
+           "student.decoupling=shared", "--set", "disc.blocks=[0]", "--no-progress"]
+
+
+def _distill_cfg(*extra):
+    from twostep.methods import load_config
+    return load_config(None, ["train.batch_size=2", "train.d_warmup=0", "train.grid_every=0", "train.log_every=1",
+                              "train.checkpoint_every=1", "train.keep_checkpoints=1", "student.decoupling=shared",
+                              "disc.blocks=[0]", *extra])  # the tiny teacher has 1 block
+
+
+def _make_folder_data(folder: Path, n: int = 8) -> Path:
+    from PIL import Image
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (32, 32), (30 * i % 256, 90, 200 - 20 * i)).save(folder / f"im{i}.png")
+        lines.append(json.dumps({"file_name": f"im{i}.png", "text": f"a flat colour number {i}"}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The shared inputs (never written by a case: the hashes before and after every case say so)."""
+    from twostep import faults
+    from twostep.teacher.cache import build_cache
+    from twostep.train import distill
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("fuzz")
+    teacher, cache = make_tiny_teacher_and_cache(root, num=8, shard_size=4)
+    run = distill(_distill_cfg("train.updates=2"), teacher, cache, root / "run", progress=False)
+    # a run stopped (like SIGINT) after update 1 was checkpointed: unfinished, resumable
+    calls = {"n": 0}
+
+    def stop(name):
+        calls["n"] += name == "update"
+        if name == "update" and calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(faults, "point", stop)
+        with pytest.raises(KeyboardInterrupt):
+            distill(_distill_cfg("train.updates=6"), teacher, cache, root / "stopped", progress=False)
+    other = make_tiny_teacher(root / "other_teacher", seed=1)
+    other_cache = build_cache(other, "shapes", 8, root / "other_cache", shard_size=4, progress=False)
+    shutil.copytree(ROOT / "models" / "features-shapes", root / "features")
+    (root / "a_file").write_text("not a folder\n")
+    torch.set_num_threads(before)
+    return {"root": root, "teacher": teacher, "cache": cache, "run": run, "stopped": root / "stopped",
+            "other_teacher": other, "other_cache": other_cache, "features": root / "features",
+            "file": root / "a_file"}
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def tree_hash(*roots: Path) -> dict[str, str]:
+    out = {}
+    for r in roots:
+        if not r.exists():
+            continue
+        for p in sorted(r.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                out[str(p) + "/"] = "dir"
+    return out
+
+
+class Env:
+    """A case's view of the world: the shared inputs, copies of them under `in/` (which stay inputs and are
+    hashed too), and fresh output paths under `out/`."""
+
+    def __init__(self, world: dict, tmp: Path):
+        self.w, self.tmp = world, tmp
+        self.inp, self.out = tmp / "in", tmp / "out"
+        self.inp.mkdir()
+        self.out.mkdir()
+
+    def __getitem__(self, key: str) -> str:
+        return str(self.path(key))
+
+    def path(self, key: str) -> Path:
+        return Path(self.w[key])
+
+    def copy(self, key: str, name: str | None = None) -> Path:
+        dst = self.inp / (name or key)
+        if not dst.exists():
+            src = self.path(key)
+            shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+        return dst
+
+    def new(self, name: str = "new") -> Path:
+        """An output path that does not exist yet."""
+        return self.out / name
+
+    def empty(self, name: str = "empty") -> Path:
+        d = self.out / name
+        d.mkdir()
+        return d
+
+
+def edit_json(path: Path, fn) -> Path:
+    cfg = json.loads(path.read_text())
+    cfg = fn(cfg) or cfg
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def tset(section: str, **kv):
+    def fn(cfg):
+        cfg[section].update(kv)
+    return fn
+
+
+def poison(path: Path, value=float("nan")):
+    """Overwrite every float tensor of a safetensors file with `value`, keeping its metadata (the update stamp)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    sd = {k: v.fill_(value) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(sd, str(path), metadata=meta)
+
+
+class CaseTimeout(BaseException):
+    """Raised by the alarm (a BaseException: no `except Exception` of the library swallows it)."""
+
+
+CASES: list = []
+
+
+def case(kind: str, needle: str | None = None, after=None):
+    """Register `fn(env) -> argv` as a case of `kind`; `needle`: a text the error line must contain; `after(env)`:
+    further checks once the case is refused (e.g. that a corrected retry now works)."""
+    def deco(fn):
+        CASES.append(pytest.param(fn, kind, needle, after, id=f"{kind}:{fn.__name__}"))
+        return fn
+    return deco
+
+
+def simple(kind: str, name: str, argv_fn, needle: str | None = None, after=None):
+    """A case whose `argv_fn(env)` builds the command line."""
+    def fn(e):
+        return argv_fn(e)
+    fn.__name__ = name
+    case(kind, needle, after)(fn)
+
+
+def teacher_train(out, *extra):
+    return ["teacher", "train", "--data", "shapes", "--out", str(out), *TEACHER_TRAIN, *extra]
+
+
+def metrics_train(out, *extra, data="shapes"):
+    return ["metrics", "train", "--data", data, "--out", str(out), *METRICS_TRAIN, *extra]
+
+
+def distill_argv(e, teacher=None, cache=None, out=None, *extra):
+    return ["distill", "--teacher", str(teacher or e["teacher"]), "--cache", str(cache or e["cache"]),
+            "--out", str(out or e.new("run")), *DISTILL, *extra]
+
+
+def cache_argv(e, out, *extra, teacher=None):
+    return ["teacher", "cache", "--teacher", str(teacher or e["teacher"]), "--data", "shapes", "--num", "4",
+            "--shard-size", "4", "--out", str(out), "--no-progress", *extra]
+
+
+def sample_argv(model, out, *extra):
+    return ["sample", "--model", str(model), "--prompt", "a red circle", "--num", "1", "--out", str(out), *extra]
+
+
+def eval_argv(e, model, *extra):
+    return ["eval", "--model", str(model), "--data", "shapes", "--num", "10", "--features", e["features"],
+            "--no-progress", *extra]
+
+
+def speed_argv(e, student, *extra, teacher=None):
+    return ["speed", "--teacher", str(teacher or e["teacher"]), "--student", str(student), "--batch", "1",
+            "--repeats", "1", *extra]
+
+
+def demo_argv(e, *extra, out=None):
+    return ["demo", "--out", str(out or e.new("demo")), "--teacher", e["teacher"], "--cache-num", "8",
+            "--minutes", "0.01", "--eval-num", "10", "--set", "disc.blocks=[0]", *extra]
+
+
+def tune_argv(e, *extra):
+    return ["teacher", "tune-guidance", "--teacher", str(e.copy("teacher")), "--data", "shapes", "--num", "10",
+            "--features", e["features"], *extra]
+
+
+# ------------------------------------------------------------------------------------------------ 1. destroys
+
+simple("destroys", "teacher_train_into_a_trained_teacher", lambda e: teacher_train(e.copy("teacher")))
+simple("destroys", "teacher_train_into_a_cache", lambda e: teacher_train(e.copy("cache")))
+simple("destroys", "teacher_train_into_a_run", lambda e: teacher_train(e.copy("run")))
+simple("destroys", "teacher_train_into_a_file", lambda e: teacher_train(e["file"]))
+simple("destroys", "metrics_train_into_a_teacher", lambda e: metrics_train(e.copy("teacher")))
+simple("destroys", "metrics_train_into_a_cache", lambda e: metrics_train(e.copy("cache")))
+simple("destroys", "metrics_train_into_a_run", lambda e: metrics_train(e.copy("run")))
+simple("destroys", "metrics_train_into_another_feature_net", lambda e: metrics_train(e.copy("features"), data="photos"))
+simple("destroys", "distill_out_is_the_teacher",
+       lambda e: distill_argv(e, e.copy("teacher"), None, e.copy("teacher")))
+simple("destroys", "distill_out_is_the_cache", lambda e: distill_argv(e, None, e.copy("cache"), e.copy("cache")))
+simple("destroys", "distill_out_inside_the_teacher",
+       lambda e: distill_argv(e, e.copy("teacher"), None, e.copy("teacher") / "run"))
+simple("destroys", "distill_out_into_another_teacher", lambda e: distill_argv(e, None, None, e.copy("other_teacher")))
+simple("destroys", "distill_out_is_a_file", lambda e: distill_argv(e, None, None, e["file"]))
+
+
+@case("destroys")
+def distill_out_contains_the_cache(e):
+    cache = e.copy("cache", "nest/cache")
+    return distill_argv(e, None, cache, cache.parent)
+
+
+simple("destroys", "cache_out_is_the_teacher", lambda e: cache_argv(e, e.copy("teacher"), teacher=e.copy("teacher")))
+simple("destroys", "cache_out_is_a_run", lambda e: cache_argv(e, e.copy("run")))
+simple("destroys", "cache_out_is_a_feature_net", lambda e: cache_argv(e, e.copy("features")))
+simple("destroys", "export_out_is_its_run", lambda e: ["export", "--model", str(e.copy("run")), "--out",
+                                                       str(e.copy("run"))])
+simple("destroys", "export_out_is_a_teacher",
+       lambda e: ["export", "--model", e["run"], "--out", str(e.copy("teacher"))])
+simple("destroys", "demo_out_is_a_teacher", lambda e: demo_argv(e, out=e.copy("teacher")))
+
+
+# ------------------------------------------------------------------------------------------------- 2. garbage
+
+simple("garbage", "distill_ema_nan", lambda e: distill_argv(e, None, None, None, "--set", "train.ema=nan"))
+simple("garbage", "distill_updates_zero", lambda e: distill_argv(e, None, None, None, "--set", "train.updates=0"))
+simple("garbage", "distill_updates_negative", lambda e: distill_argv(e, None, None, None, "--set", "train.updates=-3"))
+simple("garbage", "teacher_train_minutes_zero", lambda e: teacher_train(e.new("t"), "--minutes", "0"))
+simple("garbage", "sample_a_stopped_run", lambda e: sample_argv(e["stopped"], e.new("g.png")), "unfinished")
+simple("garbage", "eval_a_stopped_run", lambda e: eval_argv(e, e["stopped"]), "unfinished")
+simple("garbage", "export_a_stopped_run", lambda e: ["export", "--model", e["stopped"], "--out", str(e.new("x"))],
+       "unfinished")
+simple("garbage", "speed_a_stopped_run", lambda e: speed_argv(e, e["stopped"]), "unfinished")
+
+
+@case("garbage", "NaN")
+def sample_a_run_with_nan_weights(e):
+    run = e.copy("run")
+    poison(run / "model.safetensors")
+    return sample_argv(run, e.new("g.png"))
+
+
+@case("garbage", "NaN")
+def sample_a_teacher_with_inf_weights(e):
+    t = e.copy("teacher")
+    poison(t / "model.safetensors", float("inf"))
+    return sample_argv(t, e.new("g.png"))
+
+
+@case("garbage")
+def distill_a_cache_missing_a_shard(e):
+    c = e.copy("cache")
+    (c / "shard-00001.safetensors").unlink()
+    return distill_argv(e, None, c)
+
+
+@case("garbage")
+def cache_rebuild_after_the_captions_changed(e):
+    from twostep.teacher.cache import build_cache
+    data = _make_folder_data(e.inp / "data")
+    cache = build_cache(e.path("teacher"), str(data), 8, e.inp / "fcache", shard_size=4, progress=False)
+    lines = (data / "captions.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({"file_name": "im0.png", "text": "a different caption"})
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return ["teacher", "cache", "--teacher", e["teacher"], "--data", str(data), "--num", "8", "--shard-size", "4",
+            "--out", str(cache), "--no-progress"]
+
+
+# ------------------------------------------------------------------------------------------------- 3. numbers
+
+simple("numbers", "sample_num_zero", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--num", "0"))
+simple("numbers", "sample_num_negative", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--num", "-2"))
+simple("numbers", "sample_steps_zero", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--steps", "0"))
+simple("numbers", "sample_guidance_nan", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--guidance", "nan"))
+simple("numbers", "sample_guidance_inf", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--guidance", "inf"))
+simple("numbers", "sample_scale_zero", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--scale", "0"))
+simple("numbers", "sample_seed_negative", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--seed", "-1"))
+simple("numbers", "sample_rows_zero", lambda e: ["sample", "--model", e["teacher"], "--eval-prompts", "shapes",
+                                                 "--rows", "0", "--num", "1", "--out", str(e.new("g.png"))])
+simple("numbers", "eval_steps_zero", lambda e: eval_argv(e, e["teacher"], "--steps", "0"))
+simple("numbers", "eval_seed_negative", lambda e: eval_argv(e, e["teacher"], "--seed", "-5"))
+simple("numbers", "speed_batch_zero", lambda e: speed_argv(e, e["run"], "--batch", "0"))
+simple("numbers", "speed_repeats_zero", lambda e: speed_argv(e, e["run"], "--repeats", "0"))
+simple("numbers", "threads_zero", lambda e: ["--threads", "0", *sample_argv(e["teacher"], e.new("g.png"))])
+simple("numbers", "threads_negative", lambda e: ["--threads", "-3", *sample_argv(e["teacher"], e.new("g.png"))])
+simple("numbers", "cache_shard_size_zero", lambda e: cache_argv(e, e.new("c"), "--shard-size", "0"))
+simple("numbers", "cache_batch_size_zero", lambda e: cache_argv(e, e.new("c"), "--batch-size", "0"))
+simple("numbers", "cache_seed_negative", lambda e: cache_argv(e, e.new("c"), "--seed", "-1"))
+simple("numbers", "teacher_train_batch_size_zero", lambda e: teacher_train(e.new("t"), "--batch-size", "0"))
+simple("numbers", "teacher_train_lr_nan", lambda e: teacher_train(e.new("t"), "--lr", "nan"))
+simple("numbers", "teacher_train_lr_negative", lambda e: teacher_train(e.new("t"), "--lr=-1e-3"))
+simple("numbers", "teacher_train_ema_above_one", lambda e: teacher_train(e.new("t"), "--ema", "1.5"))
+simple("numbers", "teacher_train_dim_zero", lambda e: teacher_train(e.new("t"), "--dim", "0"))
+simple("numbers", "distill_batch_size_zero", lambda e: distill_argv(e, None, None, None, "--set", "train.batch_size=0"))
+simple("numbers", "distill_lr_nan", lambda e: distill_argv(e, None, None, None, "--set", "train.lr_student=nan"))
+simple("numbers", "distill_beta_above_one", lambda e: distill_argv(e, None, None, None, "--set",
+                                                                   "train.betas=[0.9, 1.5]"))
+simple("numbers", "distill_lora_rank_zero", lambda e: distill_argv(e, None, None, None, "--set",
+                                                                   "student.decoupling=lora", "--set",
+                                                                   "student.lora_rank=0"))
+simple("numbers", "distill_log_every_zero", lambda e: distill_argv(e, None, None, None, "--set", "train.log_every=0"))
+simple("numbers", "distill_max_nonfinite_zero", lambda e: distill_argv(e, None, None, None, "--set",
+                                                                       "train.max_nonfinite=0"))
+simple("numbers", "distill_disc_block_out_of_range", lambda e: distill_argv(e, None, None, None, "--set",
+                                                                            "disc.blocks=[7]"), "blocks")
+simple("numbers", "distill_dry_run_lr_nan", lambda e: ["distill", "--teacher", e["teacher"], "--cache", e["cache"],
+                                                       "--out", str(e.new("r")), "--dry-run", "--set",
+                                                       "train.lr_disc=nan"])
+simple("numbers", "metrics_train_batch_size_zero", lambda e: metrics_train(e.new("f"), "--batch-size", "0"))
+simple("numbers", "metrics_train_minutes_negative", lambda e: metrics_train(e.new("f"), "--minutes", "-1"))
+simple("numbers", "demo_cache_num_zero", lambda e: demo_argv(e, "--cache-num", "0"))
+simple("numbers", "demo_eval_num_zero", lambda e: demo_argv(e, "--eval-num", "0"))
+simple("numbers", "tune_guidance_num_zero", lambda e: tune_argv(e, "--num", "0"))
+simple("numbers", "tune_guidance_grid_nan", lambda e: tune_argv(e, "--grid", "0", "nan"))
+
+
+# -------------------------------------------------------------------------------------------- 4. never-stops
+
+simple("never-stops", "teacher_train_lr_1e30", lambda e: ["teacher", "train", "--data", "shapes", "--out",
+                                                          str(e.new("t")), *TEACHER_TRAIN[:-3], "--minutes", "2",
+                                                          "--lr", "1e30", "--no-progress"])
+simple("never-stops", "distill_lr_1e30", lambda e: ["distill", "--teacher", e["teacher"], "--cache", e["cache"],
+                                                    "--out", str(e.new("r")), *DISTILL, "--set", "train.updates=40",
+                                                    "--set", "train.lr_student=1e30", "--set", "train.lr_disc=1e30",
+                                                    "--set", "train.max_nonfinite=2"])
+simple("never-stops", "demo_minutes_zero", lambda e: [a if a != "0.01" else "0" for a in demo_argv(e)])
+
+
+# -------------------------------------------------------------------------------------------- 5. path-leaves
+
+@case("path-leaves")
+def cache_manifest_shard_path_with_dotdot(e):
+    c = e.copy("cache")
+    (e.inp / "other").mkdir()
+    shutil.move(str(c / "shard-00000.safetensors"), str(e.inp / "other" / "shard-00000.safetensors"))
+
+    def fn(m):
+        m["shards"][0]["file"] = "../other/shard-00000.safetensors"
+    edit_json(c / "manifest.json", fn)
+    return distill_argv(e, None, c)
+
+
+@case("path-leaves")
+def cache_manifest_shard_path_absolute(e):
+    c = e.copy("cache")
+
+    def fn(m):
+        m["shards"][0]["file"] = str((c / "shard-00000.safetensors").resolve())
+    edit_json(c / "manifest.json", fn)
+    return distill_argv(e, None, c)
+
+
+# --------------------------------------------------------------------------------------------- 6. after-work
+
+simple("after-work", "eval_json_is_a_folder", lambda e: eval_argv(e, e["teacher"], "--steps", "2", "--json",
+                                                                  str(e.empty("j"))))
+simple("after-work", "eval_json_parent_is_a_file", lambda e: eval_argv(e, e["teacher"], "--steps", "2", "--json",
+                                                                       e["file"] + "/m.json"))
+simple("after-work", "eval_json_unwritable", lambda e: eval_argv(e, e["teacher"], "--steps", "2", "--json",
+                                                                 "/proc/twostep-m.json"))
+simple("after-work", "speed_json_parent_is_a_file", lambda e: speed_argv(e, e["run"], "--json",
+                                                                         e["file"] + "/s.json"))
+simple("after-work", "sample_out_is_a_folder", lambda e: sample_argv(e["teacher"], e.empty("g")))
+simple("after-work", "sample_out_parent_is_a_file", lambda e: sample_argv(e["teacher"], e["file"] + "/g.png"))
+simple("after-work", "demo_out_is_a_file", lambda e: demo_argv(e, out=e["file"]))
+simple("after-work", "export_out_is_a_file", lambda e: ["export", "--model", e["run"], "--out", e["file"]])
+
+
+def _nothing_written(e):
+    t = e.new("t")
+    assert not (t / "train_config.json").exists() and not (t / "config.json").exists(), sorted(t.rglob("*"))
+
+
+def _nothing_written_and_retry_works(e):
+    _nothing_written(e)
+    rc = main(["--threads", "1", *teacher_train(e.new("t"))])
+    assert rc == 0 and (e.new("t") / "model.safetensors").exists()
+
+
+simple("after-work", "teacher_train_missing_data_writes_nothing",
+       lambda e: ["teacher", "train", "--data", str(e.new("nodata")), "--out", str(e.new("t")), *TEACHER_TRAIN],
+       after=_nothing_written)
+
+
+@case("after-work", after=_nothing_written_and_retry_works)
+def teacher_train_bad_init_then_the_corrected_retry(e):
+    return teacher_train(e.new("t"), "--init", e["cache"])
+
+
+# -------------------------------------------------------------------------------------------- 7. fake-resume
+
+simple("fake-resume", "resume_a_missing_folder", lambda e: distill_argv(e, None, None, e.new("none"), "--resume"))
+simple("fake-resume", "resume_an_empty_folder", lambda e: distill_argv(e, None, None, e.empty("r"), "--resume"))
+simple("fake-resume", "resume_a_teacher_folder", lambda e: distill_argv(e, None, None, e.copy("teacher"), "--resume"))
+simple("fake-resume", "resume_a_run_of_another_teacher",
+       lambda e: distill_argv(e, e["other_teacher"], e["other_cache"], e.copy("run"), "--resume"))
+simple("fake-resume", "resume_a_stopped_run_with_another_teacher",
+       lambda e: distill_argv(e, e["other_teacher"], e["other_cache"], e.copy("stopped"), "--resume"))
+
+
+@case("fake-resume")
+def resume_a_failed_start(e):
+    r = e.inp / "failed"
+    r.mkdir()
+    shutil.copy(e.path("run") / "config.yaml", r / "config.yaml")
+    return distill_argv(e, None, None, r, "--resume")
+
+
+# ------------------------------------------------------------------------------------------------- 8. config
+
+def _teacher_with(e, fn):
+    t = e.copy("teacher")
+    edit_json(t / "config.json", fn)
+    return t
+
+
+def _run_with(e, fn):
+    r = e.copy("run")
+    edit_json(r / "config.json", fn)
+    return r
+
+
+simple("config", "teacher_dim_changed", lambda e: sample_argv(_teacher_with(e, tset("transformer", dim=64)),
+                                                              e.new("g.png")), "dim")
+simple("config", "teacher_n_heads_changed", lambda e: sample_argv(_teacher_with(e, tset("transformer", n_heads=2,
+                                                                                        n_kv_heads=2)),
+                                                                  e.new("g.png")), "n_heads")
+simple("config", "teacher_n_layers_changed", lambda e: sample_argv(_teacher_with(e, tset("transformer", n_layers=2)),
+                                                                   e.new("g.png")), "n_layers")
+simple("config", "teacher_cap_feat_dim_changed",
+       lambda e: sample_argv(_teacher_with(e, tset("transformer", cap_feat_dim=768)), e.new("g.png")), "cap_feat_dim")
+simple("config", "teacher_patch_size_changed",
+       lambda e: sample_argv(_teacher_with(e, tset("transformer", all_patch_size=[2])), e.new("g.png")),
+       "all_patch_size")
+simple("config", "teacher_in_channels_changed",
+       lambda e: sample_argv(_teacher_with(e, tset("transformer", in_channels=4)), e.new("g.png")), "in_channels")
+simple("config", "teacher_config_is_a_list", lambda e: sample_argv(_teacher_with(e, lambda c: [c]), e.new("g.png")))
+simple("config", "teacher_config_lacks_transformer",
+       lambda e: sample_argv(_teacher_with(e, lambda c: {k: v for k, v in c.items() if k != "transformer"}),
+                             e.new("g.png")), "transformer")
+simple("config", "teacher_transformer_lacks_dim",
+       lambda e: sample_argv(_teacher_with(e, lambda c: c["transformer"].pop("dim") and None), e.new("g.png")), "dim")
+simple("config", "teacher_transformer_is_a_string",
+       lambda e: sample_argv(_teacher_with(e, lambda c: c.update(transformer="zimage")), e.new("g.png")),
+       "transformer")
+simple("config", "teacher_resolution_not_a_number",
+       lambda e: sample_argv(_teacher_with(e, lambda c: c.update(resolution="big")), e.new("g.png")), "resolution")
+simple("config", "teacher_sampling_steps_not_a_number",
+       lambda e: sample_argv(_teacher_with(e, tset("sampling", steps="many")), e.new("g.png")), "steps")
+simple("config", "distill_teacher_dim_changed",
+       lambda e: distill_argv(e, _teacher_with(e, tset("transformer", dim=64)), None), "dim")
+simple("config", "speed_teacher_n_layers_changed",
+       lambda e: speed_argv(e, e["run"], teacher=_teacher_with(e, tset("transformer", n_layers=3))), "n_layers")
+simple("config", "run_dim_changed", lambda e: sample_argv(_run_with(e, tset("transformer", dim=64)), e.new("g.png")),
+       "dim")
+simple("config", "run_n_layers_changed",
+       lambda e: sample_argv(_run_with(e, tset("transformer", n_layers=2)), e.new("g.png")), "n_layers")
+simple("config", "run_config_is_a_list", lambda e: sample_argv(_run_with(e, lambda c: [c]), e.new("g.png")))
+simple("config", "run_lacks_decoupling",
+       lambda e: sample_argv(_run_with(e, lambda c: c.pop("decoupling") and None), e.new("g.png")), "decoupling")
+simple("config", "run_decoupling_unknown",
+       lambda e: sample_argv(_run_with(e, lambda c: c.update(decoupling="quad")), e.new("g.png")), "decoupling")
+simple("config", "run_decoupling_says_full_files_are_shared",
+       lambda e: sample_argv(_run_with(e, lambda c: c.update(decoupling="full")), e.new("g.png")))
+simple("config", "run_sigma_mid_not_a_number",
+       lambda e: sample_argv(_run_with(e, lambda c: c.update(sigma_mid="half")), e.new("g.png")), "sigma_mid")
+simple("config", "export_run_n_heads_changed",
+       lambda e: ["export", "--model", str(_run_with(e, tset("transformer", n_heads=2, n_kv_heads=2))), "--out",
+                  str(e.new("x"))], "n_heads")
+
+
+@case("config")
+def features_width_changed(e):
+    f = e.copy("features")
+    edit_json(f / "config.json", lambda c: c["arch"].update(width=8))
+    return eval_argv(e, e["teacher"], "--steps", "2", "--features", str(f))
+
+
+@case("config")
+def features_width_negative(e):
+    f = e.copy("features")
+    edit_json(f / "config.json", lambda c: c["arch"].update(width=-4))
+    return eval_argv(e, e["teacher"], "--steps", "2", "--features", str(f))
+
+
+@case("config")
+def features_config_is_a_list(e):
+    f = e.copy("features")
+    edit_json(f / "config.json", lambda c: [c])
+    return eval_argv(e, e["teacher"], "--steps", "2", "--features", str(f))
+
+
+# --------------------------------------------------------------------------------------------------- 9. misc
+
+simple("misc", "sample_missing_model", lambda e: sample_argv(e.new("nothing"), e.new("g.png")))
+simple("misc", "sample_neither_prompt_nor_eval_prompts", lambda e: ["sample", "--model", e["teacher"], "--out",
+                                                                    str(e.new("g.png"))])
+simple("misc", "sample_student_with_steps", lambda e: sample_argv(e["run"], e.new("g.png"), "--steps", "4"))
+simple("misc", "sample_unknown_flag", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--bogus"))
+simple("misc", "distill_unknown_config_key", lambda e: distill_argv(e, None, None, None, "--set", "loss.nope=1"))
+simple("misc", "distill_cache_of_another_teacher", lambda e: distill_argv(e, None, e["other_cache"]))
+simple("misc", "export_merge_of_a_shared_run", lambda e: ["export", "--model", e["run"], "--out", str(e.new("x")),
+                                                          "--merge"])
+simple("misc", "export_of_a_teacher", lambda e: ["export", "--model", e["teacher"], "--out", str(e.new("x"))])
+simple("misc", "eval_num_below_ten", lambda e: eval_argv(e, e["teacher"], "--num", "5"))
+simple("misc", "eval_folder_data_without_features", lambda e: ["eval", "--model", e["teacher"], "--data",
+                                                               str(_make_folder_data(e.inp / "d")), "--num", "10"])
+
+
+@case("misc")
+def distill_bad_yaml_file(e):
+    p = e.inp / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    return distill_argv(e, None, None, None, "--config", str(p))
+
+
+@case("misc")
+def distill_cache_with_a_flipped_byte(e):
+    c = e.copy("cache")
+    p = c / "shard-00000.safetensors"
+    b = bytearray(p.read_bytes())
+    b[-10] ^= 0xFF
+    p.write_bytes(bytes(b))
+    return distill_argv(e, None, c)
+
+
+@case("misc")
+def sample_truncated_teacher_weights(e):
+    t = e.copy("teacher")
+    p = t / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:200])
+    return sample_argv(t, e.new("g.png"))
+
+
+# ------------------------------------------------------------------------------------------------ the runner
+
+def _on_alarm(signum, frame):
+    raise CaseTimeout(f"still running after {CASE_SECONDS} s (it works instead of refusing)")
+
+
+def run_cli(argv) -> tuple[int | None, str, BaseException | None]:
+    """(exit code, stderr, the exception that escaped main, if any), in-process."""
+    from io import StringIO
+    old_err, old_out = sys.stderr, sys.stdout
+    err = StringIO()
+    sys.stderr, sys.stdout = err, StringIO()
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(CASE_SECONDS)
+    rc, exc = None, None
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    except BaseException as e:  # noqa: BLE001 - a traceback, a timeout: the case failed
+        exc = e
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        sys.stderr, sys.stdout = old_err, old_out
+    return rc, err.getvalue(), exc
+
+
+@pytest.mark.parametrize("build,kind,needle,after", CASES)
+def test_bad_input_is_refused_cleanly(world, tmp_path, build, kind, needle, after):
+    e = Env(world, tmp_path)
+    argv = build(e)
+    if argv[0] != "--threads":
+        argv = ["--threads", "1", *argv]
+    inputs = [world["root"], e.inp]
+    before = tree_hash(*inputs)
+    threads = torch.get_num_threads()
+    try:
+        rc, err, exc = run_cli(argv)
+    finally:
+        torch.set_num_threads(threads)
+    if exc is not None:
+        pytest.fail(f"{type(exc).__name__} escaped main (a traceback): {' '.join(str(exc).split())[:300]}")
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    print(f"{kind}: {' '.join(argv[2:4])} -> {rc}: {lines[-1] if lines else err.strip()[-200:]}")  # shown by -s
+    assert rc == 2, f"exit code {rc} (stderr: {err.strip()[-300:]!r})"
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    if needle:
+        assert needle in lines[0], lines[0]
+    after_hash = tree_hash(*inputs)
+    changed = sorted(k for k in set(before) | set(after_hash) if before.get(k) != after_hash.get(k))
+    assert not changed, f"input folders modified: {changed[:5]}"
+    left = [str(p) for p in (*world["root"].rglob("*.tmp"), *tmp_path.rglob("*.tmp"))]
+    assert not left, f".tmp files left behind: {left}"
+    if after is not None:
+        after(e)
+
+
+def test_the_table_covers_every_subcommand_and_kind():
+    names = [p.id for p in CASES]
+    assert len(names) >= 60 and len(set(names)) == len(names)
+    kinds = {p.values[1] for p in CASES}
+    assert kinds == {"destroys", "garbage", "numbers", "never-stops", "path-leaves", "after-work", "fake-resume",
+                     "config", "misc"}
+    text = " ".join(names)
+    for cmd in ("teacher_train", "cache_", "tune_guidance", "distill", "dry_run", "resume", "sample", "eval",
+                "speed", "export", "metrics_train", "demo"):
+        assert cmd in text, cmd
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nan_guidance_never_reaches_lapack(world, tmp_path, value):
+    """eval --guidance nan segfaulted inside oneMKL (the FD of NaN features), so it runs in a subprocess."""
+    argv = [sys.executable, "-m", "twostep", "--threads", "1", "eval", "--model", str(world["teacher"]), "--data",
+            "shapes", "--num", "10", "--steps", "2", "--guidance", value, "--features", str(world["features"]),
+            "--no-progress"]
+    before = tree_hash(world["root"])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-500:]
+    assert tree_hash(world["root"]) == before
