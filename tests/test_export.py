@@ -195,7 +195,7 @@ def test_latent_student_export_copies_text_encoder_and_vae(tmp_path):
     teacher = load_teacher(build_tiny_pipeline(tmp_path / "zpipe"))
     run = make_run(tmp_path / "run", teacher.backbone, teacher.config, "full")
     out = tmp_path / "export"
-    assert main(["export", "--model", str(run), "--out", str(out)]) == 0
+    assert main(["export", "--model", str(run), "--out", str(out), "--dtype", "fp32"]) == 0  # default: bf16
     index = json.loads((out / "model_index.json").read_text())
     assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"] == ["transformers", "Qwen3Model"]
     assert index["text_features"] == "zimage" and index["sample_size"] == 16

@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
     return root, teacher, cache, one, two
 
 
-def _launch(teacher, cache, out, settings, resume=False, units=16):
+def _launch(teacher, cache, out, settings, resume=False, units=16, expect=""):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "twostep", "--threads", "1", "distill", "--teacher", str(teacher), "--cache", str(cache),
@@ -52,7 +52,7 @@ def _launch(teacher, cache, out, settings, resume=False, units=16):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # a hang (a skipped collective) fails
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     # full: 2 transformers × (3 blocks of the tiny model + the transformer), for the student and for its EMA
-    assert f"FSDP2: student and EMA sharded over 2 processes ({units} units)" in p.stdout + p.stderr
+    assert f"FSDP2: student and EMA sharded over 2 processes ({units} units){expect}" in p.stdout + p.stderr
     return out
 
 
@@ -68,7 +68,7 @@ def _files(folder, names):
 
 
 MODEL = ("step1.safetensors", "step2.safetensors")
-CKPT = ("student.safetensors", "ema.safetensors", "optim_student.safetensors")
+CKPT = ("student.safetensors", "ema/step1.safetensors", "ema/step2.safetensors", "optim_student.safetensors")
 
 
 def test_fsdp_two_processes_match_one_unsharded_process(runs):
@@ -118,11 +118,16 @@ def test_fsdp_resume_from_a_mid_run_checkpoint_ends_at_the_same_weights(runs):
 def test_fsdp_shared_student_when_ranks_call_it_differently(runs):
     """LADD (shared student) runs step 1 only for the samples that drew step k = 2; with 1 row per rank a rank
     often has none, and it must still join the other rank's FSDP all-gathers (TwoStepStudent.step_input)
-    rather than hang. Ends in sync, with full-tensor model files."""
+    rather than hang. Ends in sync, with full-tensor model files. Under train.mixed_precision=bf16 (FSDP2's
+    MixedPrecisionPolicy: bf16 all-gathers, fp32 reduction) and train.frozen_dtype=bf16, with gradient
+    accumulation: the teacher and the all-gathered student compute in bf16, the master weights stay fp32."""
     root, teacher, cache, one, two = runs
     out = _launch(teacher, cache, root / "ladd", ["method=ladd", "student.decoupling=shared", "train.updates=4", "train.d_warmup=0",
-                                                  "train.batch_size=2", "train.checkpoint_every=0",
-                                                  "train.grid_every=0", "train.fsdp=true", BLOCKS_1], units=8)
+                                                  "train.batch_size=2", "train.grad_accum=2", "train.checkpoint_every=0",
+                                                  "train.grid_every=0", "train.fsdp=true", "train.mixed_precision=bf16",
+                                                  "train.frozen_dtype=bf16", BLOCKS_1], units=8,
+                  expect="; parameters all-gathered in bf16, gradients reduced in fp32")
     assert json.loads((out / "distributed.json").read_text())["ranks_in_sync"] is True
     w = load_file(str(out / "model.safetensors"))
     assert w.keys() == load_file(str(teacher / "model.safetensors")).keys()
+    assert {v.dtype for v in w.values()} == {torch.float32}

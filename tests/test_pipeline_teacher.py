@@ -148,7 +148,8 @@ def test_cli_cache_distill_sample_eval(pipe_dir, tmp_path, capsys, monkeypatch):
     assert loads == ["text_encoder"]  # text features are cached; latents need no VAE
     from twostep.teacher.cache import load_cache
     c = load_cache(cache, expect_teacher=pipe_dir)
-    assert c.trajectory.shape == (4, 5, 16, 16, 16) and c.text[0].shape[1] == 64
+    assert len(c) == 4 and c.sample_shape == (16, 16, 16) and c.text[0].shape[1] == 64
+    assert c.stored_sigmas == [] and c.manifest["store_dtype"] == "bf16"  # the lean default: final + text in bf16
 
     loads.clear()
     rc, so, err = _run(["distill", "--teacher", str(pipe_dir), "--cache", str(cache), "--out", str(run),
@@ -189,7 +190,7 @@ def test_grid_decodes_latents(pipe_dir, tmp_path):
     noise = teacher.noise(2, 0)
     text = [torch.randn(5, 64), torch.randn(3, 64)]
     r = teacher.sample(text, noise, return_trajectory=True)
-    cache = TeacherCache(torch.stack(r.trajectory, 1), r.sigmas, text, ["a", "b"])
+    cache = TeacherCache.from_tensors(noise, r.x0, text, ["a", "b"], r.sigmas)
     gi = _grid_inputs(teacher, cache)
     assert teacher.parts.loaded == set()
     _write_grid(tmp_path / "g.png", gi, TwoStepStudent(teacher.backbone, "shared"))

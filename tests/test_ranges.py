@@ -27,6 +27,7 @@ from twostep.teacher.train import TeacherTrainConfig
 from tiny import BLOCKS_1, tiny_teacher_backbone
 
 SHARED = ("student", "disc", "train")
+STRING_LISTS = {"validation_prompts"}  # train.validation_prompts: prompts, checked by TrainConfig.RULES
 
 
 # -- every numeric config field of every config class -------------------------------------------------------
@@ -38,7 +39,9 @@ def _numeric(cls, name) -> bool:
     if hint is list:  # a list of numbers (block indices, betas, scales); lora_targets is a list of names
         f = {x.name: x for x in fields(cls)}[name]
         default = f.default_factory()
-        return not default or all(isinstance(x, (int, float)) for x in default)
+        if not default:  # an empty default says nothing: numeric unless it is a known list of strings
+            return name not in STRING_LISTS
+        return all(isinstance(x, (int, float)) for x in default)
     return False
 
 

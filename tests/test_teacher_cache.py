@@ -1,4 +1,5 @@
-"""Teacher cache: contents equal the teacher's own samples; resumable, checksummed, identity-checked."""
+"""Teacher cache: contents equal the teacher's own samples; resumable, checksummed, identity-checked; caches of
+format 1 (the whole fp32 trajectory) still load."""
 
 import json
 import shutil
@@ -60,29 +61,33 @@ def test_contents_match_teacher(built):
     cache = C.load_cache(out, expect_teacher=teacher_dir)
     teacher = load_teacher(teacher_dir)
     assert len(cache) == NUM
-    assert cache.trajectory.shape == (NUM, 9, 3, 32, 32) and cache.final.shape == (NUM, 3, 32, 32)
+    assert cache.sample_shape == (3, 32, 32) and cache.final.shape == (NUM, 3, 32, 32)
+    assert m["version"] == 2 and m["noise"] == "shard" and m["store_dtype"] == "fp32" and m["compute"] == "cpu/fp32"
+    assert len(m["states"]) == 7 and all(e["bytes"] == (out / e["file"]).stat().st_size for e in m["shards"])
     assert torch.equal(cache.sigmas, flow.sigma_grid(8, 3.0))
     assert cache.captions == get_dataset("shapes").sample(NUM, seed=0, split="train").captions
     for got, want in zip(cache.text, teacher.encode(cache.captions)):
         assert torch.equal(got, want)
     # the noise is regenerable shard by shard
     assert torch.equal(cache.noise[4:8], teacher.noise(4, C.shard_noise_seed(0, 1)))
-    # final and σ = 0.75 state equal a fresh teacher.sample from the same noise and prompt
+    # final and every state equal (bitwise: fp32 on the CPU) a fresh teacher.sample from the same noise and prompt
     idx = [1, 5, 9]
     r = teacher.sample([cache.text[i] for i in idx], cache.noise[idx], return_trajectory=True)
-    assert torch.allclose(cache.final[idx], r.x0, atol=1e-5)
-    assert torch.allclose(cache.state_at(0.75, idx), r.trajectory[4], atol=1e-5)
-    assert torch.equal(cache.trajectory[:, 0], cache.noise) and torch.equal(cache.trajectory[:, -1], cache.final)
+    assert torch.equal(cache.final[idx], r.x0)
+    for i, s in enumerate(cache.sigmas.tolist()):
+        assert torch.equal(cache.state_at(s, idx), r.trajectory[i])
     b = cache.batch(idx, at=(0.75,))
     assert torch.equal(b["final"], cache.final[idx]) and b["captions"] == [cache.captions[i] for i in idx]
-    assert torch.equal(b["states"][0.75], cache.trajectory[idx, 4]) and len(b["text"]) == 3
+    assert torch.equal(b["states"][0.75], r.trajectory[4]) and len(b["text"]) == 3
+    rows = cache.rows(idx, ("noise", "final", 0.75, 1.0, 0.0))
+    assert torch.equal(rows[1.0], rows["noise"]) and torch.equal(rows[0.0], rows["final"])
 
 
 def test_state_at_075_is_fifth_state_of_8_step_shift3_grid(built):
     cache = C.load_cache(built[1])
     assert cache.sigma_index(0.75) == 4 and cache.sigma_index(0.75 + 5e-7) == 4
-    assert torch.equal(cache.state_at(0.75), cache.trajectory[:, 4])
-    assert torch.equal(cache.state_at(1.0), cache.noise) and torch.equal(cache.state_at(0.0), cache.final)
+    assert cache.has_state(0.75) and cache.has_state(1.0) and cache.has_state(0.0) and not cache.has_state(0.7)
+    assert torch.equal(cache.state_at(1.0)[:], cache.noise[:]) and torch.equal(cache.state_at(0.0)[:], cache.final[:])
     with pytest.raises(ValueError, match="0.75"):
         cache.state_at(0.7)
 
@@ -134,12 +139,14 @@ def test_truncated_and_bitflipped_shards(built, tmp_path, counting):
     b[-7] ^= 0x10  # one bit flipped in the tensor data
     s2.write_bytes(bytes(b))
     with pytest.raises(UserError) as e:
-        C.load_cache(out)
+        C.load_cache(out)  # the cheap check (sizes) catches the truncation
     msg = str(e.value)
-    assert "\n" not in msg and "shard-00000.safetensors: checksum mismatch" in msg and "twostep teacher cache" in msg
+    assert "\n" not in msg and "shard-00000.safetensors: 1000 bytes, the manifest says" in msg and \
+        "twostep teacher cache" in msg
     s0.write_bytes((ref / C.shard_name(0)).read_bytes())
+    assert len(C.load_cache(out)) == NUM  # a flipped byte: only the sha256 sees it (verify, distill --verify-cache)
     with pytest.raises(UserError, match="shard-00002.safetensors: checksum mismatch"):
-        C.load_cache(out)
+        C.load_cache(out, verify=True)
     s0.write_bytes(s0.read_bytes()[:1000])
     build(teacher, out)
     assert sorted(counting) == [0, 2] and shard_bytes(out) == shard_bytes(ref)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import shlex
 import sys
@@ -13,14 +14,15 @@ import torch
 
 from . import demo, evaluate, report, speed
 from .config import COUNT, NON_NEGATIVE, POSITIVE, SEED, UPSCALE, add_config_flags, dump_config, load_flagged_config
+from .data.prompts import FORMATS_HELP as PROMPT_FILES_HELP, head_prompts
 from .errors import UserError
-from .io.folders import check_output_path
+from .io.folders import check_output_path, read_config
 from .methods import load_config
 from .metrics.features import FLAGS as FEATURE_FLAGS, FeatureTrainConfig, train_feature_net
 from .sampling import load_generator
 from .teacher.cache import build_cache
 from .teacher.train import FLAGS as TEACHER_FLAGS, TeacherTrainConfig, train_teacher
-from .train import distill, parameter_counts
+from .train import distill, memory
 
 
 def _threads(n: int | None):
@@ -36,43 +38,71 @@ def cmd_teacher_train(a):
 
 
 def cmd_sample(a):
-    if bool(a.prompt) == bool(a.eval_prompts):
-        raise UserError("give either --prompt (repeatable) or --eval-prompts DATA")
-    check_output_path(a.out, "--out", {"--model": a.model})  # before the work
+    if sum(map(bool, (a.prompt, a.eval_prompts, a.prompts))) != 1:
+        raise UserError("give one of --prompt (repeatable), --prompts FILE or --eval-prompts DATA")
+    if (a.prompt_key is not None or a.skip_bad) and not a.prompts:
+        raise UserError("--prompt-key and --skip-bad go with --prompts FILE")
+    check_output_path(a.out, "--out", {"--model": a.model, "--prompts": a.prompts})  # before the work
+    prompts = head_prompts(a.prompts, a.rows, key=a.prompt_key, skip_bad=a.skip_bad) if a.prompts else a.prompt
     gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
     if a.eval_prompts:
         caps = report.protocol_grid(gen, a.eval_prompts, a.out, seed=a.seed, prompts=a.rows, per_prompt=a.num,
                                     scale=a.scale)
         print(f"{len(caps)} eval prompts x {a.num} noises ({gen.describe()}) -> {a.out}")
         return
-    n = report.prompt_grid(gen, a.prompt, a.out, seed=a.seed, per_prompt=a.num, scale=a.scale)
+    n = report.prompt_grid(gen, prompts, a.out, seed=a.seed, per_prompt=a.num, scale=a.scale)
     print(f"{n} images ({gen.describe()}) -> {a.out}")
 
 
 def cmd_teacher_cache(a):
+    if (a.data is None) == (a.prompts is None):
+        raise UserError("give either --data (shapes | photos | FOLDER) or --prompts FILE as the prompt source")
+    if a.prompt_key is not None and a.prompts is None:
+        raise UserError("--prompt-key goes with --prompts FILE")
     out = build_cache(a.teacher, a.data, a.num, a.out, seed=a.seed, shard_size=a.shard_size,
-                      batch_size=a.batch_size, progress=not a.no_progress, skip_bad=a.skip_bad)
-    print(f"teacher cache written to {out}")
+                      batch_size=a.batch_size, progress=not a.no_progress, skip_bad=a.skip_bad, device=a.device,
+                      dtype=a.dtype, states=a.states, store_dtype=a.store_dtype, verify=a.verify, prompts=a.prompts,
+                      prompt_key=a.prompt_key, seeds_per_prompt=a.seeds_per_prompt)
+    print(f"teacher cache written to {out}" + (" (every shard's sha256 verified)" if a.verify else ""))
 
 
 def cmd_distill(a):
     cfg = load_config(a.config, a.set)
-    if a.dry_run:
-        print(dump_config(cfg), end="")
-        n = parameter_counts(cfg, a.teacher)
-        print(f"# parameters: teacher {n['teacher']:,} (frozen) | student trainable {n['student']:,} | "
-              f"critic trainable {n['critic']:,}")
-        return
-    out = distill(cfg, a.teacher, a.cache, a.out, resume=a.resume, progress=not a.no_progress)
+    if not a.dry_run and (a.cache is None or a.out is None):
+        raise UserError("distill needs --cache CACHE and --out RUN (only --dry-run goes without them)")
+    if a.dry_run or a.gpu_memory is not None:  # the estimate reads configs only: no weight is loaded
+        tcfg = read_config(a.teacher)
+        world = a.world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        est = None
+        if a.gpu_memory is not None or cfg.method == "turbopp":
+            est = memory.estimate(cfg, tcfg, world, caption_tokens=memory.cache_caption_tokens(a.cache)
+                                  if a.cache else None)
+        if a.dry_run:
+            print(dump_config(cfg), end="")
+            n = memory.method_counts(cfg, tcfg)
+            print(f"# parameters: teacher {n['teacher']:,} (frozen) | student trainable {n['student']:,} | "
+                  f"critic trainable {n['critic']:,}")
+            print(memory.format_estimate(est, a.gpu_memory) if est else
+                  f"# memory estimate: modelled for method turbopp only, not {cfg.method}")
+        if est is not None:
+            memory.check_fits(est, a.gpu_memory)  # does not fit: one line, exit 2, before any work
+        if a.dry_run:
+            return
+    out = distill(cfg, a.teacher, a.cache, a.out, resume=a.resume, progress=not a.no_progress,
+                  verify_cache=a.verify_cache)
     print(f"student written to {out}")
 
 
 def cmd_eval(a):
     if a.json:  # before the work
         check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features})
+    if a.prompt_key is not None and a.prompts is None:
+        raise UserError("--prompt-key goes with --prompts FILE")
     gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
     res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
-                            teacher_dir=a.teacher, progress=not a.no_progress)
+                            teacher_dir=a.teacher, progress=not a.no_progress, prompts=a.prompts,
+                            prompt_key=a.prompt_key, extractor=a.extractor, clip=a.clip, work=a.work,
+                            save_images=a.save_images, batch_size=a.batch_size, device=a.device)
     print(evaluate.format_table([res]))
     if a.json:
         evaluate.write_json(a.json, res)
@@ -93,6 +123,13 @@ def cmd_metrics_train(a):
     print(f"feature net written to {a.out}: held-out accuracy {cfg.get('heldout_accuracy')}")
 
 
+def cmd_metrics_convert_inception(a):
+    from .metrics.extractors import convert_inception  # lazy: only this command needs it
+
+    out = convert_inception(a.pth, a.out)
+    print(f"FID Inception weights written to {out}; use them as --extractor inception:{out}")
+
+
 def cmd_demo(a):
     demo.run_demo(a.out, data=a.data, teacher_dir=a.teacher, cache_num=a.cache_num, minutes=a.minutes,
                   eval_num=a.eval_num, seed=a.seed, sets=a.set, config=a.config)
@@ -111,10 +148,14 @@ def cmd_speed(a):
 def cmd_export(a):
     from .export import export_student  # lazy: it imports diffusers' pipeline classes (seconds of start-up)
 
-    out = export_student(a.model, a.out, merge=a.merge)
+    given = {k: getattr(a, k) for k in ("dtype", "format") if getattr(a, k) is not None}  # else the library's
+    out = export_student(a.model, a.out, merge=a.merge, **given)
+    stock = json.loads((out / "model_index.json").read_text()).get("_class_name") == "ZImagePipeline"
+    cls, mod = ("ZImagePipeline", "diffusers") if stock else ("TwoStepZImagePipeline", "twostep.pipeline")
     print(f"diffusers pipeline written to {out}; load it with:\n"
-          f"  from twostep.pipeline import TwoStepZImagePipeline\n"
-          f"  pipe = TwoStepZImagePipeline.from_pretrained({str(out)!r})")
+          f"  from {mod} import {cls}\n"
+          f"  pipe = {cls}.from_pretrained({str(out)!r})" + ("  # then pipe(prompt, height=..., width=..., "
+                                                           "num_inference_steps=2, guidance_scale=0)" if stock else ""))
 
 
 EVAL_NUM = evaluate.EVAL_NUM    # FD/KID need at least 10 images
@@ -142,19 +183,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(tt, TeacherTrainConfig, TEACHER_FLAGS, required=("data",))
     tt.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     tt.set_defaults(fn=cmd_teacher_train)
-    tc = tsub.add_parser("cache", help="cache teacher samples (noise, text, trajectory, final) for distillation",
-                         description="Per (prompt, seed): the initial noise, the text features, the teacher's state "
-                         "at every σ of its default grid and its final sample. Sharded safetensors + manifest with "
-                         "checksums; re-running completes missing or corrupt shards and never duplicates.")
+    tc = tsub.add_parser("cache", help="cache teacher samples (final sample, text features, chosen σ states) for "
+                         "distillation",
+                         description="Per (prompt, seed): the teacher's final sample, its text features and the states "
+                         "chosen with --states (the noise is its seed, regenerated bitwise). Sharded safetensors + "
+                         "manifest with sizes and sha256s; re-running completes missing or corrupt shards and never "
+                         "duplicates. Under torchrun / accelerate launch each process builds shards k = rank (mod "
+                         "world size); the shards are byte-identical whatever the number of processes.")
     tc.add_argument("--teacher", required=True, help="teacher folder, or a diffusers ZImagePipeline folder "
                     "(latents + its own text features are cached)")
-    tc.add_argument("--data", required=True, help="prompt source: shapes | photos | folder with captions.jsonl")
+    tc.add_argument("--data", default=None, help="prompt source: shapes | photos | folder with captions.jsonl "
+                    "(its captions only: no image is decoded); or give --prompts")
+    tc.add_argument("--prompts", default=None, metavar="FILE", help="prompt source instead of --data: "
+                    f"{PROMPT_FILES_HELP}. --num prompts of its train split are drawn (the held-out 5%% by a hash "
+                    "of the text are left for `twostep eval --prompts`), deterministic for --seed")
+    tc.add_argument("--prompt-key", dest="prompt_key", default=None, metavar="KEY",
+                    help="with --prompts: the JSON key (.jsonl) or column (.csv/.parquet) holding the prompt "
+                    "(default: the first of text, prompt, caption)")
+    tc.add_argument("--seeds-per-prompt", dest="seeds_per_prompt", type=COUNT.arg(), metavar="N",
+                    default=default(build_cache, "seeds_per_prompt"),
+                    help="each drawn prompt fills N consecutive rows, each with its own noise (--num rows from "
+                    "ceil(--num / N) prompts; default %(default)s)")
     tc.add_argument("--num", type=COUNT.arg(), required=True, help="number of (prompt, noise) pairs")
     tc.add_argument("--out", required=True, help="cache folder")
     tc.add_argument("--seed", type=SEED.arg(), default=default(build_cache, "seed"))
     tc.add_argument("--shard-size", dest="shard_size", type=COUNT.arg(), default=default(build_cache, "shard_size"))
     tc.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default(build_cache, "batch_size"))
-    tc.add_argument("--skip-bad", dest="skip_bad", action="store_true")
+    tc.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                    help="skip bad prompt lines (empty, not UTF-8, invalid JSON, missing key) or folder images, "
+                    "counted on one warning line, instead of stopping at the first with its line number")
+    tc.add_argument("--device", default=default(build_cache, "device"),
+                    help="where the teacher and its text encoder run: auto (each process's accelerator: its own "
+                    "GPU under torchrun, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
+    tc.add_argument("--dtype", default=default(build_cache, "dtype"), choices=["auto", "bf16", "fp16", "fp32"],
+                    help="compute dtype of the teacher and text encoder; the sampler's states stay fp32 as in "
+                    "ZImagePipeline (default auto: bf16 on CUDA, fp32 on CPU)")
+    tc.add_argument("--states", default=default(build_cache, "states"), metavar="LIST",
+                    help="which teacher states to store besides the final sample (always stored; the noise never: "
+                    "it is its seed): a comma list of σ on the teacher's grid, e.g. final,0.75 for "
+                    "loss.step1_loss=traj; all; or auto = none for a ZImagePipeline teacher, all for a pixel "
+                    "teacher (default %(default)s)")
+    tc.add_argument("--store-dtype", dest="store_dtype", default=default(build_cache, "store_dtype"),
+                    choices=["auto", "bf16", "fp32"], help="dtype of the stored samples and text features "
+                    "(default auto: bf16 for a ZImagePipeline teacher, fp32 for a pixel teacher)")
+    tc.add_argument("--verify", action="store_true", help="at the end, read the whole cache back and check every "
+                    "shard's sha256 and contents against the manifest (what `distill --verify-cache` checks)")
     tc.add_argument("--no-progress", action="store_true")
     tc.set_defaults(fn=cmd_teacher_cache)
 
@@ -171,45 +244,96 @@ def build_parser() -> argparse.ArgumentParser:
     tg.set_defaults(fn=cmd_tune_guidance)
 
     ev = sub.add_parser("eval", help="FD / KID / SWD / alignment / PSNR / diversity / NFE / sec per image",
-                        description="Evaluate a teacher (at any --steps/--guidance) or a student run on a benchmark. "
-                        "Prompts: --num captions of the held-out split; noise seeded by --seed; reference: --num "
-                        "images of the data's ref split (--ref data) or the teacher's default samples (--ref "
-                        "teacher). Deterministic on CPU at a fixed seed.")
+                        description="Evaluate a teacher (at any --steps/--guidance) or a student run on a benchmark "
+                        "or a prompt file. Prompts: --num captions of the held-out split (of --data, or of --prompts "
+                        "FILE); noise seeded by --seed; reference: --num images of the data's ref split (--ref data), "
+                        "the teacher's default samples for the same prompts and noise (--ref teacher: the "
+                        "distillation error), or both. Sampling runs on --device in batches of --batch-size; each "
+                        "batch is reduced to features (and per-image scores) on disk and dropped, so images never "
+                        "pile up in memory, and re-running with the same --work resumes. Deterministic at a fixed "
+                        "seed, batch size and device.")
     ev.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
-    ev.add_argument("--data", required=True, help="shapes | photos | folder (needs --features)")
+    ev.add_argument("--data", default=None, help="shapes | photos | folder with captions.jsonl: prompts and "
+                    "reference images (a folder needs --extractor or --features); optional with --prompts")
+    ev.add_argument("--prompts", default=None, help=f"prompt file instead of the data's captions: {PROMPT_FILES_HELP}; "
+                    "its held-out split is drawn (twostep.data.prompts)")
+    ev.add_argument("--prompt-key", dest="prompt_key", default=None, help="with --prompts: the JSON key or column "
+                    "holding the prompt (default: text, prompt or caption)")
     ev.add_argument("--steps", type=COUNT.arg(), default=None, help="teacher only")
     ev.add_argument("--guidance", type=NON_NEGATIVE.arg(), default=None, help="teacher only (0 = no CFG)")
     ev.add_argument("--num", type=EVAL_NUM.arg(), default=default(evaluate.evaluate, "num"))
     ev.add_argument("--seed", type=SEED.arg(), default=default(evaluate.evaluate, "seed"))
-    ev.add_argument("--ref", default=default(evaluate.evaluate, "ref"), choices=["data", "teacher"])
+    ev.add_argument("--ref", default=default(evaluate.evaluate, "ref"), choices=list(evaluate.REFS),
+                    help="FD/KID reference: data (the --data ref split), teacher (its default samples for the same "
+                    "prompts and noise) or both (fd vs data + fd_teacher); default: data with --data, else teacher")
     ev.add_argument("--teacher", default=None, help="teacher folder for PSNR / --ref teacher (default: the "
                     "student's own teacher, or the teacher itself)")
     ev.add_argument("--features", default=None, help=FEATURES_HELP)
+    ev.add_argument("--extractor", default=None, help="FD/KID features: a feature-net folder, inception, "
+                    "inception:FILE.safetensors, clip:DIR or dinov2:DIR (twostep.metrics.extractors; default: the "
+                    "benchmark's feature net, as --features)")
+    ev.add_argument("--clip", default=None, metavar="DIR", help="a transformers CLIPModel folder: adds clip_score "
+                    "(100 x mean max(cos(image, caption), 0))")
+    ev.add_argument("--work", default=None, metavar="DIR", help="work folder (per-batch features and scores; "
+                    "default: a temporary one, removed): re-run with the same DIR to resume an interrupted eval")
+    ev.add_argument("--save-images", dest="save_images", action="store_true", help="also write every generated "
+                    "image to DIR/images/NNNNNN.png (needs --work)")
+    ev.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default(evaluate.evaluate,
+                    "batch_size"), help="images generated at once (default %(default)s; results depend on it at "
+                    "round-off level)")
+    ev.add_argument("--device", default=default(evaluate.evaluate, "device"), help=evaluate.DEVICE_HELP)
     ev.add_argument("--json", default=None, help="write the metrics as JSON here")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=cmd_eval)
 
-    mt = sub.add_parser("metrics", help="train the benchmarks' feature networks")
+    mt = sub.add_parser("metrics", help="feature networks for FD/KID: train our own, convert the FID Inception's")
     msub = mt.add_subparsers(dest="mcmd", required=True)
-    mtt = msub.add_parser("train", help="train a feature net (attribute / source classifier) on real data")
+    mtt = msub.add_parser("train", help="train a feature net on real data (shapes/photos: attribute / source "
+                          "classifier; a folder dataset: contrastive instance discrimination)")
     mtt.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     add_config_flags(mtt, FeatureTrainConfig, FEATURE_FLAGS, required=("data",))
     mtt.add_argument("--no-progress", action="store_true")
     mtt.set_defaults(fn=cmd_metrics_train)
+    mci = msub.add_parser("convert-inception", help="one-time: the published FID Inception-V3 .pth -> safetensors",
+                          description="Convert pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity) "
+                          "to safetensors, read with torch.load(weights_only=True), keys and shapes checked.")
+    mci.add_argument("--pth", required=True, help="the downloaded .pth (" + "https://github.com/mseitzer/pytorch-fid/"
+                     "releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth)")
+    mci.add_argument("--out", required=True, help="the .safetensors file to write (then: inception:FILE)")
+    mci.set_defaults(fn=cmd_metrics_convert_inception)
 
     d = sub.add_parser("distill", help="distill a 2-step student from a teacher and its cache (Turbo++)",
                        description="Train a 2-step student against the teacher's cached samples. Config: YAML file "
                        "(--config) + --set section.key=value overrides; see configs/turbopp.yaml. The resolved "
-                       "config is saved in the run folder; --resume continues from the newest complete checkpoint.")
+                       "config is saved in the run folder; --resume continues from the newest complete checkpoint. Watching "
+                       "a run: log.jsonl, grids/ and loss_curves.png (redrawn as it goes) in the run folder; "
+                       "train.log_with=tensorboard (or wandb) also sends them to a tracker, "
+                       "train.validation_prompts=['...'] adds your prompts to every grid, train.eval_every=N logs "
+                       "eval_fd, a quick FD of the EMA student against train.eval_num held-out teacher samples of "
+                       "the cache (train.eval_features picks the feature extractor).")
     d.add_argument("--teacher", required=True, help="teacher folder or ZImagePipeline folder (only its "
                    "transformer is loaded)")
-    d.add_argument("--cache", required=True, help="teacher cache folder (twostep teacher cache)")
+    d.add_argument("--cache", default=None, help="teacher cache folder (twostep teacher cache; required but with "
+                   "--dry-run, where it only gives the longest caption)")
     d.add_argument("--config", default=None, help="YAML config file")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.step1_loss=traj (repeatable)")
-    d.add_argument("--out", required=True, help="run folder")
+    d.add_argument("--out", default=None, help="run folder (required but with --dry-run)")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
-    d.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter counts")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved config, the parameter counts and "
+                   "the estimated peak memory per device by part (weights, gradients, AdamW, EMA, activations of "
+                   "the student's two passes and the discriminator passes; twostep/train/memory.py, checked against "
+                   "measured peaks in docs/sizing.md), without loading any weight")
+    d.add_argument("--gpu-memory", dest="gpu_memory", type=POSITIVE.arg(), default=None, metavar="GB",
+                   help="memory of one GPU in GiB (an '80 GB' H100: 80): with --dry-run, say whether the estimate "
+                   "(+ a reserve for the CUDA context and fragmentation) fits; without, refuse to start a run that "
+                   "does not (exit 2, naming what to change)")
+    d.add_argument("--world-size", dest="world_size", type=COUNT.arg(), default=None, metavar="N",
+                   help="processes (GPUs) the estimate assumes (default: $WORLD_SIZE as torchrun / accelerate "
+                   "launch set it, else 1)")
+    d.add_argument("--verify-cache", dest="verify_cache", action="store_true",
+                   help="check every cache shard's sha256 before training (reads the whole cache once; by default "
+                   "only sizes, headers and counts are checked against the manifest)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_distill)
 
@@ -247,16 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "a student run knows its own step count and σ grid.")
     sp.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
     sp.add_argument("--prompt", action="append", help="caption (repeat for several rows)")
+    sp.add_argument("--prompts", default=None, metavar="FILE", help="instead of --prompt: the first --rows prompts "
+                    f"of FILE, in file order, one row each (the same images as --prompt with those prompts); "
+                    f"{PROMPT_FILES_HELP}")
+    sp.add_argument("--prompt-key", dest="prompt_key", default=None, metavar="KEY",
+                    help="with --prompts: the JSON key or column holding the prompt (default: text, prompt, caption)")
+    sp.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                    help="with --prompts: skip bad lines (counted on one warning line) instead of stopping")
     sp.add_argument("--eval-prompts", dest="eval_prompts", metavar="DATA", default=None,
                     help="instead of --prompt: the first --rows test-split captions and the noise that `twostep eval "
                     "--data DATA --seed SEED` uses (column 0 = eval's own noise), the same for every model")
     sp.add_argument("--rows", type=COUNT.arg(), default=default(report.protocol_grid, "prompts"),
-                    help="with --eval-prompts: number of prompts (rows)")
+                    help="with --eval-prompts or --prompts: number of prompts (rows)")
     sp.add_argument("--steps", type=COUNT.arg(), default=None, help="teacher only: Euler steps (default from config)")
     sp.add_argument("--guidance", type=NON_NEGATIVE.arg(), default=None, help="teacher only: CFG scale g (0 = off)")
     sp.add_argument("--seed", type=SEED.arg(), default=default(report.prompt_grid, "seed"))
-    sp.add_argument("--num", type=COUNT.arg(), default=default(report.prompt_grid, "per_prompt"),
-                    help="images per prompt")
+    sp.add_argument("--num", "--seeds-per-prompt", dest="num", type=COUNT.arg(),
+                    default=default(report.prompt_grid, "per_prompt"),
+                    help="images per prompt, one noise seed each (--seeds-per-prompt is the same flag)")
     sp.add_argument("--scale", type=UPSCALE.arg(), default=default(report.prompt_grid, "scale"),
                     help="nearest-neighbour upscale of the grid PNG")
     sp.add_argument("--out", required=True, help="PNG file to write")
@@ -270,11 +402,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(text_encoder + tokenizer), σ grid [1, σm, 0] and mid-noise mode in model_index.json. "
                         "Load it with `TwoStepZImagePipeline.from_pretrained(DIR)`, or without twostep with "
                         "`DiffusionPipeline.from_pretrained(DIR, custom_pipeline='pipeline', trust_remote_code=True)`. "
+                        "A shared latent student (mid_noise=same) is written as a stock diffusers ZImagePipeline "
+                        "folder instead (--format); LoRA files load with stock ZImagePipeline.load_lora_weights; "
+                        "docs/export.md has the stock-diffusers recipe for full/lora students. "
                         "Written to DIR.partial and renamed when complete; a previous export in DIR is replaced.")
     ex.add_argument("--model", required=True, help="student run folder (the --out of `twostep distill`)")
     ex.add_argument("--out", required=True, help="pipeline folder to write (new, empty, or a previous export)")
     ex.add_argument("--merge", action="store_true", help="lora students: merge each step's adapter into its own "
                     "transformer copy (transformer + transformer_2) instead of shipping base + adapters")
+    ex.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default=None,
+                    help="dtype of the exported transformer weights (default auto: bf16 for a student of a "
+                    "ZImagePipeline teacher, fp32 for a pixel-space one); the copied text encoder and VAE keep "
+                    "the teacher's files")
+    ex.add_argument("--format", choices=["auto", "twostep", "stock"], default=None,
+                    help="twostep: the TwoStepZImagePipeline folder; stock: a plain diffusers ZImagePipeline folder "
+                    "(shared latent students with mid_noise=same: ZImagePipeline.from_pretrained(DIR) with "
+                    "num_inference_steps=2, guidance_scale=0 is the student); default auto: stock where it "
+                    "reproduces the student, else twostep (full/lora: see docs/export.md for stock diffusers)")
     ex.set_defaults(fn=cmd_export)
     return p
 

@@ -25,7 +25,7 @@ import numbers
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import yaml
 
@@ -185,11 +185,17 @@ class TrainConfig:
     batch_size: int = opt(32, "GLOBAL batch over all processes: each of N processes takes batch_size/N rows of "
                           "the same global draw (N must divide it); N processes reproduce one process's batches",
                           range=COUNT)
+    grad_accum: int = opt(1, "gradient accumulation: each update averages the gradients of grad_accum micro-batches "
+                          "of batch_size rows (backward after each), so the update's global batch is batch_size × "
+                          "grad_accum; the same update as one batch of that size, to float rounding", range=COUNT)
     lr_student: float = opt(2e-5, "AdamW learning rate of the student (full / shared decoupling)", range=POSITIVE)
     lr_lora: float = opt(1e-4, "AdamW learning rate of the student's adapters when student.decoupling=lora",
                           range=POSITIVE)
     lr_disc: float = opt(1e-3, "AdamW learning rate of the discriminator heads / critic (the peers' configs set "
                          "their own)", range=POSITIVE)
+    warmup: int = opt(0, "linear learning-rate warm-up of the student: update k (1, 2, ...) steps at "
+                      "lr × min(1, k / warmup) (0 = off); the critic keeps its rate (train.d_warmup gives it its "
+                      "head start)", range=NON_NEGATIVE_INT)
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)", range=BETAS)
     weight_decay: float = opt(0.0, "AdamW weight decay of the student", range=NON_NEGATIVE)
     weight_decay_disc: float = opt(0.01, "AdamW weight decay of the discriminator heads / critic (torch's AdamW "
@@ -203,14 +209,38 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard the student's trainable transformers with torch FSDP2 (each Z-Image block, then "
                      "the transformer; the EMA sharded alike; full/shared decoupling, 2+ processes; on by itself "
                      "under an accelerate FSDP launch); checkpoints hold full tensors (docs/sizing.md)")
-    mixed_precision: str = choice("no", ["no", "bf16"], "bf16 autocast (GPUs)")
+    mixed_precision: str = choice("no", ["no", "bf16"], "bf16 autocast (GPUs); under train.fsdp also FSDP2's "
+                                  "MixedPrecisionPolicy: parameters all-gathered in bf16, gradients reduced in fp32, "
+                                  "fp32 master weights and optimizer state")
+    frozen_dtype: str = choice("auto", ["auto", "bf16", "fp32"], "dtype the frozen teacher (and a lora student's "
+                               "frozen base, which is the teacher) is held in; it never trains, so it is never "
+                               "upcast: auto = bf16 on CUDA, fp32 on the CPU. Trainable weights stay fp32")
     seed: int = opt(0, "seed of the run", range=SEED)
     log_every: int = opt(10, "updates between log lines", range=COUNT)
     grid_every: int = opt(250, "updates between fixed-noise sample grids (0 = off)", range=NON_NEGATIVE_INT)
+    # watching a run (train/viz.py): trackers, validation prompts in the grid, a quick FD every eval_every
+    log_with: str = choice("none", ["none", "tensorboard", "wandb"], "also send the log's scalars (every log_every), "
+                           "the grids (every grid_every) and eval_fd to an accelerate tracker: tensorboard writes "
+                           "RUN/tensorboard (`tensorboard --logdir RUN/tensorboard`); wandb needs `pip install wandb`")
+    validation_prompts: list = opt([], "your own prompts, added as columns of every grid (teacher 8-step | naive "
+                                   "2-step | student rows, fixed noise seeded by VALIDATION_SEED in train/viz.py)")
+    eval_every: int = opt(0, "updates between quick FDs of the EMA student against the cache's last eval_num "
+                          "teacher samples, which training then never draws (0 = off: nothing held out); logged as "
+                          "eval_fd in log.jsonl and the trackers", range=NON_NEGATIVE_INT)
+    eval_num: int = opt(64, "held-out cache rows of the quick FD (train.eval_every > 0; at most half the cache)",
+                        range=at_least(10, "FD needs at least 10 images"))
+    eval_features: str = opt("", "feature extractor of the quick FD (twostep.metrics.extractors spec: a feature-net "
+                             "folder, inception[:FILE], clip:DIR, dinov2:DIR); '' = the committed feature net of the "
+                             "cache's benchmark (shapes / photos)")
     checkpoint_every: int = opt(250, "updates between checkpoints (0 = only the final one)", range=NON_NEGATIVE_INT)
     keep_checkpoints: int = opt(2, "complete checkpoints kept", range=COUNT)
     max_nonfinite: int = opt(5, "non-finite losses in a row before rolling back to the last checkpoint "
                              "with half the learning rates", range=COUNT)
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(("validation_prompts",), lambda t: all(isinstance(p, str) and p.strip() for p in t.validation_prompts),
+             "use a list of non-empty prompt strings, e.g. ['a red circle', 'two blue squares']"),
+    )
 
 
 class Config:

@@ -6,7 +6,8 @@ The teacher backbone is frozen and NOT a submodule (so optimizers, checkpoints a
 gradients still flow through it to the *input* when the student is trained against D.
 
 Heads (one per chosen block):
-  grid   — tokens reshaped to their h×w grid → 1×1 conv → GroupNorm+SiLU → FiLM(σ) → 3×3 conv → per-token logit
+  grid   — tokens reshaped to their h×w grid (h = H/p, w = W/p of the sample re-noised in `features`: any aspect
+           ratio) → 1×1 conv → GroupNorm+SiLU → FiLM(σ) → 3×3 conv → per-token logit
            (+ a projection term ⟨h_token, W·pooled caption⟩ when text_cond), so D judges local structure;
   pooled — mean over tokens → MLP (an ablation).
 """
@@ -63,10 +64,14 @@ class GridHead(nn.Module):
         self.text = nn.Linear(text_dim, hidden) if text_cond else None
         nn.init.zeros_(self.film.weight); nn.init.zeros_(self.film.bias)
 
-    def forward(self, tokens: torch.Tensor, s_emb: torch.Tensor, text_vec: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, s_emb: torch.Tensor, text_vec: torch.Tensor | None,
+                grid: tuple[int, int]) -> torch.Tensor:
+        """tokens [B, h·w, dim] in row-major order of their `grid` (h, w) → per-token logits [B, h·w]."""
         b, n, d = tokens.shape
-        side = int(round(math.sqrt(n)))
-        h = tokens.transpose(1, 2).reshape(b, d, side, side)
+        gh, gw = grid
+        if gh * gw != n:
+            raise ValueError(f"{n} image tokens do not fill a {gh}x{gw} grid")
+        h = tokens.transpose(1, 2).reshape(b, d, gh, gw)
         h = F.silu(self.norm(self.inp(h)))
         scale, shift = self.film(s_emb).chunk(2, dim=1)
         h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
@@ -85,7 +90,7 @@ class PooledHead(nn.Module):
         self.out = nn.Linear(hidden, 1)
         self.text = nn.Linear(text_dim, hidden) if text_cond else None
 
-    def forward(self, tokens, s_emb, text_vec):
+    def forward(self, tokens, s_emb, text_vec, grid=None):
         h = self.mlp(torch.cat([tokens.mean(1), s_emb], dim=1))
         logit = self.out(h)
         if self.text is not None and text_vec is not None:
@@ -105,6 +110,7 @@ class Discriminator(nn.Module):
         Head = GridHead if head == "grid" else PooledHead
         self.heads = nn.ModuleList([Head(dim, hidden, text_dim, text_cond) for _ in self.blocks])
         self.sigma_dist, self.sigma_mean, self.sigma_std = sigma_dist, sigma_mean, sigma_std
+        self.grid: tuple[int, int] | None = None  # (H/p, W/p) of the samples `features` last saw
 
     @classmethod
     def from_config(cls, teacher: ZImageBackbone, d, blocks=None) -> "Discriminator":
@@ -124,13 +130,18 @@ class Discriminator(nn.Module):
         return s.clamp(1e-3, 0.999).to(device)
 
     def features(self, x0: torch.Tensor, text, sigma: torch.Tensor, noise: torch.Tensor) -> list[torch.Tensor]:
-        """Frozen-teacher image-token features of x0 re-noised to σ (grad flows to x0, never to the teacher)."""
+        """Frozen-teacher image-token features of x0 re-noised to σ (grad flows to x0, never to the teacher).
+        Records the token grid (H/p, W/p) of x0 for the grid heads."""
+        p = self.teacher.patch_size
+        self.grid = (x0.shape[-2] // p, x0.shape[-1] // p)
         return self.teacher.features(flow.add_noise(x0, noise, sigma), sigma, text, self.blocks)
 
     def heads_logits(self, feats: list[torch.Tensor], sigma, text) -> torch.Tensor:
         s_emb = sigma_embedding(sigma).to(feats[0].dtype)
         text_vec = torch.stack([t.mean(0) for t in text]).to(feats[0].dtype)
-        return torch.cat([h(f, s_emb, text_vec) for h, f in zip(self.heads, feats)], dim=1)
+        if self.grid is None:
+            raise ValueError("heads_logits needs the token grid: call features() on the samples first")
+        return torch.cat([h(f, s_emb, text_vec, self.grid) for h, f in zip(self.heads, feats)], dim=1)
 
     def forward(self, x0: torch.Tensor, text, sigma: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:

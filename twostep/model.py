@@ -20,6 +20,7 @@ from .backbones.zimage import ZImageBackbone, load_backbone
 from .config import COUNT, NON_NEGATIVE, POSITIVE
 from .errors import UserError
 from .io.folders import CONFIG, WEIGHTS, read_config
+from .io.pipeline_format import size_fields  # noqa: F401  (the size rule, here beside sample_hw / image_hw)
 from .teacher.pipeline_folder import PipelineParts, load_pipeline_backbone
 from .text import get_encoder
 
@@ -34,21 +35,71 @@ def num_parameters(params) -> int:
     return sum(p.numel() for p in params)
 
 
+SIZE_KEYS = ("height", "width", "image_height", "image_width")  # written only for non-square models
+
+
+def sample_hw(config: dict) -> tuple[int, int]:
+    """(height, width) of a model config's sample grid (pixels, or latents of a ZImagePipeline teacher): its
+    `height` and `width` (any aspect ratio), else the square `resolution`."""
+    if "height" in config or "width" in config:
+        return int(config["height"]), int(config["width"])
+    r = int(config["resolution"])
+    return r, r
+
+
+def image_hw(config: dict) -> tuple[int, int]:
+    """(height, width) of a model's decoded images: `image_height`/`image_width`, else the square
+    `image_resolution` (a latent model), else the sample grid (a pixel model: the same)."""
+    if "image_height" in config or "image_width" in config:
+        return int(config["image_height"]), int(config["image_width"])
+    if "image_resolution" in config:
+        r = int(config["image_resolution"])
+        return r, r
+    return sample_hw(config)
+
+
 class SampleSpace:
     """Where a model's samples live, from its config (`config.json`) and `parts` (a ZImagePipeline teacher's
-    text encoder and VAE, loaded lazily; None for a pixel-space MiniLM model)."""
+    text encoder and VAE, loaded lazily; None for a pixel-space MiniLM model).
+
+    Samples are [C, height, width] (`sample_hw`: any aspect ratio); `resolution` is the square alias and refuses a
+    non-square model, so code that needs both sides never reads one side twice."""
 
     config: dict
     parts: PipelineParts | None
 
     @property
+    def height(self) -> int:
+        return sample_hw(self.config)[0]
+
+    @property
+    def width(self) -> int:
+        return sample_hw(self.config)[1]
+
+    @property
+    def image_height(self) -> int:
+        return image_hw(self.config)[0]
+
+    @property
+    def image_width(self) -> int:
+        return image_hw(self.config)[1]
+
+    @staticmethod
+    def _square(h: int, w: int, what: str) -> int:
+        if h != w:
+            raise UserError(f"this model makes {h}x{w} (height x width) {what}; this command supports square "
+                            "models only (read height/width)")
+        return h
+
+    @property
     def resolution(self) -> int:
-        return int(self.config["resolution"])
+        """The side of a square model's samples (height == width)."""
+        return self._square(self.height, self.width, "samples")
 
     @property
     def image_resolution(self) -> int:
-        """Side of the decoded images (= resolution for a pixel-space model)."""
-        return int(self.config.get("image_resolution", self.config["resolution"]))
+        """Side of the decoded images of a square model (= resolution for a pixel-space model)."""
+        return self._square(self.image_height, self.image_width, "images")
 
     @property
     def channels(self) -> int:
@@ -65,8 +116,9 @@ class SampleSpace:
         return self.parts.decode(x) if self.parts is not None else x
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
+        """[n, C, height, width] standard normal noise from a generator seeded by `seed` (square: as always)."""
         g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(n, self.channels, self.resolution, self.resolution, generator=g)
+        return torch.randn(n, self.channels, self.height, self.width, generator=g)
 
 
 @dataclass
@@ -101,33 +153,35 @@ class Teacher(SampleSpace):
                                  return_trajectory=return_trajectory)
 
 
-def load_teacher(folder: Path) -> Teacher:
+def load_teacher(folder: Path, dtype: torch.dtype | None = None) -> Teacher:
+    """A teacher folder or ZImagePipeline folder, frozen. `dtype` (default fp32) is the dtype its transformer is
+    read in: a 6B bf16 pipeline read as bf16 takes 12 GB of host memory instead of 25 GB per process."""
     folder = Path(folder)
     cfg = read_config(folder)
     if cfg.get("pipeline"):  # a ZImagePipeline folder: the transformer now, text encoder / VAE at first use
-        bb = load_pipeline_backbone(folder)
+        bb = load_pipeline_backbone(folder, dtype or torch.float32)
         bb.requires_grad_(False).eval()
         return Teacher(bb, cfg, folder, PipelineParts(folder, cfg))
     if "transformer" not in cfg:
         raise UserError(f"{folder / CONFIG}: has no 'transformer' section; not a twostep teacher folder")
     check_teacher_config(cfg, folder / CONFIG)
     bb = load_backbone(cfg["transformer"], folder / WEIGHTS)
+    if dtype is not None:
+        bb.to(dtype)
     bb.requires_grad_(False).eval()
     return Teacher(bb, cfg, folder)
 
 
 def check_teacher_config(cfg: dict, where: Path) -> None:
     """A twostep teacher folder's config.json fields besides `transformer` (backbones.zimage checks that one
-    against the weights): `resolution` an integer >= 1, `sampling` (when given) a mapping with integer `steps`
+    against the weights): `resolution` an integer >= 1 (or `height` and `width`: check_size_fields), `sampling` (when given) a mapping with integer `steps`
     >= 1, finite `guidance` >= 0 and `shift` > 0. One UserError naming the field."""
     fix = "restore the folder's original config.json"
 
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    r = cfg.get("resolution")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise UserError(f"{where}: resolution {r!r} must be an integer >= 1; {fix}")
+    check_size_fields(cfg, where, fix)
     s = cfg.get("sampling", {})
     if not isinstance(s, dict):
         raise UserError(f"{where}: sampling must be a mapping (steps, shift, guidance), got {type(s).__name__}; {fix}")
@@ -144,11 +198,46 @@ def batched(n: int, bs: int):
         yield slice(i, min(n, i + bs))
 
 
+def check_size_fields(cfg: dict, where, fix: str) -> None:
+    """A model config's sample size: the square `resolution` (an integer >= 1), or (any aspect ratio) `height` and
+    `width` instead, both integers >= 1 and, when the transformer section names a patch size, multiples of it.
+    One UserError naming the field."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if "height" in cfg or "width" in cfg:
+        if "resolution" in cfg:
+            raise UserError(f"{where}: gives both resolution and height/width; keep resolution (square) or "
+                            f"height and width; {fix}")
+        tr = cfg.get("transformer") if isinstance(cfg.get("transformer"), dict) else {}
+        ps = tr.get("all_patch_size")
+        patch = ps[0] if isinstance(ps, list) and ps and count(ps[0]) else 1
+        for k in ("height", "width"):
+            v = cfg.get(k)
+            if not count(v):
+                raise UserError(f"{where}: {k} {v!r} must be an integer >= 1; {fix}")
+            if v % patch:
+                raise UserError(f"{where}: {k} {v} is not a multiple of the transformer's patch size {patch}; {fix}")
+        return
+    r = cfg.get("resolution")
+    if not count(r):
+        raise UserError(f"{where}: resolution {r!r} must be an integer >= 1; {fix}")
+
+
 def check_pair(model_cfg: dict, teacher_dir: Path, role: str = "--teacher"):
-    """A student (or another teacher) compared against a teacher must share its sample space: resolution,
-    channels and caption-feature dimension. Otherwise PSNR/speed/reference comparisons are meaningless."""
+    """A student (or another teacher) compared against a teacher must share its sample space: sample size
+    (height × width), channels and caption-feature dimension. Otherwise PSNR/speed/reference comparisons are
+    meaningless."""
     t = read_config(Path(teacher_dir))
-    pairs = [("resolution", model_cfg.get("resolution"), t.get("resolution")),
+
+    def size(c):
+        try:
+            h, w = sample_hw(c)
+        except (KeyError, TypeError, ValueError):  # a field missing or malformed: compared as it stands
+            return c.get("resolution")
+        return h if h == w else f"{h}x{w}"
+
+    pairs = [("resolution", size(model_cfg), size(t)),
              ("channels", model_cfg["transformer"].get("in_channels"), t["transformer"].get("in_channels")),
              ("caption dim", model_cfg["transformer"].get("cap_feat_dim"), t["transformer"].get("cap_feat_dim"))]
     for name, a, b in pairs:

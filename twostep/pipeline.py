@@ -27,9 +27,16 @@ Components by `decoupling`:
   full    transformer (step 1) + transformer_2 (step 2); also a LoRA student exported with --merge
   shared  transformer only, used for both steps
   lora    transformer = the frozen base; the two step adapters live in lora/<step_adapters[i]>/
-          pytorch_lora_weights.safetensors (diffusers `save_lora_adapter` format: peft keys without adapter name,
-          LoraConfig in the safetensors metadata); they are loaded with `load_lora_adapter` by from_pretrained (or
-          lazily on the first call) and switched with `set_adapter` before each step.
+          pytorch_lora_weights.safetensors in the format of stock `ZImagePipeline.save_lora_weights` (peft keys
+          with the `transformer.` prefix, no adapter name; the LoraConfig in the safetensors metadata), so stock
+          `ZImagePipeline.load_lora_weights(folder, weight_name=..., adapter_name=...)` loads them too; here they are
+          loaded with `load_lora_adapter` by from_pretrained (or lazily on the first call) and switched with
+          `set_adapter` before each step. (Exports before the prefix, with bare peft keys, still load.)
+  scheduler (optional; latent students) a FlowMatchEulerDiscreteScheduler whose 2-step grid is [1, σm, 0]
+          (static shift σm/(1−σm)): unused by this class, it lets stock `ZImagePipeline.from_pretrained` open the
+          same folder (docs/export.md: the callback_on_step_end recipe for per-step weights).
+Size: `sample_size` is the sample grid (latent or pixel) of the training data: an int (square) or [height, width];
+`height` / `width` of a call are image pixels (latent side × the VAE's scale factor).
 Text: `text_features` = "last_hidden_state" (a BERT-like encoder, e.g. all-MiniLM-L6-v2: the last hidden state of
 the valid tokens, prompts padded together in one batch) or "zimage" (ZImagePipeline's Qwen3 encoding: chat
 template, hidden_states[-2], valid tokens). `vae` is None for pixel-space students (images in [-1, 1] come straight
@@ -54,12 +61,12 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 class TwoStepZImagePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->transformer_2->vae"
-    _optional_components = ["transformer_2", "vae"]
+    _optional_components = ["transformer_2", "vae", "scheduler"]
 
-    def __init__(self, transformer, text_encoder, tokenizer, transformer_2=None, vae=None,
+    def __init__(self, transformer, text_encoder, tokenizer, transformer_2=None, vae=None, scheduler=None,
                  decoupling: str = "full", sigmas=(1.0, 0.75, 0.0), mid_noise: str = "same",
                  step_adapters=("step1", "step2"), text_features: str = "last_hidden_state",
-                 max_sequence_length: int = 77, sample_size: int | None = None):
+                 max_sequence_length: int = 77, sample_size=None):
         super().__init__()
         sigmas = [float(s) for s in sigmas]
         if len(sigmas) != 3 or sigmas[0] != 1.0 or sigmas[2] != 0.0 or not 0.0 < sigmas[1] < 1.0:
@@ -72,12 +79,18 @@ class TwoStepZImagePipeline(DiffusionPipeline):
             raise ValueError(f"mid_noise={mid_noise!r}: expected same or fresh")
         if text_features not in ("last_hidden_state", "zimage"):
             raise ValueError(f"text_features={text_features!r}: expected last_hidden_state or zimage")
+        if sample_size is not None and not isinstance(sample_size, int):
+            sample_size = [int(v) for v in sample_size]
+            if len(sample_size) != 2:
+                raise ValueError(f"sample_size must be an int or [height, width], got {sample_size}")
+            if sample_size[0] == sample_size[1]:
+                sample_size = sample_size[0]
         self.register_modules(transformer=transformer, transformer_2=transformer_2, text_encoder=text_encoder,
-                              tokenizer=tokenizer, vae=vae)
+                              tokenizer=tokenizer, vae=vae, scheduler=scheduler)
         self.register_to_config(decoupling=decoupling, sigmas=sigmas, mid_noise=mid_noise,
                                 step_adapters=list(step_adapters), text_features=text_features,
                                 max_sequence_length=int(max_sequence_length),
-                                sample_size=None if sample_size is None else int(sample_size))
+                                sample_size=None if sample_size is None else sample_size)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 
@@ -109,13 +122,20 @@ class TwoStepZImagePipeline(DiffusionPipeline):
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(folder, allow_patterns=[f"{LORA_DIR}/*"])
+        from safetensors import safe_open
+
         for name in missing:
-            self.transformer.load_lora_adapter(os.path.join(folder, LORA_DIR, name), weight_name=LORA_WEIGHT_NAME,
-                                               prefix=None, adapter_name=name)
+            path = os.path.join(folder, LORA_DIR, name)
+            with safe_open(os.path.join(path, LORA_WEIGHT_NAME), "pt") as f:
+                keys = list(f.keys())
+            # stock ZImagePipeline.save_lora_weights layout (transformer.<peft key>), or an older export's bare keys
+            prefix = "transformer" if keys and all(k.startswith("transformer.") for k in keys) else None
+            self.transformer.load_lora_adapter(path, weight_name=LORA_WEIGHT_NAME, prefix=prefix, adapter_name=name)
 
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' save_pretrained; in lora mode the transformer is saved without its LoRA layers (plain
-        ZImageTransformer2DModel keys) and each step adapter with save_lora_adapter under lora/<name>/."""
+        ZImageTransformer2DModel keys) and each step adapter under lora/<name>/ as stock
+        ZImagePipeline.save_lora_weights writes it (save_step_adapter)."""
         if self.config.decoupling != "lora" or not getattr(self.transformer, "peft_config", None):
             return super().save_pretrained(save_directory, **kwargs)
         tr = self.transformer
@@ -125,16 +145,8 @@ class TwoStepZImagePipeline(DiffusionPipeline):
             super().save_pretrained(save_directory, **kwargs)
         finally:
             del tr.state_dict
-        from diffusers.utils import logging as dlog
-
-        level = dlog.get_verbosity()
-        dlog.set_verbosity_error()  # save_lora_adapter calls model.to(dtype=None), which warns about fp32 modules
-        try:
-            for name in self.config.step_adapters:
-                tr.save_lora_adapter(os.path.join(save_directory, LORA_DIR, name), adapter_name=name,
-                                     weight_name=LORA_WEIGHT_NAME)
-        finally:
-            dlog.set_verbosity(level)
+        for name in self.config.step_adapters:
+            save_step_adapter(tr, name, os.path.join(save_directory, LORA_DIR, name))
 
     # -- text -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -205,9 +217,13 @@ class TwoStepZImagePipeline(DiffusionPipeline):
 
         tr = self.transformer
         channels = int(tr.config.in_channels)
-        side = self.config.sample_size
-        h = height // self.vae_scale_factor if height else side
-        w = width // self.vae_scale_factor if width else side
+        size = self.config.sample_size  # the sample grid: an int (square) or [height, width]
+        sh, sw = (size, size) if size is None or isinstance(size, int) else size
+        for name, v in (("height", height), ("width", width)):
+            if v and v % self.vae_scale_factor:
+                raise ValueError(f"{name} {v} must be a multiple of the VAE's scale factor {self.vae_scale_factor}")
+        h = height // self.vae_scale_factor if height else sh
+        w = width // self.vae_scale_factor if width else sw
         if h is None or w is None:
             raise ValueError("pass height and width (the pipeline config has no sample_size)")
         shape = (len(text), channels, h, w)
@@ -234,6 +250,18 @@ class TwoStepZImagePipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+def save_step_adapter(transformer, adapter: str, folder: str) -> None:
+    """One peft adapter of `transformer` as stock `ZImagePipeline.save_lora_weights` writes a LoRA: keys
+    `transformer.<peft key without adapter name>`, the adapter's LoraConfig in the safetensors metadata (so rank and
+    alpha come back exactly), file folder/pytorch_lora_weights.safetensors."""
+    from diffusers import ZImagePipeline
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    ZImagePipeline.save_lora_weights(folder, transformer_lora_layers=layers, weight_name=LORA_WEIGHT_NAME,
+                                     transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
 
 
 def base_state_dict(transformer) -> dict[str, torch.Tensor]:

@@ -13,17 +13,20 @@ distilled 2-step student, no CFG). `load_generator(folder)` opens a teacher or s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from . import faults, flow
 from .config import COUNT, NON_NEGATIVE
 from .backbones.zimage import check_transformer_config, check_weights
 from .errors import UserError
-from .io.files import all_finite, load_tensors
-from .io.folders import check_stamps, read_config, save_stamped
-from .model import SampleSpace, default_sampling, load_teacher
+from .io.checkpoints import link_file
+from .io.files import all_finite, atomic_save_tensors, atomic_write_text, load_tensors
+from .io.folders import CONFIG, check_stamps, read_config, save_stamped
+from .model import SampleSpace, check_size_fields, default_sampling, load_teacher
 from .student import TwoStepStudent, build_student_from_config
 from .teacher.pipeline_folder import parts_for_model
 
@@ -131,10 +134,41 @@ class StudentGenerator(Generator):
 STUDENT_FILES = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base", "step1", "step2"]}
 
 
-def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dict | None = None):
-    """Write a student folder (io.folders.save_stamped: stamped weight files, config.json last).
-    `state`: the student's full state dict, when the module holds FSDP shards (see TwoStepStudent.export_state)."""
-    save_stamped(student.export_state(state), config, folder, on_file=lambda: faults.point("model.save"))
+def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dict | None = None,
+                 linked: Path | None = None):
+    """Write a student folder (stamped weight files, config.json last: io.folders.save_stamped). `state`: the
+    student's full state dict, when the module holds FSDP shards (see TwoStepStudent.export_state).
+
+    Small checkpoints (issue 17): `linked`, a checkpoint's `ema/` folder that already holds some of these files
+    byte for byte (twostep.train.state writes them there): those are hard-linked, not written again. A lora
+    student's frozen base (config["base_sha256"]: the hash of the teacher weights it is) is written once per run:
+    kept when the folder's base.safetensors already carries that hash, stamped with it instead of the update."""
+    frozen = TwoStepStudent.FROZEN_STEMS[student.decoupling] if config.get("base_sha256") else ()
+    if linked is None and not frozen:
+        save_stamped(student.export_state(state), config, folder, on_file=lambda: faults.point("model.save"))
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, sd in student.export_state(state).items():
+        path, src = folder / f"{stem}.safetensors", None if linked is None else Path(linked) / f"{stem}.safetensors"
+        if stem in frozen:
+            if file_stamp(path, "base_sha256") != config["base_sha256"]:
+                atomic_save_tensors(sd, path, metadata={"base_sha256": config["base_sha256"]})
+        elif src is not None and src.is_file():
+            link_file(src, path)
+        else:
+            atomic_save_tensors(sd, path, metadata={"updates": config.get("updates", 0)})
+        faults.point("model.save")
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=1))
+
+
+def file_stamp(path: Path, key: str) -> str | None:
+    """A safetensors file's metadata entry `key` (None when the file or the entry is missing or unreadable)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get(key)
+    except Exception:  # missing, truncated: not the file wanted
+        return None
 
 
 def check_student_config(c, folder: Path) -> None:
@@ -142,7 +176,7 @@ def check_student_config(c, folder: Path) -> None:
     where, fix = folder / "config.json", "restore the run's original config.json (or re-run `twostep distill`)"
     if not isinstance(c, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(c).__name__}; {fix}")
-    for key in ("transformer", "decoupling", "sigma_mid", "resolution"):
+    for key in ("transformer", "decoupling", "sigma_mid", *(() if "height" in c or "width" in c else ("resolution",))):
         if key not in c:
             raise UserError(f"{where}: required field {key!r} is missing; {fix}")
     if c["decoupling"] not in STUDENT_FILES:
@@ -150,9 +184,7 @@ def check_student_config(c, folder: Path) -> None:
     sm = c["sigma_mid"]
     if not isinstance(sm, (int, float)) or isinstance(sm, bool) or not 0 < sm < 1:
         raise UserError(f"{where}: sigma_mid {sm!r} must be a number in (0, 1); {fix}")
-    r = c["resolution"]
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise UserError(f"{where}: resolution {r!r} must be an integer >= 1; {fix}")
+    check_size_fields(c, where, fix)  # resolution, or height and width (a non-square model)
     if c["decoupling"] == "lora":
         rank = c.get("lora_rank", 16)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -169,7 +201,12 @@ def load_student_generator(folder) -> StudentGenerator:
     c = read_config(folder)
     check_student_config(c, folder)
     stems = STUDENT_FILES[c["decoupling"]]
-    check_stamps(folder, stems, c)
+    frozen = [s for s in TwoStepStudent.FROZEN_STEMS[c["decoupling"]] if c.get("base_sha256")]
+    check_stamps(folder, [s for s in stems if s not in frozen], c)
+    for s in frozen:  # written once per run, stamped with the teacher's weights hash (save_student)
+        if file_stamp(folder / f"{s}.safetensors", "base_sha256") != c["base_sha256"]:
+            raise UserError(f"{folder / f'{s}.safetensors'}: missing or not the frozen base config.json names (a "
+                            "save was interrupted); run `twostep distill --resume` on it to rewrite the model files")
     files = {s: load_tensors(folder / f"{s}.safetensors") for s in stems}
     for s in WHOLE_TRANSFORMER[c["decoupling"]]:
         check_weights(c["transformer"], files[s], folder / f"{s}.safetensors", str(folder / "config.json"))

@@ -12,6 +12,9 @@ per step; `shared` = one set (ablation). All start from the teacher. No CFG: 2 N
 from __future__ import annotations
 
 import copy
+import itertools
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -45,6 +48,10 @@ class TwoStepStudent(nn.Module):
                 self.base.transformer.add_adapter(
                     LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets),
                                init_lora_weights=True), adapter_name=name)
+            with torch.no_grad():  # fp32 adapters whatever dtype the frozen base is read in (train.frozen_dtype)
+                for n, p in self.base.named_parameters():
+                    if "lora_" in n and p.dtype != torch.float32:
+                        p.data = p.data.float()
             self._lora_trainable()
         else:
             raise UserError(f"student.decoupling={decoupling!r}: use full, lora or shared")
@@ -158,6 +165,22 @@ class TwoStepStudent(nn.Module):
         return {"base": {k: v for k, v in sd.items() if "lora_" not in k},
                 **{s: {k: v for k, v in sd.items() if "lora_" in k and f".{s}." in k} for s in STEP_NAMES}}
 
+    # the stems of export_state that never change in training (a lora student's base: the teacher's weights)
+    FROZEN_STEMS = {"lora": ("base",), "full": (), "shared": ()}
+
+    def trainable_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What of a state dict (this module's, or `state`, a gathered one) a checkpoint must hold: the weights
+        that train. lora: the adapters only (the frozen base is the teacher, pointed at by its hash); full / shared:
+        every weight."""
+        sd = self.state_dict() if state is None else state
+        return {k: v for k, v in sd.items() if "lora_" in k} if self.decoupling == "lora" else sd
+
+    def stem_prefix(self, stem: str) -> str:
+        """export_state's inverse: the state-dict prefix of the names in its file `stem`."""
+        if self.decoupling == "full":
+            return f"{stem}.transformer."
+        return "shared.transformer." if self.decoupling == "shared" else "base.transformer."
+
     def load_export_state(self, files: dict[str, dict[str, torch.Tensor]]):
         if self.decoupling == "full":
             self.step1.transformer.load_state_dict(files["step1"])
@@ -178,15 +201,44 @@ def deepcopy_sharing_frozen(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+_ON_META: ContextVar[bool] = ContextVar("twostep_student_on_meta", default=False)
+
+
+@contextmanager
+def trainable_copies_on_meta():
+    """Students built inside (twostep.methods builds them) hold their full / shared trainable copies of the teacher
+    on the meta device: the modules, names, shapes and dtypes, no storage. The training loop gives them storage
+    where it fits (twostep.train.distributed.materialize: under FSDP after sharding, each process only its shards),
+    so a 6B copy is never made whole on a device that cannot hold it (issue 17). A lora student's base is the
+    teacher itself, not a copy, and its adapters are small: it is built as usual."""
+    token = _ON_META.set(True)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
+
+def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """deepcopy with every parameter and buffer on the meta device (requires_grad kept), floating-point ones in
+    `dtype` when given; no storage is allocated."""
+    memo: dict = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        m = torch.empty_like(t, device="meta", dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(module, memo)
+
+
 def _trainable_copy(bb: ZImageBackbone) -> ZImageBackbone:
-    c = copy.deepcopy(bb)
+    # trainable weights are fp32 masters whatever dtype the frozen teacher is read in (train.frozen_dtype)
+    c = meta_copy(bb, torch.float32) if _ON_META.get() else copy.deepcopy(bb).float()
     c.requires_grad_(True).train()
     return c
 
 
 def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
     return {"kind": "student", "backbone": teacher_cfg.get("backbone", "zimage"),
-            "transformer": teacher_cfg["transformer"], "resolution": teacher_cfg["resolution"],
+            "transformer": teacher_cfg["transformer"],
+            **({"resolution": teacher_cfg["resolution"]} if "resolution" in teacher_cfg else {}),
             "text_encoder": teacher_cfg.get("text_encoder"), "data": teacher_cfg.get("data"),
             "data_version": teacher_cfg.get("data_version"),
             "teacher": str(teacher_folder) if teacher_folder else None,
@@ -195,7 +247,9 @@ def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
             "lora_alpha": cfg.student.lora_alpha, "lora_targets": list(cfg.student.lora_targets),
             "sampling": {"steps": 2, "sigmas": flow.two_step_sigmas(cfg.student.sigma_mid), "guidance": 0.0},
             # a ZImagePipeline teacher: the latent space, and the folder whose text encoder and VAE the student uses
-            **{k: teacher_cfg[k] for k in ("format", "pipeline", "image_resolution", "vae") if k in teacher_cfg}}
+            **{k: teacher_cfg[k] for k in ("format", "pipeline", "image_resolution", "vae") if k in teacher_cfg},
+            # a non-square teacher: height/width (+ image_height/image_width) instead of resolution (model.size_fields)
+            **{k: teacher_cfg[k] for k in ("height", "width", "image_height", "image_width") if k in teacher_cfg}}
 
 
 def build_student_from_config(c: dict) -> TwoStepStudent:

@@ -72,10 +72,19 @@ class ZImageBackbone(nn.Module):
             raise ValueError(f"{len(text)} caption feature tensors for a batch of {x_sigma.shape[0]}")
         sigma = torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device).expand(x_sigma.shape[0])
         t = flow.sigma_to_t(sigma)
-        xs = list(x_sigma.unsqueeze(2).unbind(0))  # [C, 1, H, W] per sample (F = 1 frame)
-        caps = [c.to(x_sigma.dtype) for c in text]
+        # inputs in the weights' dtype (a frozen teacher held in bf16, train.frozen_dtype), the output back in the
+        # caller's: a no-op when they agree (fp32, or FSDP's bf16 all-gather, which casts its own inputs)
+        dt = self.weight_dtype
+        xs = list(x_sigma.to(dt).unsqueeze(2).unbind(0))  # [C, 1, H, W] per sample (F = 1 frame)
+        caps = [c.to(device=x_sigma.device, dtype=dt) for c in text]  # CPU-encoded captions follow x
+        # the timestep stays in the caller's (fp32) precision, as ZImagePipeline passes it
         out = self.transformer(xs, t, caps, patch_size=self.patch_size, return_dict=False)[0]
-        return torch.stack(out, 0).squeeze(2)
+        return torch.stack(out, 0).squeeze(2).to(x_sigma.dtype)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the transformer's frozen-or-not patch embedding (never a LoRA target): what it computes in."""
+        return next(iter(self.transformer.all_x_embedder.values())).weight.dtype
 
     def denoise(self, x_sigma: torch.Tensor, sigma: torch.Tensor, text: Sequence[torch.Tensor]) -> torch.Tensor:
         """x̂0 = x_σ + σ·u (flow.x0_from_u)."""
@@ -101,7 +110,7 @@ class ZImageBackbone(nn.Module):
 
         def hook(idx):
             def fn(_m, _inp, out):
-                got[idx] = out[:, :n_img]
+                got[idx] = out[:, :n_img].to(x_sigma.dtype)  # a bf16 teacher's features, in the heads' dtype
                 if idx == blocks[-1]:
                     raise _Stop
             return fn

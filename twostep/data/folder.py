@@ -11,8 +11,9 @@ Rules (decided here, documented for users):
   is allowed (it is an unconditional example). Images not named in captions.jsonl are ignored.
 - Images are read with PIL, EXIF orientation applied, converted to RGB (grayscale, palette, CMYK, 16-bit
   and images with alpha, which are composited on white; `converted` counts them), center-cropped to a
-  square and resized to `resolution` with PIL's antialiased bicubic filter. Images smaller than the
-  resolution are upscaled (allowed, counted in `upscaled`). Values are float32 in [-1, 1].
+  square (or, for `resolution=(height, width)`, to the largest centered box of that aspect ratio) and resized to
+  `resolution` with PIL's antialiased bicubic filter. Images smaller than the resolution are upscaled (allowed,
+  counted in `upscaled`). Values are float32 in [-1, 1].
 - All images are decoded once, at construction, and kept in memory as uint8 (3·res² bytes per image), so a
   corrupt file fails up front rather than hours into training.
 - Errors are `UserError`s on one line naming the file (and the captions.jsonl line) and the fix. With
@@ -20,6 +21,10 @@ Rules (decided here, documented for users):
   `skip_reasons`) and summarised on one stderr line. A folder with no usable example is always an error.
 - A folder has no held-out split: "train", "test" and "ref" all draw from all examples, each with its own
   seed (`split_seed`), so "test" is not disjoint from "train".
+- `decode=False` (captions only, e.g. the prompts of `teacher cache --data FOLDER`): captions.jsonl is checked by
+  the same rules and each named image must exist, but no image is opened, so memory is the captions only.
+  `captions_sample(n, seed, split)` draws the same captions `sample` would when every image decodes (a corrupt
+  image that --skip-bad would drop is kept: it is never read).
 """
 
 from __future__ import annotations
@@ -79,8 +84,20 @@ def _to_rgb(im):
     return im.convert("RGB"), True
 
 
-def _load_image(path: Path, resolution: int) -> tuple[np.ndarray, bool, bool]:
-    """Decode, orient, convert, center-crop and resize one image → (uint8 [3, R, R], converted, upscaled).
+def _crop_box(w: int, h: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """The largest centered (left, top, right, bottom) box of aspect out_w:out_h in a w×h image (square: the
+    min(w, h) square, as always)."""
+    if w * out_h > h * out_w:  # wider than the target: full height
+        ch, cw = h, min(w, max(1, round(h * out_w / out_h)))
+    else:
+        cw, ch = w, min(h, max(1, round(w * out_h / out_w)))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def _load_image(path: Path, resolution) -> tuple[np.ndarray, bool, bool]:
+    """Decode, orient, convert, center-crop and resize one image → (uint8 [3, H, W], converted, upscaled);
+    `resolution` is the side R (square) or (H, W).
 
     Raises _Bad-free plain exceptions; the caller turns any failure into a one-line message.
     """
@@ -100,14 +117,13 @@ def _load_image(path: Path, resolution: int) -> tuple[np.ndarray, bool, bool]:
             w, h = im.size
             if w < 1 or h < 1:
                 raise ValueError("image has zero size")
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            out = im.resize((resolution, resolution), Image.Resampling.BICUBIC,
-                            box=(left, top, left + s, top + s))
+            oh, ow = (resolution, resolution) if isinstance(resolution, int) else resolution
+            box = _crop_box(w, h, oh, ow)
+            out = im.resize((ow, oh), Image.Resampling.BICUBIC, box=box)
             a = np.asarray(out, dtype=np.uint8)
-    if a.shape != (resolution, resolution, 3):
+    if a.shape != (oh, ow, 3):
         raise ValueError(f"decoded to shape {a.shape}")
-    return np.ascontiguousarray(a.transpose(2, 0, 1)), converted, s < resolution
+    return np.ascontiguousarray(a.transpose(2, 0, 1)), converted, box[3] - box[1] < oh or box[2] - box[0] < ow
 
 
 class FolderDataset:
@@ -115,16 +131,21 @@ class FolderDataset:
 
     has_attributes = False
 
-    def __init__(self, path, resolution: int = 32, skip_bad: bool = False, progress: bool | None = None):
+    def __init__(self, path, resolution: int = 32, skip_bad: bool = False, progress: bool | None = None,
+                 decode: bool = True):
         self.path = Path(path)
+        self.decode = bool(decode)
         self.name = self.path.resolve().name or str(self.path)
-        self.resolution = int(resolution)
+        # an int side (square), or (height, width) for non-square models (twostep.model.sample_hw)
+        self.height, self.width = ((int(resolution),) * 2 if isinstance(resolution, (int, np.integer))
+                                   else (int(resolution[0]), int(resolution[1])))
+        self.resolution = self.height if self.height == self.width else (self.height, self.width)
         self.skip_bad = bool(skip_bad)
         self.skipped = 0
         self.skip_reasons: list[str] = []
         self.converted = 0
         self.upscaled = 0
-        if self.resolution < 1:
+        if min(self.height, self.width) < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         if not self.path.is_dir():
             raise UserError(f"{self.path}: not a folder; pass a folder holding images and {CAPTIONS}")
@@ -245,6 +266,13 @@ class FolderDataset:
                     failed[fname] = err
                     self._bad_item(err, lineno)
                     continue
+                if not self.decode:  # captions only: the file exists, it is never opened
+                    by_name[fname] = len(by_name)
+                    index.append(by_name[fname])
+                    self.captions.append(text)
+                    self.file_names.append(fname)
+                    self.lines.append(lineno)
+                    continue
                 try:
                     a, conv, up = _load_image(p, self.resolution)
                 except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
@@ -262,8 +290,8 @@ class FolderDataset:
             self.captions.append(text)
             self.file_names.append(fname)
             self.lines.append(lineno)
-        r = self.resolution
-        self._images = torch.from_numpy(np.stack(images)) if images else torch.zeros(0, 3, r, r, dtype=torch.uint8)
+        self._images = (torch.from_numpy(np.stack(images)) if images
+                        else torch.zeros(0, 3, self.height, self.width, dtype=torch.uint8))
         self._index = torch.tensor(index, dtype=torch.long)
 
     # -- the dataset interface -------------------------------------------------------------------------
@@ -271,21 +299,31 @@ class FolderDataset:
         return len(self.captions)
 
     def images(self, idx) -> torch.Tensor:
-        """float32 [len(idx), 3, R, R] in [-1, 1] for example indices `idx`."""
+        """float32 [len(idx), 3, H, W] in [-1, 1] for example indices `idx`."""
+        if not self.decode:
+            raise RuntimeError("FolderDataset(decode=False) holds captions only; use captions_sample()")
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         return self._images[self._index[idx]].float() / 127.5 - 1
 
     def sample(self, n: int, seed: int = 0, split: str = "train") -> Examples:
         """n examples, deterministic for (seed, split): a random permutation prefix when n <= len(self), else
         draws with replacement. Every split draws from all examples (a folder has no held-out split)."""
+        idx = self._draw(n, seed, split)
+        return Examples(self.images(idx), [self.captions[i] for i in idx.tolist()], None)
+
+    def captions_sample(self, n: int, seed: int = 0, split: str = "train") -> list[str]:
+        """The captions `sample(n, seed, split)` gives, without touching an image (works with decode=False)."""
+        return [self.captions[i] for i in self._draw(n, seed, split).tolist()]
+
+    def _draw(self, n: int, seed: int, split: str) -> torch.Tensor:
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         rng = np.random.default_rng(split_seed(seed, split))
         size = len(self)
         idx = rng.permutation(size)[:n] if n <= size else rng.integers(0, size, size=n)
-        idx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        return Examples(self.images(idx), [self.captions[i] for i in idx.tolist()], None)
+        return torch.from_numpy(np.asarray(idx, dtype=np.int64))
 
     def summary(self) -> str:
         return (f"{self.path}: {len(self)} examples ({len(self._images)} images), {self.skipped} skipped, "
-                f"{self.converted} converted to RGB, {self.upscaled} upscaled to {self.resolution}px")
+                f"{self.converted} converted to RGB, {self.upscaled} upscaled to "
+                f"{self.resolution if self.height == self.width else f'{self.height}x{self.width}'}px")

@@ -1,12 +1,15 @@
 """Training checkpoints in safetensors only (no pickle): module weights, optimizer state, RNG states, JSON meta.
 
 A checkpoint is a folder `step-XXXXXXXX/`, written as `step-XXXXXXXX.partial/` and renamed; it is complete when
-its `meta.json` exists (written last), so a crash never leaves a half checkpoint that looks complete.
+its `meta.json` exists (written last), so a crash never leaves a half checkpoint that looks complete. A module
+name with a `/` is a file in a subfolder (a distillation's `ema/step1`: its EMA in the run folder's format,
+which the run folder links to, twostep.train.state).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -55,8 +58,9 @@ def set_rng_state(t: dict[str, torch.Tensor]):
 
 
 def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], meta: dict, keep: int = 2,
-                     optimizers: dict | None = None):
-    """Write `folder/step-XXXXXXXX/` atomically (tmp dir + rename), then prune to the newest `keep`."""
+                     optimizers: dict | None = None, metadata: dict[str, dict] | None = None):
+    """Write `folder/step-XXXXXXXX/` atomically (tmp dir + rename), then prune to the newest `keep`.
+    `metadata`: {module name: safetensors metadata of its file} (e.g. the run folder's update stamp)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{int(meta['step']):08d}"
@@ -65,7 +69,8 @@ def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], 
         shutil.rmtree(tmp)
     tmp.mkdir()
     for mname, sd in modules.items():
-        atomic_save_tensors(sd, tmp / f"{mname}.safetensors")
+        (tmp / mname).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(sd, tmp / f"{mname}.safetensors", metadata=(metadata or {}).get(mname))
     faults.point("ckpt.mid")
     opt_meta = {}
     for oname, opt in (optimizers or {}).items():
@@ -85,6 +90,25 @@ def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], 
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def link_file(src: Path, dst: Path) -> None:
+    """`dst` becomes the same file as `src` (a hard link: no bytes written), atomically (a temporary sibling renamed
+    over `dst`); a copy where the filesystem has no hard links. Files here are never modified in place (every write
+    is a new file renamed over the old), so a linked file never changes under its other name."""
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network / FAT filesystems): copy
+        shutil.copyfile(src, tmp)
+    try:
+        tmp.replace(dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -5,7 +5,7 @@ that keep a run folder's weight files and config.json from different saves apart
 Ownership of folders (who may write where, and whether what is there is finished):
 
 - `status.json` (STATUS) in every folder a command writes file by file: {"format": "twostep-status", "kind":
-  teacher | student | features | export, "identity": {...}, "complete": bool, "progress": {"done": n,
+  teacher | student | features | export | eval, "identity": {...}, "complete": bool, "progress": {"done": n,
   "total": m, "unit": "updates"}, "resume": "<the command that finishes it>"}. It is written first
   (complete: false) and rewritten LAST with complete: true; a teacher cache's `manifest.json` plays the same
   role for a cache (format twostep-teacher-cache, "complete", the teacher's identity, one entry per shard).
@@ -41,7 +41,8 @@ from .pipeline_format import is_pipeline_folder, pipeline_config, save_sidecar, 
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-IDENTITY_KEYS = ("weights_sha256", "transformer", "resolution", "text_encoder", "sampling")
+IDENTITY_KEYS = ("weights_sha256", "transformer", "resolution", "height", "width", "text_encoder", "sampling")
+SIZE_IDENTITY = ("height", "width")  # a non-square teacher's sample size (a square one has only `resolution`)
 
 
 def read_config(folder: Path) -> dict:
@@ -96,7 +97,8 @@ def teacher_identity(folder: Path, config: dict | None = None) -> dict:
     if cfg.get("pipeline"):  # a ZImagePipeline folder: its transformer's weight files; the VAE is recorded too
         return {"weights_sha256": transformer_weights_sha256(folder), "transformer": cfg["transformer"],
                 "resolution": cfg.get("resolution"), "text_encoder": cfg.get("text_encoder"),
-                "sampling": cfg.get("sampling"), "vae": cfg.get("vae")}
+                "sampling": cfg.get("sampling"), "vae": cfg.get("vae"),
+                **{k: cfg[k] for k in SIZE_IDENTITY if k in cfg}}
     w = folder / WEIGHTS
     if not w.is_file():
         raise UserError(f"{w}: missing; the teacher folder is incomplete (train it again or copy the whole folder)")
@@ -104,7 +106,7 @@ def teacher_identity(folder: Path, config: dict | None = None) -> dict:
         raise UserError(f"{folder / CONFIG}: has no 'transformer' section; not a twostep teacher folder")
     return {"weights_sha256": sha256_file(w), "transformer": cfg["transformer"],
             "resolution": cfg.get("resolution"), "text_encoder": cfg.get("text_encoder"),
-            "sampling": cfg.get("sampling")}
+            "sampling": cfg.get("sampling"), **{k: cfg[k] for k in SIZE_IDENTITY if k in cfg}}
 
 
 def identity_diff(a: dict, b: dict) -> list[str]:
@@ -154,10 +156,10 @@ FEATURES_FORMAT = "twostep-features-v1"  # config.json of a feature net (twostep
 EXPORT_CLASS = "TwoStepZImagePipeline"   # model_index.json of an export (twostep.export)
 # the kinds a command writes, and (after them) what else a folder may hold
 KINDS = {"teacher": "teacher", "student": "student run", "cache": "teacher cache", "features": "feature net",
-         "export": "exported pipeline"}
+         "export": "exported pipeline", "eval": "eval work folder"}
 NAMES = {**KINDS, "pipeline": "ZImagePipeline folder", "file": "file"}
 WHAT_DIFFERS = {"teacher": "teacher run", "student": "student run", "cache": "teacher cache",
-                "features": "feature net", "export": "export"}
+                "features": "feature net", "export": "export", "eval": "eval (model, prompts, seed or extractor)"}
 
 
 @dataclass

@@ -6,16 +6,18 @@ the twostep teacher config of such a folder without loading anything; loading it
 twostep.teacher.pipeline_folder's job.
 
 - Latent space: channels = the transformer's `in_channels` (16), resolution = the latent side.
-- Image size: `image_size` in an optional `twostep.json` next to model_index.json, else the VAE's
-  `sample_size` (1024 for Z-Image, = ZImagePipeline's default height/width), else 1024. Latent side =
-  image_size / 2^(len(vae.block_out_channels) − 1), as in the pipeline; the image size must be a multiple of
-  twice that factor.
+- Image size: `image_size` in an optional `twostep.json` next to model_index.json (an integer, square, or
+  [height, width] for any aspect ratio), else the VAE's `sample_size` (1024 for Z-Image, = ZImagePipeline's
+  default height/width), else 1024. Latent side = image side / 2^(len(vae.block_out_channels) − 1), as in the
+  pipeline; each image side must be a multiple of twice that factor (16 for Z-Image: ZImagePipeline refuses
+  others). A square teacher's config has `resolution` / `image_resolution`; a non-square one `height` / `width`
+  (latent) and `image_height` / `image_width` instead (twostep.model.size_fields).
 - Default sampling: 8 steps, no CFG (Z-Image-Turbo's setting); `twostep.json` may set
   {"sampling": {"steps": N, "guidance": g}}. The shift comes from the scheduler config (its static `shift`,
   or exp(mu) of the pipeline's resolution-dependent mu when `use_dynamic_shifting` is on).
 
 `twostep.json` (optional; `twostep teacher tune-guidance` writes sampling.guidance there):
-    {"image_size": 256, "sampling": {"steps": 8, "guidance": 0.0}}
+    {"image_size": 256, "sampling": {"steps": 8, "guidance": 0.0}}      (or "image_size": [768, 1344])
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ def _init_kwargs(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def scheduler_shift(sched: dict, latent_side: int, path: Path) -> float:
-    """The σ-grid shift ZImagePipeline's scheduler applies at this latent size (see twostep.flow.shift_sigma)."""
+def scheduler_shift(sched: dict, latent_side, path: Path) -> float:
+    """The σ-grid shift ZImagePipeline's scheduler applies at this latent size (an int side, or (height, width);
+    see twostep.flow.shift_sigma)."""
     bad = [k for k in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                        "stochastic_sampling", "shift_terminal") if sched.get(k)]
     if bad:
@@ -117,7 +120,8 @@ def scheduler_shift(sched: dict, latent_side: int, path: Path) -> float:
         return float(sched.get("shift", 1.0))
     # ZImagePipeline: mu = calculate_shift(image_seq_len); time_shift(mu, 1, σ) is shift_sigma with shift exp(mu)
     # (exponential) or mu (linear)
-    seq = (latent_side // 2) ** 2
+    lh, lw = (latent_side, latent_side) if isinstance(latent_side, int) else latent_side
+    seq = (lh // 2) * (lw // 2)  # ZImagePipeline: image_seq_len = (latent h // 2) · (latent w // 2)
     b0, b1 = sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096)
     s0, s1 = sched.get("base_shift", 0.5), sched.get("max_shift", 1.15)
     m = (s1 - s0) / (b1 - b0)
@@ -150,25 +154,30 @@ def pipeline_config(folder: Path) -> dict:
         raise UserError(f"{folder}: transformer cap_feat_dim {cap_dim} != text_encoder hidden_size {hidden}; the "
                         "components come from different models")
     size = side.get("image_size", vae.get("sample_size") if isinstance(vae.get("sample_size"), int) else None)
-    size = int(size or DEFAULT_IMAGE_SIZE)
     where = f"{folder / SIDECAR} image_size" if "image_size" in side else f"{folder}/vae/config.json sample_size"
-    if size < 2 * vsf or size % (2 * vsf):
-        raise UserError(f"{where} = {size}: must be a positive multiple of {2 * vsf} (twice the VAE's scale "
-                        f"factor); set image_size in {folder / SIDECAR}")
-    latent = 2 * (size // (2 * vsf))
-    if latent % patch:
-        raise UserError(f"{where} = {size}: latent side {latent} is not a multiple of the patch size {patch}; "
-                        f"set another image_size in {folder / SIDECAR}")
+    image_hw = _image_size(size, where, folder)
+    latent_hw = []
+    for name, s_ in zip(("height", "width"), image_hw):
+        if s_ < 2 * vsf or s_ % (2 * vsf):
+            raise UserError(f"{where}: image {name} {s_} must be a positive multiple of {2 * vsf} (twice the VAE's "
+                            f"scale factor; ZImagePipeline refuses other sizes); set image_size in {folder / SIDECAR}")
+        latent = 2 * (s_ // (2 * vsf))
+        if latent % patch:
+            raise UserError(f"{where}: image {name} {s_} gives a latent side {latent} that is not a multiple of the "
+                            f"patch size {patch}; set another image_size in {folder / SIDECAR}")
+        latent_hw.append(latent)
+    lh, lw = latent_hw
     s = side.get("sampling", {}) or {}
     sampling = {"steps": int(s.get("steps", DEFAULT_STEPS)),
-                "shift": scheduler_shift(sched, latent, folder / "scheduler" / "scheduler_config.json"),
+                "shift": scheduler_shift(sched, (lh, lw), folder / "scheduler" / "scheduler_config.json"),
                 "guidance": float(s.get("guidance", 0.0))}
     tok_files = sorted(p for p in (folder / "tokenizer").iterdir() if p.is_file())
     te_w = weight_files(folder / "text_encoder")
     vae_w = weight_files(folder / "vae")
     cfg = {
         "kind": "teacher", "backbone": "zimage", "format": FORMAT, "pipeline": str(folder.resolve()),
-        "transformer": tcfg, "resolution": latent, "image_resolution": size, "data": side.get("data"),
+        "transformer": tcfg, **size_fields(lh, lw), **size_fields(*image_hw, image=True),
+        "data": side.get("data"),
         "text_encoder": {"name": f"ZImagePipeline text_encoder ({index['text_encoder'][1]}, hidden_states[-2])",
                          "max_sequence_length": MAX_SEQUENCE_LENGTH,
                          "config_sha256": sha256_files([folder / "text_encoder" / "config.json"]),
@@ -185,6 +194,32 @@ def pipeline_config(folder: Path) -> dict:
         if k in side:
             cfg[k] = side[k]
     return cfg
+
+
+def _image_size(size, where: str, folder: Path) -> tuple[int, int]:
+    """(height, width) of an image_size setting: an integer (square) or [height, width]; None → the default."""
+    if size is None:
+        return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if count(size):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(count(v) for v in size):
+        return int(size[0]), int(size[1])
+    raise UserError(f"{where} = {size!r}: must be an integer (square) or [height, width] of integers >= 1; set "
+                    f"image_size in {folder / SIDECAR}")
+
+
+def size_fields(height: int, width: int, image: bool = False) -> dict:
+    """The config fields of a sample (or, image=True, decoded-image) size: the square `resolution` /
+    `image_resolution` alias when height == width (every square model's config, as before), else `height` +
+    `width` / `image_height` + `image_width` (read back by twostep.model.sample_hw / image_hw)."""
+    h, w = int(height), int(width)
+    if h == w:
+        return {"image_resolution" if image else "resolution": h}
+    return {"image_height": h, "image_width": w} if image else {"height": h, "width": w}
 
 
 def save_sidecar(folder: Path, config: dict):

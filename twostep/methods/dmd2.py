@@ -57,7 +57,7 @@ class DMD2Critic(nn.Module):
 
     def __init__(self, teacher, d):
         super().__init__()
-        self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.fake = copy.deepcopy(teacher).float().requires_grad_(True).train()  # fp32 master weights
         # Discriminator keeps its extractor unregistered; here the extractor is `self.fake` (registered above),
         # so state_dict/parameters hold the fake score once and the heads once.
         self.gan = Discriminator.from_config(self.fake, d)

@@ -58,3 +58,14 @@ def alignment_report(images: torch.Tensor, labels: dict, net) -> dict[str, float
 def alignment(images: torch.Tensor, labels: dict, net) -> float:
     """Fraction of captioned objects whose shape, colour and size are all read correctly at their cell."""
     return alignment_report(images, labels, net)["alignment"]
+
+
+def alignment_counts(images: torch.Tensor, labels: dict, net) -> tuple[int, int]:
+    """(captioned objects read correctly, captioned objects): `alignment` is their ratio, so a streamed eval
+    sums the two counts over its batches and divides once (the same number as over all images at once)."""
+    _check(images, labels, net)
+    pred = net.predict(as_feature_input(images, net.resolution))
+    obj = labels["shape"] > 0
+    ok = (pred["shape"] == labels["shape"]) & (pred["colour"] == labels["colour"]) & \
+        (pred["size"] == labels["size"]) & obj
+    return int(ok.sum()), int(obj.sum())

@@ -1,11 +1,21 @@
 """Feature networks for the distribution metrics (FD / KID / diversity) and for prompt alignment.
 
-No Inception / CLIP weights exist offline, so each benchmark gets its own small CNN, trained on real data:
+Pretrained nets (the FID Inception-V3, CLIP, DINOv2: extractors.py) need weights a benchmark may not have, and
+know nothing of our 32² toy data, so each benchmark (and any folder dataset) gets its own small CNN, trained on
+real data; `extractors.load_extractor(FOLDER)` wraps one for FD/KID:
 
 - `shapes`: an attribute classifier. From one image it predicts, for each of the 9 grid cells, the shape
   (0 = empty, 1..4 = circle/square/triangle/cross), the colour (7) and the size (small/large) of the object
   there, and the background type (4). Colour and size are trained and scored only on non-empty cells.
 - `photos`: a source-photo classifier (which of the 6 scikit-image photographs a crop comes from).
+- a folder dataset (images + captions.jsonl, data/folder.py; `twostep metrics train --data FOLDER`): no labels
+  exist, so the net is trained by instance discrimination — SimCLR's NT-Xent loss (Chen et al. 2020,
+  temperature `CONTRASTIVE_T`) between two views of each image, through a 2-layer projection head that is
+  dropped at use. The views differ only by a horizontal flip and an integer translation of up to 1/8 of the
+  side (reflect-padded): no colour jitter, blur, resampling or noise, so nothing FD must see (colour casts,
+  blur, noise, lost detail) is trained away — telling images apart needs exactly those cues. Captions are not
+  used (they may be absent, repeated or uninformative). Held-out score: `retrieval`, the fraction of held-out
+  images whose first view's nearest neighbour (cosine) among all second views is its own (chance 1/N).
 
 Architecture (details in `FeatureNet`): a small VGG-style trunk of 3×3 conv + BatchNorm + ReLU at 32² and 16².
 shapes pools the 16² map into the 3×3 grid cells and reads each cell with shared weights; photos adds two
@@ -42,10 +52,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import COUNT, POSITIVE, SEED, Rule, add_config_flags, choice, load_flagged_config, opt, to_dict
+from ..config import COUNT, POSITIVE, SEED, Rule, add_config_flags, at_least, load_flagged_config, opt, to_dict
 from ..data import get_dataset
 from ..errors import NonFiniteWeights, UserError
-from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
+from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts, sha256_file
 from ..io.folders import NAMES, claim_output, require_complete, write_status
 from ..io.folders import progress as run_progress
 
@@ -55,6 +65,9 @@ SHAPES_HEADS = {"shape": 5, "colour": 7, "size": 2}   # per cell
 NUM_BACKGROUNDS = 4
 NUM_SOURCES = 6
 FORMAT = "twostep-features-v1"
+BUILTIN_DATA = ("shapes", "photos")
+PROJ_DIM = 128          # output of the contrastive projection head (folder nets)
+CONTRASTIVE_T = 0.2     # NT-Xent temperature (SimCLR's range is 0.1-0.5)
 
 
 def _heads_for(data: str) -> dict[str, int]:
@@ -64,7 +77,9 @@ def _heads_for(data: str) -> dict[str, int]:
         return out
     if data == "photos":
         return {"source": NUM_SOURCES}
-    raise UserError(f"feature net: unknown benchmark {data!r}; use 'shapes' or 'photos'")
+    if data == "folder":
+        return {"projection (contrastive)": PROJ_DIM}
+    raise UserError(f"feature net: unknown benchmark {data!r}; use 'shapes', 'photos' or 'folder'")
 
 
 class FeatureNet(nn.Module):
@@ -79,6 +94,8 @@ class FeatureNet(nn.Module):
     (num_features = 9·cell_dim + global_dim).
     photos: two more layers (4w at 8²), global average + max pooling, a linear layer to `num_features` (ReLU)
     = the embedding, and a linear source head.
+    folder: as photos (at any resolution that is a multiple of 8: the tail works at resolution/4), with a
+    projection head Linear-ReLU-Linear to PROJ_DIM for the contrastive loss instead of a classifier.
     """
 
     def __init__(self, data: str = "shapes", width: int = 32, num_features: int = 256, resolution: int = 32,
@@ -112,7 +129,11 @@ class FeatureNet(nn.Module):
             self.cell_dim = 0
             self.tail = nn.Sequential(*block(4 * w, 4 * w, 2), *block(4 * w, 4 * w))   # 8²
             self.embed = nn.Sequential(nn.Linear(8 * w, int(num_features)), nn.ReLU(inplace=True))
-            self.src_head = nn.Linear(int(num_features), NUM_SOURCES)
+            if data == "folder":
+                self.proj_head = nn.Sequential(nn.Linear(int(num_features), int(num_features)), nn.ReLU(inplace=True),
+                                               nn.Linear(int(num_features), PROJ_DIM))
+            else:
+                self.src_head = nn.Linear(int(num_features), NUM_SOURCES)
         self.num_features = int(num_features)
         # One global factor fixed after training so the embedding has RMS 1 on real training images: FD/KID
         # then have a scale independent of training details (KID's cubic kernel needs xᵀy/d ≈ O(1)).
@@ -137,6 +158,8 @@ class FeatureNet(nn.Module):
         f = self.features(images)
         if self.data == "photos":
             return {"source": self.src_head(f / self.feature_scale)}
+        if self.data == "folder":
+            return {"projection": self.proj_head(f / self.feature_scale)}
         f = f / self.feature_scale
         cells = f[:, :NUM_CELLS * self.cell_dim].view(len(f), NUM_CELLS, self.cell_dim)
         y = self.cell_head(cells)
@@ -183,13 +206,49 @@ def _loss(net: FeatureNet, logits: dict, labels: dict) -> torch.Tensor:
     return loss + F.cross_entropy(logits["background"], labels["background"])
 
 
-def accuracy(net: FeatureNet, images: torch.Tensor, labels: dict) -> dict[str, float]:
+def _views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One random view per image for the contrastive objective: a horizontal flip (p = 1/2) and an integer
+    translation of up to side/8 pixels with reflect padding — no resampling, colour change, blur or noise."""
+    n, c, h, w = x.shape
+    py, px = max(1, h // 8), max(1, w // 8)
+    flip = torch.rand(n, generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    xp = F.pad(x, (px, px, py, py), mode="reflect")
+    dy = torch.randint(0, 2 * py + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * px + 1, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = CONTRASTIVE_T) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1): each of the 2n views must pick its partner among the other
+    2n − 1 by cosine similarity / temperature (cross-entropy, mean over the 2n views)."""
+    n = len(z1)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.t() / temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def retrieval_accuracy(net: FeatureNet, images: torch.Tensor, seed: int = 0) -> float:
+    """Fraction of images whose first view's nearest embedding (cosine) among all second views is its own view
+    (views by `_views` with a generator seeded `seed`; chance = 1 / len(images))."""
+    g = torch.Generator().manual_seed(seed)
+    e1 = F.normalize(net.embed_images(_views(images, g)), dim=1)
+    e2 = F.normalize(net.embed_images(_views(images, g)), dim=1)
+    return (e1 @ e2.t()).argmax(1).eq(torch.arange(len(images))).float().mean().item()
+
+
+def accuracy(net: FeatureNet, images: torch.Tensor, labels: dict | None) -> dict[str, float]:
     """Held-out accuracy per attribute.
 
     shapes: `shape` = shape class correct, over non-empty cells; `empty` = empty-vs-object correct, over all
     cells; `colour`, `size` = over non-empty cells; `background` = per image; `object` = shape, colour and size
-    all correct, over non-empty cells. photos: `source` = per image.
+    all correct, over non-empty cells. photos: `source` = per image. folder: `retrieval` (retrieval_accuracy).
     """
+    if net.data == "folder":
+        return {"retrieval": retrieval_accuracy(net, images)}
     pred = net.predict(images)
     if net.data == "photos":
         return {"source": (pred["source"] == labels["source"]).float().mean().item()}
@@ -230,10 +289,12 @@ def _from_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class FeatureTrainConfig:
     """`twostep metrics train` / `python -m twostep.metrics.features` (YAML --config, --set key=value, or the
     commands' flags); the resolved config is saved as train_config.json in the folder."""
-    data: str = choice("shapes", ["shapes", "photos"], "the benchmark whose feature net this is")
+    data: str = opt("shapes", "shapes | photos | a folder with captions.jsonl (its images, trained by instance "
+                    "discrimination; captions unused): the data whose feature net this is")
     minutes: float = opt(5.0, "training wall time (excluding data generation)", range=POSITIVE)
-    num_train: int = opt(20000, "size of the training pool", range=COUNT)
-    num_test: int = opt(2000, "held-out split='test' images the accuracy is measured on", range=COUNT)
+    num_train: int = opt(20000, "size of the training pool (a folder: at most this many of its images)", range=COUNT)
+    num_test: int = opt(2000, "held-out split='test' images the accuracy is measured on (a folder: at most this many "
+                        "and at most 1/10 of its distinct images, set aside before training)", range=COUNT)
     batch_size: int = opt(64, "images per Adam update", range=COUNT)
     lr: float = opt(2e-3, "peak Adam learning rate (3% linear warm-up, then cosine to 0 over the budget)",
                      range=POSITIVE)
@@ -241,38 +302,80 @@ class FeatureTrainConfig:
     num_features: int = opt(256, "size of the embedding FD/KID use (shapes: at least 9 cells × 24 + 4 = 220)",
                                range=COUNT)
     seed: int = opt(0, "seed of the pool, the held-out images, the weights and the batches", range=SEED)
+    resolution: int = opt(32, "image side the net sees, a multiple of 8 (a folder's images are centre-cropped and "
+                          "resized to it on loading; shapes and photos are 32)", range=at_least(8))
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         Rule(("data", "num_features"), lambda c: c.data != "shapes" or c.num_features >= NUM_CELLS * CELL_DIM + 4,
              f"a shapes feature net needs num_features >= {NUM_CELLS * CELL_DIM + 4} (9 cells x {CELL_DIM} + 4)"),
+        Rule(("resolution",), lambda c: c.resolution % 8 == 0, "use a multiple of 8, e.g. 32 or 64"),
+        Rule(("data", "resolution"), lambda c: c.data not in BUILTIN_DATA or c.resolution == 32,
+             "shapes and photos feature nets are 32x32 (the benchmarks' images); drop resolution"),
     )
 
 
-FLAGS = ("data", "minutes", "num_train", "batch_size", "lr", "width", "num_features", "seed")  # the module's own CLI
+# the module's own CLI (and `twostep metrics train`)
+FLAGS = ("data", "minutes", "num_train", "batch_size", "lr", "width", "num_features", "seed", "resolution")
+
+
+def _folder_pools(cfg: FeatureTrainConfig, progress: bool):
+    """A folder dataset's distinct images (by file name; several captions of one image are one instance),
+    split by a permutation seeded `cfg.seed`: the first n_test held out, the next up to num_train trained on."""
+    ds = get_dataset(cfg.data, cfg.resolution)
+    first: dict[str, int] = {}
+    for i, name in enumerate(ds.file_names):
+        first.setdefault(name, i)
+    uniq = torch.tensor(sorted(first.values()), dtype=torch.long)
+    n = len(uniq)
+    n_test = min(cfg.num_test, max(2, n // 10))
+    if n - n_test < 2:
+        raise UserError(f"--data {cfg.data}: {n} distinct images; a folder feature net needs at least 4 (2 held out "
+                        "for its score, 2 to train on); add images")
+    perm = uniq[torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))]
+    test, train = perm[:n_test], perm[n_test:n_test + cfg.num_train]
+    if progress:
+        print(f"[features] {cfg.data}: {n} distinct images, {len(train)} to train on, {n_test} held out",
+              file=sys.stderr, flush=True)
+    info = {"path": str(Path(cfg.data).resolve()), "distinct_images": n, "captions_sha256":
+            sha256_file(ds.captions_file), "num_train": len(train), "num_heldout": n_test}
+    return ds, ds.images(train), ds.images(test), info
 
 
 def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True, command: str | None = None) -> dict:
-    """Train the feature network of `cfg.data` ('shapes' | 'photos') for `cfg.minutes` of wall time (data
-    generation not included), evaluate on `cfg.num_test` held-out `split="test"` images and write
-    `out/train_config.json`, `out/model.safetensors` and `out/config.json` (last). Returns the config.json dict
-    (with `heldout_accuracy`).
+    """Train the feature network of `cfg.data` ('shapes' | 'photos' | a folder dataset) for `cfg.minutes` of wall
+    time (data generation not included), evaluate on `cfg.num_test` held-out images (`split="test"`; a folder:
+    images set aside before training) and write `out/train_config.json`, `out/model.safetensors` and
+    `out/config.json` (last). Returns the config.json dict (with `heldout_accuracy`).
 
     Adam with a time-based schedule: linear warm-up over the first 3% of the budget, then cosine decay to 0.
+    shapes / photos: cross-entropy of their labels; a folder: NT-Xent between two views (module docstring).
     """
     data, minutes, num_train, seed, batch_size, lr = (cfg.data, cfg.minutes, cfg.num_train, cfg.seed,
                                                       cfg.batch_size, cfg.lr)
     out = Path(out)
-    claim_output(out, "features")  # before any work: new or empty (never a teacher, a run, a cache, a file ...)
+    folder = data not in BUILTIN_DATA
+    if folder and not Path(data).is_dir():
+        raise UserError(f"--data {data!r}: not 'shapes', 'photos' or an existing folder with captions.jsonl")
+    inputs = {"--data": Path(data)} if folder else None   # never into (or around) the dataset folder
+    claim_output(out, "features", inputs=inputs)  # before any work: new or empty (never a teacher, a run, ...)
     t_start = time.time()
     torch.manual_seed(seed)
-    ds = get_dataset(data)
-    if progress:
-        print(f"[features] generating {num_train} training images of {data} ...", file=sys.stderr, flush=True)
-    tr = ds.sample(num_train, seed=seed, split="train")
-    te = ds.sample(cfg.num_test, seed=seed, split="test")
+    dataset_info = None
+    if folder:
+        ds, tr_images, te_images, dataset_info = _folder_pools(cfg, progress)
+        tr_labels = te_labels = None
+        num_train = len(tr_images)
+    else:
+        ds = get_dataset(data)
+        if progress:
+            print(f"[features] generating {num_train} training images of {data} ...", file=sys.stderr, flush=True)
+        tr = ds.sample(num_train, seed=seed, split="train")
+        te = ds.sample(cfg.num_test, seed=seed, split="test")
+        tr_images, tr_labels, te_images, te_labels = tr.images, tr.labels, te.images, te.labels
     t_data = time.time() - t_start
 
-    net = FeatureNet(data, width=cfg.width, num_features=cfg.num_features, resolution=tr.images.shape[-1])
+    net = FeatureNet("folder" if folder else data, width=cfg.width, num_features=cfg.num_features,
+                     resolution=tr_images.shape[-1])
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     budget = minutes * 60.0
@@ -288,10 +391,16 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
         scale = frac / warm if frac < warm else 0.5 * (1 + math.cos(math.pi * (frac - warm) / (1 - warm)))
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        idx = torch.randint(0, num_train, (batch_size,), generator=g)
-        x = _augment(data, tr.images[idx], g)
-        labels = {k: v[idx] for k, v in tr.labels.items()}
-        loss = _loss(net, net(x), labels)
+        if folder:   # distinct images in a batch (a repeat would be a false negative of the contrastive loss)
+            idx = torch.randperm(num_train, generator=g)[:batch_size]
+            x = tr_images[idx]
+            v1, v2 = _views(x, g), _views(x, g)
+            loss = nt_xent(net(v1)["projection"], net(v2)["projection"])
+        else:
+            idx = torch.randint(0, num_train, (batch_size,), generator=g)
+            x = _augment(data, tr_images[idx], g)
+            labels = {k: v[idx] for k, v in tr_labels.items()}
+            loss = _loss(net, net(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -305,7 +414,7 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
     net.eval()
     with torch.no_grad():
         net.feature_scale.fill_(1.0)
-        f = net.embed_images(tr.images[:2000])
+        f = net.embed_images(tr_images[:2000])
         net.feature_scale.fill_(float(f.pow(2).mean().rsqrt()))
     # Weights are stored as float16 (keeps the committed folders small); evaluate the rounded weights so the
     # recorded accuracy is exactly that of the saved model.
@@ -316,7 +425,7 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
                                f"saved: lower --lr (now {lr:g}) and train again", bad)
     net.load_state_dict(_from_storage(sd16))
     net.eval()
-    acc = accuracy(net, te.images, te.labels)
+    acc = accuracy(net, te_images, te_labels)
     if progress:
         print(f"[features] {data}: {step} steps, held-out accuracy " +
               ", ".join(f"{k} {v:.4f}" for k, v in acc.items()), file=sys.stderr, flush=True)
@@ -326,11 +435,18 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
         "data_version": getattr(ds, "version", None),  # shapes v1/v2 (twostep/data/shapes.py); evaluation checks it
         "heads": net.head_sizes,
         "heldout_accuracy": {k: round(v, 5) for k, v in acc.items()},
-        "heldout": {"split": "test", "seed": seed, "num": cfg.num_test},
+        "heldout": ({"split": "test", "seed": seed, "num": cfg.num_test} if not folder else
+                    {"split": "set aside before training (first of a seeded permutation of the distinct images)",
+                     "seed": seed, "num": len(te_images)}),
+        **({"dataset": dataset_info} if folder else {}),
         "train": {"num_train": num_train, "batch_size": batch_size, "lr": lr, "optimizer": "Adam",
                   "schedule": "3% linear warm-up then cosine to 0 over the time budget", "minutes": minutes,
                   "steps": step, "images_seen": seen, "seed": seed,
-                  "augment": "random horizontal flip" if data == "photos" else "none",
+                  **({"objective": f"NT-Xent (SimCLR), temperature {CONTRASTIVE_T}, two views per image"}
+                     if folder else {}),
+                  "augment": ("random horizontal flip" if data == "photos" else
+                              "two views: random horizontal flip + integer translation up to side/8 (reflect)"
+                              if folder else "none"),
                   "data_seconds": round(t_data, 1), "train_seconds": round(train_s, 1),
                   "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
                   "threads": torch.get_num_threads()},
@@ -346,7 +462,7 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
         atomic_write_text(tmp / "config.json", json.dumps(record, indent=1) + "\n")
         write_status(tmp, "features", {"data": data, "arch": net.config(), "seed": seed}, True,
                      run_progress(step, step, "updates"))
-        if claim_output(out, "features").kind is not None:  # empty (or a half folder of an older version)
+        if claim_output(out, "features", inputs=inputs).kind is not None:  # empty (or a half folder of an older version)
             shutil.rmtree(out)
         elif out.exists():
             out.rmdir()
@@ -364,12 +480,14 @@ def _weights_arch(sd: dict[str, torch.Tensor]) -> dict:
         got["data"] = "shapes"
     elif "src_head.weight" in sd:
         got["data"] = "photos"
+    elif "proj_head.2.weight" in sd:
+        got["data"] = "folder"
     if "trunk.0.weight" in sd:
         got["width"] = int(sd["trunk.0.weight"].shape[0])
     if got.get("data") == "shapes" and "cell_mlp.2.weight" in sd and "global_mlp.0.weight" in sd:
         got["cell_dim"] = int(sd["cell_mlp.2.weight"].shape[0])
         got["num_features"] = NUM_CELLS * got["cell_dim"] + int(sd["global_mlp.0.weight"].shape[0])
-    elif got.get("data") == "photos" and "embed.0.weight" in sd:
+    elif got.get("data") in ("photos", "folder") and "embed.0.weight" in sd:
         got["num_features"] = int(sd["embed.0.weight"].shape[0])
     return got
 
@@ -380,9 +498,9 @@ def load_feature_net(folder: Path | str) -> FeatureNet:
     st = require_complete(folder, "feature net")
     if st.kind not in (None, "features", "other", "file"):
         raise UserError(f"{folder}: holds a {NAMES[st.kind]}, not a feature net; pass a feature-net folder (e.g. "
-                        "models/features-shapes), or train one with `twostep metrics train --data shapes|photos "
+                        "models/features-shapes), or train one with `twostep metrics train --data shapes|photos|FOLDER "
                         "--out NEW_FOLDER`")
-    hint = ("re-create it with `twostep metrics train --data shapes|photos --out "
+    hint = ("re-create it with `twostep metrics train --data shapes|photos|FOLDER --out "
             f"{folder if st.kind is None else 'NEW_FOLDER'}`")
     if not folder.is_dir():
         raise UserError(f"{folder}: feature-net folder does not exist; {hint}")
@@ -401,8 +519,8 @@ def load_feature_net(folder: Path | str) -> FeatureNet:
         raise UserError(f"{cfg_path}: not a valid feature-net config (format {cfg.get('format')!r}, expected "
                         f"{FORMAT!r}); {hint}")
     arch = {"resolution": 32, "cell_dim": 24, **cfg["arch"]}
-    if arch.get("data") not in ("shapes", "photos"):
-        raise UserError(f"{cfg_path}: arch.data {arch.get('data')!r} must be 'shapes' or 'photos'; {hint}")
+    if arch.get("data") not in ("shapes", "photos", "folder"):
+        raise UserError(f"{cfg_path}: arch.data {arch.get('data')!r} must be 'shapes', 'photos' or 'folder'; {hint}")
     mins = {"width": 1, "num_features": 1, "resolution": 8, "cell_dim": 1 if arch["data"] == "shapes" else 0}
     for k, lo in mins.items():
         if k not in arch or not isinstance(arch[k], int) or isinstance(arch[k], bool) or arch[k] < lo:

@@ -17,9 +17,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     if not torch.is_tensor(a) or not torch.is_tensor(b) or a.shape != b.shape or a.dim() < 2:
         raise UserError(f"psnr: expected two image tensors of equal shape [N, ...], got "
                         f"{tuple(a.shape) if torch.is_tensor(a) else a!r} and {tuple(b.shape) if torch.is_tensor(b) else b!r}")
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    vals = [math.inf if m == 0 else 10 * math.log10(4.0 / m) for m in mse.tolist()]
+    vals = psnr_values(a, b)
     return sum(vals) / len(vals)
+
+
+def psnr_values(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """The per-image PSNRs (dB) that `psnr` averages, in order: a streamed eval sums them batch by batch."""
+    mse = (a.detach().cpu().double() - b.detach().cpu().double()).pow(2).flatten(1).mean(1)
+    return [math.inf if m == 0 else 10 * math.log10(4.0 / m) for m in mse.tolist()]
 
 
 def diversity(images: torch.Tensor, group_ids, net=None, space: str = "features") -> float:
@@ -42,6 +47,15 @@ def diversity(images: torch.Tensor, group_ids, net=None, space: str = "features"
         emb = images.detach().cpu().double().flatten(1) / math.sqrt(images[0].numel())
     else:
         raise UserError(f"diversity: space {space!r} is not 'features' or 'pixels'")
+    return feature_diversity(emb, group_ids)
+
+
+def feature_diversity(emb: torch.Tensor, group_ids) -> float:
+    """`diversity` from embeddings already computed ([N, D], one row per image; e.g. an extractor's features
+    of a streamed eval): the mean over prompts with >= 2 samples of their mean pairwise L2 distance."""
+    if len(group_ids) != len(emb):
+        raise UserError(f"diversity: {len(emb)} embeddings but {len(group_ids)} group ids")
+    emb = emb.double()
     groups = defaultdict(list)
     for i, gid in enumerate(group_ids):
         groups[gid.item() if torch.is_tensor(gid) else gid].append(i)

@@ -47,14 +47,14 @@ def _load(folder: Path, name: str, fn):
                         "from the original pipeline")
 
 
-def load_pipeline_backbone(folder: Path):
-    """The transformer only, wrapped by the ordinary ZImageBackbone adapter (float32, frozen)."""
+def load_pipeline_backbone(folder: Path, dtype: torch.dtype = torch.float32):
+    """The transformer only, read in `dtype` and wrapped by the ordinary ZImageBackbone adapter."""
     from diffusers import ZImageTransformer2DModel
 
     _quiet()
     folder = Path(folder)
     tr = _load(folder, "transformer", lambda: ZImageTransformer2DModel.from_pretrained(
-        str(folder), subfolder="transformer", dtype=torch.float32, use_safetensors=True))
+        str(folder), subfolder="transformer", dtype=dtype, use_safetensors=True))
     return ZImageBackbone(tr)
 
 
@@ -68,6 +68,15 @@ class PipelineParts:
         self.text_pipe = None   # a ZImagePipeline holding tokenizer, text_encoder and scheduler only
         self.vae = None
         self._null: torch.Tensor | None = None
+        self.device, self.dtype = torch.device("cpu"), torch.float32  # of the text encoder (place)
+
+    def place(self, device, dtype=torch.float32):
+        """Run the text encoder on `device` in `dtype` (loaded there at first use, or moved now); the features
+        `encode` returns stay float32 on the CPU."""
+        self.device, self.dtype = torch.device(device), dtype
+        self._null = None
+        if self.text_pipe is not None:
+            self.text_pipe.text_encoder.to(self.device, self.dtype)
 
     @property
     def loaded(self) -> set[str]:
@@ -79,7 +88,9 @@ class PipelineParts:
 
             _quiet()
             self.text_pipe = _load(self.folder, "text_encoder", lambda: ZImagePipeline.from_pretrained(
-                str(self.folder), transformer=None, vae=None, dtype=torch.float32, use_safetensors=True))
+                str(self.folder), transformer=None, vae=None, dtype=self.dtype, use_safetensors=True))
+            if self.device.type != "cpu":
+                self.text_pipe.text_encoder.to(self.device)
         return self.text_pipe
 
     def _vae(self):
@@ -123,8 +134,9 @@ class PipelineParts:
             z = latents[i:i + self.batch_size].to(vae.dtype) / sf + sh
             out.append(vae.decode(z, return_dict=False)[0].float().clamp(-1, 1))
         if not out:
-            r = int(self.config["image_resolution"])
-            return torch.zeros(0, 3, r, r)
+            c = self.config  # image_height/image_width of a non-square model, else the square image_resolution
+            h, w = (c["image_height"], c["image_width"]) if "image_height" in c else (c["image_resolution"],) * 2
+            return torch.zeros(0, 3, int(h), int(w))
         return torch.cat(out)
 
 

@@ -7,13 +7,16 @@ io, config, ema and below; nothing above (evaluate, export, cli) imports back.
 """
 
 from .batches import BatchSource, load_inputs, real_images
-from .distributed import accelerator, check_ranks_in_sync, clip_grads, shard_student, use_fsdp
+from .distributed import (accelerator, check_ranks_in_sync, clip_grads, frozen_dtype, materialize, shard_student,
+                          use_fsdp)
 from .loop import distill, parameter_counts
-from .state import apply_resumed_hparams, checkpoint, load_state, optimizers, rollback, student_lr
-from .steps import adapter_safe_checkpoint, critic_step, enable_grad_checkpointing, optimizer_step, student_step
+from .state import apply_resumed_hparams, checkpoint, checkpoint_bytes, load_state, optimizers, rollback, student_lr
+from .steps import (adapter_safe_checkpoint, critic_step, enable_grad_checkpointing, optimizer_step, split_batch,
+                    student_step, warmup_scale)
 from .viz import grid_inputs, loss_curves, write_grid
 
 __all__ = ["BatchSource", "accelerator", "adapter_safe_checkpoint", "apply_resumed_hparams", "check_ranks_in_sync",
-           "checkpoint", "clip_grads", "critic_step", "distill", "enable_grad_checkpointing", "grid_inputs",
-           "load_inputs", "load_state", "loss_curves", "optimizer_step", "optimizers", "parameter_counts", "real_images", "rollback",
-           "shard_student", "student_lr", "student_step", "use_fsdp", "write_grid"]
+           "checkpoint", "checkpoint_bytes", "clip_grads", "critic_step", "distill", "enable_grad_checkpointing",
+           "frozen_dtype", "grid_inputs", "load_inputs", "load_state", "loss_curves", "materialize", "optimizer_step",
+           "optimizers", "parameter_counts", "real_images", "rollback", "shard_student", "split_batch", "student_lr",
+           "student_step", "use_fsdp", "warmup_scale", "write_grid"]

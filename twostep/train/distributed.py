@@ -48,12 +48,23 @@ def all_ranks(acc, flag: bool) -> bool:
 
 
 def mean_over_ranks(acc, logs: dict) -> dict:
-    """Float log values averaged over processes (equal per-rank batches: the global-batch value of a mean loss)."""
-    keys = sorted(k for k, v in logs.items() if isinstance(v, float))
-    if world_size(acc) == 1 or not keys:
+    """Float log values averaged over processes (equal per-rank batches: the global-batch value of a mean loss).
+    A value some ranks do not log (LADD's mse_vs_teacher needs a step-2 sample in the rank's batch) is averaged over
+    the ranks that do: the ranks first agree on the keys, so every rank reduces the same tensor."""
+    if world_size(acc) == 1:
         return logs
-    vals = acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=acc.device), reduction="mean")
-    return {**logs, **{k: float(v) for k, v in zip(keys, vals.tolist())}}
+    import torch.distributed as dist  # loaded with torch; only multi-process runs get here
+
+    mine = sorted(k for k, v in logs.items() if isinstance(v, float))
+    every: list = [None] * acc.num_processes
+    dist.all_gather_object(every, mine)
+    keys = sorted(set().union(*every))
+    if not keys:
+        return logs
+    vals = torch.tensor([[logs.get(k, 0.0) if k in mine else 0.0 for k in keys],
+                         [float(k in mine) for k in keys]], dtype=torch.float64, device=acc.device)
+    tot = acc.reduce(vals, reduction="sum")
+    return {**logs, **{k: float(s / c) for k, s, c in zip(keys, tot[0].tolist(), tot[1].tolist())}}
 
 
 def rank_seed(seed: int, rank: int, update: int) -> int:
@@ -109,27 +120,79 @@ def use_fsdp(acc, cfg) -> bool:
     return want and acc.num_processes > 1
 
 
-def shard_student(acc, *students) -> int:
+def shard_student(acc, *students, mixed_precision: str = "no") -> int:
     """torch FSDP2 (`fully_shard`) over all processes: every ZImageTransformerBlock of each trainable transformer of
     each student (the training student and its EMA; `student.transformers()`), then the transformer itself
     (embedders, final layer, pad tokens), all resharded after forward. Parameters become DTensors sharded on dim 0;
-    FSDP all-gathers them per unit in forward/backward and reduce-scatters (averages) their gradients. Returns the
+    FSDP all-gathers them per unit in forward/backward and reduce-scatters (averages) their gradients.
+    `mixed_precision="bf16"` (train.mixed_precision): MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32),
+    the all-gathers in bf16 (half the traffic and the unsharded memory), gradients reduced in fp32 into the fp32
+    shards (master weights and AdamW state stay fp32). Call it on students built on the meta device
+    (student.trainable_copies_on_meta), then `materialize`: no process ever holds a whole copy. Returns the
     number of units."""
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock  # heavy, FSDP runs only
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision == "bf16" else MixedPrecisionPolicy())
     n = 0
     for st in students:
         for bb in st.transformers().values():
             for m in bb.transformer.modules():
                 if isinstance(m, ZImageTransformerBlock):
-                    fully_shard(m, mesh=mesh, reshard_after_forward=True)
+                    fully_shard(m, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
                     n += 1
-            fully_shard(bb.transformer, mesh=mesh, reshard_after_forward=True)
+            fully_shard(bb.transformer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
             n += 1
     return n
+
+
+def materialize(student, teacher, device) -> int:
+    """Storage on `device` for the trainable transformers a student (or its EMA) holds on the meta device
+    (student.trainable_copies_on_meta), filled with the frozen teacher's weights (a ZImageBackbone, read where it
+    is, one tensor at a time). Sharded (after shard_student): each process allocates and fills only its own shards.
+    Returns how many transformers were filled (0: nothing was on meta)."""
+    sd = teacher.transformer.state_dict()
+    n = 0
+    for bb in student.transformers().values():
+        if not any(p.device.type == "meta" for p in bb.parameters()):
+            continue
+        bb.to_empty(device=device)
+        own = bb.transformer.state_dict()
+        with torch.no_grad():
+            for k, v in sd.items():
+                _fill(own[k], v)
+        n += 1
+    return n
+
+
+def _fill(param, full: torch.Tensor) -> None:
+    """Copy `full` (a frozen teacher tensor, anywhere) into `param`, or into this process's shard of it: for
+    FSDP2's dim-0 sharding (torch.chunk: rank r holds rows [r·c, r·c + its length), c = ceil(rows / world)) a
+    narrowed view of `full` is copied, so nothing but the shard is ever allocated; other layouts via
+    distribute_tensor."""
+    if not is_dtensor(param):
+        param.copy_(full)
+        return
+    from torch.distributed.tensor import Shard  # see is_dtensor
+
+    local = param.to_local()
+    if tuple(param.placements) == (Shard(0),) and tuple(param.shape) == tuple(full.shape):
+        if local.numel():
+            c = -(-full.shape[0] // param.device_mesh.size())
+            local.copy_(full.narrow(0, param.device_mesh.get_local_rank() * c, local.shape[0]))
+        return
+    local.copy_(_shard_like(full, param).to_local())
+
+
+def frozen_dtype(cfg, device) -> torch.dtype:
+    """train.frozen_dtype resolved for the run's device: auto = bf16 on CUDA, fp32 elsewhere."""
+    v = cfg.train.frozen_dtype
+    if v == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[v]
 
 
 def is_dtensor(t) -> bool:
@@ -171,13 +234,21 @@ def _shard_like(full: torch.Tensor, like):
     return full
 
 
-def load_module(module, path: Path, fsdp: bool):
-    """A module's weights from a safetensors file of full tensors (each sharded like the module's under FSDP)."""
-    if not fsdp:
-        module.load_state_dict(load_tensors(path))
-        return
+def load_module(module, path: Path, fsdp: bool, prefix: str = "", strict: bool = True) -> list[str]:
+    """A module's weights from a safetensors file of full tensors (each sharded like the module's under FSDP);
+    the file's names are the module's state-dict names minus `prefix`. strict=False: the file may hold a part
+    of the module (a small checkpoint's trainable tensors); every name in it must still be the module's.
+    Returns the names it loaded."""
     like = module.state_dict()
-    module.load_state_dict(load_tensors(path, lambda k, t: _shard_like(t, like[k]) if k in like else t))
+    sd = load_tensors(path, (lambda k, t: _shard_like(t, like[prefix + k]) if prefix + k in like else t)
+                      if fsdp else None)
+    sd = {prefix + k: v for k, v in sd.items()}
+    unknown = [k for k in sd if k not in like]
+    if unknown:
+        raise UserError(f"{path}: holds {unknown[0]!r}, which this run's student does not have; the checkpoint "
+                        "is of another configuration (resume with the run's config.yaml)")
+    module.load_state_dict(sd, strict=strict)
+    return list(sd)
 
 
 def optim_transform(opt):

@@ -15,90 +15,131 @@ from pathlib import Path
 import torch
 
 from .. import faults
-from ..config import Config
-from ..errors import NonFiniteWeights
+from ..config import Config, to_dict
+from ..errors import NonFiniteWeights, UserError
 from ..ema import ema_decay, ema_update
 from ..io.files import tensors_sha256
 from ..methods import build_method
 from ..model import load_teacher, num_parameters
-from ..student import deepcopy_sharing_frozen, student_config
+from ..student import deepcopy_sharing_frozen, student_config, trainable_copies_on_meta
 from .batches import BatchSource, load_inputs, real_images
-from .distributed import accelerator, all_ranks, check_ranks_in_sync, mean_over_ranks, rank_seed, shard_student, use_fsdp
+from .distributed import (accelerator, all_ranks, check_ranks_in_sync, frozen_dtype, materialize, mean_over_ranks,
+                          rank_seed, shard_student, use_fsdp)
 from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, mark_run, optimizers,
                     resume_command, rollback, run_identity, saved_modules, start_run_folder)
-from .steps import critic_step, enable_grad_checkpointing, student_step
-from .viz import Progress, RunLog, at_chance, grid_inputs, log_record, loss_curves, write_grid
+from .steps import critic_step, enable_grad_checkpointing, split_batch, student_step, warmup_scale
+from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_tracker, eval_extractor, grid_inputs,
+                  log_record, quick_eval, training_rows, write_grid)
 
 
-def prepare_method(cfg: Config, teacher, device):
-    """The method (on `device`, set up with the teacher) and its checks of the teacher."""
-    method = build_method(cfg, teacher.backbone)
-    for m in method.modules().values():
+def prepare_method(cfg: Config, teacher, device, acc=None, fsdp: bool = False):
+    """(method, EMA of its student), on `device`, set up with the teacher, after the method's checks of it.
+
+    Built where nothing blows up (issue 17): the student's full / shared copies of the teacher on the meta device
+    (student.trainable_copies_on_meta), its EMA likewise, FSDP-sharded when `fsdp` (train.mixed_precision bf16:
+    bf16 all-gathers, fp32 reduce), then given storage on `device` from the teacher's weights (each process only
+    its shards); only then is the frozen teacher moved to `device`, in train.frozen_dtype (bf16 on CUDA), never
+    upcast. A lora student's frozen base is the teacher's own Parameters, so it follows."""
+    with trainable_copies_on_meta():
+        method = build_method(cfg, teacher.backbone)
+    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # EMA of a frozen weight = that weight
+    if fsdp:  # before the optimizers: fully_shard replaces the parameters by DTensor shards
+        units = shard_student(acc, method.student, ema, mixed_precision=cfg.train.mixed_precision)
+        acc.print(f"FSDP2: student and EMA sharded over {acc.num_processes} processes ({units} units)" +
+                  ("; parameters all-gathered in bf16, gradients reduced in fp32"
+                   if cfg.train.mixed_precision == "bf16" else ""))
+    for m in (method.student, ema):
+        materialize(m, teacher.backbone, device)
+    teacher.backbone.to(device=device, dtype=frozen_dtype(cfg, device))
+    shared = {p.data_ptr() for p in teacher.backbone.parameters()}
+    if any(p.data_ptr() not in shared for n, p in method.student.named_parameters()
+           if not p.requires_grad and "lora_" not in n and p.numel()):
+        raise RuntimeError("the lora student's frozen base is no longer the teacher's own weights after moving it "
+                           "(Module.to replaced the shared Parameters); this is a bug in the loop")
+    for m in (*method.modules().values(), ema):
         m.to(device)
     method.setup(teacher)
     method.check_teacher(teacher)
-    return method
+    return method, ema
 
 
 def parameter_counts(cfg, teacher_dir: Path) -> dict[str, int]:
     """What a distillation trains (`twostep distill --dry-run`): the frozen teacher's parameters and the
     trainable ones of the method's student and critic."""
     teacher = load_teacher(teacher_dir)
-    m = build_method(cfg, teacher.backbone)
+    with trainable_copies_on_meta():  # counted, never allocated
+        m = build_method(cfg, teacher.backbone)
     return {"teacher": num_parameters(teacher.backbone.parameters()),
             "student": num_parameters(m.student_parameters()), "critic": num_parameters(m.critic_parameters())}
 
 
 def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, verify_cache: bool = False) -> Path:
     out, t = Path(out), cfg.train
+    check_tracker(t.log_with)  # train.log_with's package (wandb is not a dependency), before any work
     acc = accelerator(cfg)
     fsdp = use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
-    teacher, cache = load_inputs(teacher_dir, cache_dir)
+    if t.batch_size % acc.num_processes:  # before anything is written (BatchSource would refuse it at update 1)
+        raise UserError(f"train.batch_size={t.batch_size} is the global batch (of each micro-batch, with "
+                        f"train.grad_accum) and must be divisible by the {acc.num_processes} processes")
+    # the teacher read in train.frozen_dtype (never a whole fp32 copy of a bf16 6B model per process); the cache lazy
+    teacher, cache = load_inputs(teacher_dir, cache_dir, verify=verify_cache, dtype=frozen_dtype(cfg, acc.device))
     identity = run_identity(cache)  # never --out = --teacher / --cache; a resume only of a run of these inputs
     ck, prev = check_run_folder(out, cfg, resume, identity, {"--teacher": teacher_dir, "--cache": cache_dir},
                                 teacher.config)
     torch.manual_seed(t.seed)
-    teacher.backbone.to(acc.device)  # every module on the accelerator's device; batches follow (BatchSource)
-    method = prepare_method(cfg, teacher, acc.device)
+    # every module on the accelerator's device (batches follow, BatchSource); the student and EMA built there
+    method, ema = prepare_method(cfg, teacher, acc.device, acc, fsdp)
     teacher_hash = tensors_sha256([teacher.backbone.state_dict()])
     if t.grad_checkpointing:
         enable_grad_checkpointing(method)
     needs = method.needs()
     src = BatchSource(cache, needs, cfg.student.sigma_mid, t.seed, real_images(cache, needs, t.seed),
-                      acc.process_index, acc.num_processes, acc.device)
+                      acc.process_index, acc.num_processes, acc.device, rows=training_rows(len(cache), t, prev))
+    quick = None  # train.eval_every: the held-out rows' quick FD (the main process scores; FSDP ranks run along)
+    if t.eval_every and (acc.is_main_process or fsdp):
+        quick = QuickFD(teacher, cache, range(src.rows, len(cache)),
+                        eval_extractor(t.eval_features, cache, acc.device) if acc.is_main_process else None,
+                        max(1, t.batch_size // acc.num_processes), acc.device, score=acc.is_main_process)
 
-    ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)  # EMA of a frozen weight = that weight
-    if fsdp:  # before the optimizers: fully_shard replaces the parameters by DTensor shards
-        units = shard_student(acc, method.student, ema)
-        acc.print(f"FSDP2: student and EMA sharded over {acc.num_processes} processes ({units} units)")
     s_params, c_params = method.student_parameters(), method.critic_parameters()
     opts = optimizers(cfg, s_params, c_params)
     opt_s, opt_c = opts["student"], opts.get("critic")
 
     update, records = 0, []
     if ck is not None:
-        meta = load_state(ck, method, ema, opts, fsdp)
+        meta = load_state(ck, method, ema, opts, fsdp, teacher_hash)
         update, records = meta["step"], meta.get("log", [])
         acc.print(f"resumed from {ck} at update {update}")
         apply_resumed_hparams(acc, opts, prev, cfg)
     start_run_folder(acc, out, cfg, identity, resume_command(teacher_dir, cache_dir, out), update)
-    scfg = {**student_config(teacher.config, cfg, Path(teacher_dir)), "cache": str(cache_dir)}
+    scfg = {**student_config(teacher.config, cfg, Path(teacher_dir)), "cache": str(cache_dir),
+            # lora: the frozen base is the teacher; checkpoints and the run folder point at it by this hash
+            **({"base_sha256": teacher_hash} if cfg.student.decoupling == "lora" else {})}
 
-    grids = grid_inputs(teacher, cache, acc.device)
+    grids = grid_inputs(teacher, cache, acc.device,  # the validation columns only where grids are drawn
+                        prompts=t.validation_prompts if acc.is_main_process or fsdp else ())
     bar = Progress(progress and acc.is_main_process, t, f"distill[{cfg.method}]", update, method.log_keys, acc.print)
     t_start = time.time()
-    log = RunLog(out / "log.jsonl", records, acc.is_main_process)
+    log = RunLog(out / "log.jsonl", records, acc.is_main_process,  # + train.log_with, loss_curves.png
+                 Trackers(t.log_with, out, to_dict(cfg), acc.is_main_process), method.log_keys)
     skipped = in_a_row = rollbacks = 0  # rollbacks: at most train.max_nonfinite, then the run gives up (state.rollback)
     warned_chance = False
     stopped = None  # why the run stopped before train.updates (a time budget: the run is complete)
+
+    def batch(update: int, sub: int):
+        """This rank's rows of the update's batch; train.grad_accum > 1: batch_size × grad_accum rows drawn as one
+        global batch, as that many micro-batches of batch_size rows (over all processes)."""
+        if t.grad_accum == 1:
+            return src.get(update, sub, t.batch_size)
+        return split_batch(src.get(update, sub, t.batch_size * t.grad_accum), t.grad_accum)
 
     def critic_updates(update: int, subs, logs: dict) -> int:
         """Critic updates on the batches (update, sub) for each sub; returns how many were skipped."""
         n = 0
         with acc.autocast():
             for sub in subs:
-                clogs = critic_step(method, opt_c, c_params, src.get(update, sub, t.batch_size), t.grad_clip, acc)
+                clogs = critic_step(method, opt_c, c_params, batch(update, sub), t.grad_clip, acc)
                 n += clogs is None
                 logs.update(clogs or {})
         return n
@@ -125,7 +166,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         logs: dict = {}
         if opt_c is not None:
             skipped += critic_updates(update, range(1, 1 + t.d_updates), logs)
-        ok, slogs = student_step(method, opt_s, s_params, src.get(update, 0, t.batch_size), t.grad_clip, acc, fsdp)
+        ok, slogs = student_step(method, opt_s, s_params, batch(update, 0), t.grad_clip, acc, fsdp,
+                                 warmup_scale(update + 1, t.warmup))
         logs.update(slogs)
         if not ok:  # non-finite loss or gradient: skip the update, count it, roll back after too many in a row
             skipped += 1
@@ -156,8 +198,12 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             log.add(rec)
         bar.update(update, logs)
         if (acc.is_main_process or fsdp) and t.grid_every and (update % t.grid_every == 0 or update == t.updates):
-            write_grid(out / "grids" / f"grid-{update:06d}.png", grids, ema,  # FSDP: every rank runs the
-                       save=acc.is_main_process)                              # sharded EMA, rank 0 saves
+            image = write_grid(out / "grids" / f"grid-{update:06d}.png", grids, ema,  # FSDP: every rank runs
+                               save=acc.is_main_process)                      # the sharded EMA, rank 0 saves
+            if image is not None:
+                log.image("grid", image, update)
+        if t.eval_every and (update % t.eval_every == 0 or update == t.updates):
+            log.add(log_record(update, quick_eval(acc, quick, ema)))
         if t.checkpoint_every and update % t.checkpoint_every == 0 and update < t.updates:
             try:
                 checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
@@ -170,13 +216,11 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                 continue
             mark_run(acc, out, t.updates)
     bar.close()
-    log.close()
+    log.close()  # the final loss_curves.png; the tracker finishes
     checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
     check_ranks_in_sync(acc, out, list(saved_modules(method, ema).values()))
     if tensors_sha256([teacher.backbone.state_dict()]) != teacher_hash:  # the teacher never changes
         raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")
-    if acc.is_main_process:
-        loss_curves(log.records, method.log_keys, out / "loss_curves.png")
     # last: the completion marker (a run stopped by SIGINT or an error stays unfinished: status.json says so)
     mark_run(acc, out, t.updates, complete=update >= t.updates or (stopped is not None and update > 0),
              stopped=stopped)

@@ -2,7 +2,15 @@
 hyper-parameters on resume, checkpoints (write, load, roll back after non-finite updates) and the usable model.
 
 Checkpoints always hold full tensors, in the same format with or without FSDP (distributed.py gathers and
-shards them). Module files are named by `method.modules()` plus `ema`.
+shards them). Small checkpoints (issue 17; meta.json "format": 2), each trainable tensor once:
+    student.safetensors     the student's trainable tensors (lora: the adapters only; the frozen base is the
+                            teacher, which meta.json's `frozen_base` names by its weights hash)
+    ema/<stem>.safetensors  the EMA, in the run folder's model-file format (lora: adapters only); the run folder's
+                            model files are hard links to the newest checkpoint's (io.checkpoints.link_file), and a
+                            lora run folder's base.safetensors is written once per run (sampling.save_student)
+    critic.safetensors, optim_<name>.safetensors + optim.json, rng.safetensors, meta.json (last)
+A checkpoint without "format" (every module's whole state dict, `ema.safetensors`) still resumes.
+`checkpoint_bytes` computes what one costs, from the same selection, at any model size (the 6B in docs/sizing.md).
 """
 
 from __future__ import annotations
@@ -13,13 +21,18 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..backbones.zimage import ZImageBackbone
 from ..config import dump_config, to_dict
 from ..errors import NonFiniteWeights, UserError
-from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
+from ..io.checkpoints import latest_checkpoint, read_checkpoint, rng_state, write_checkpoint
 from ..io.files import atomic_write_text, nonfinite_parts, sha256_text
 from ..io.folders import CONFIG, IDENTITY_KEYS, claim_output, progress, read_status, twostep_command, write_status
+from ..methods import build_method
 from ..sampling import save_student
+from ..student import deepcopy_sharing_frozen
 from .distributed import all_ranks, full_optim_state, full_state, load_module, optim_transform
+
+CKPT_FORMAT = 2  # meta.json "format" of the small checkpoints (module docstring)
 
 
 def run_identity(cache) -> dict:
@@ -150,10 +163,50 @@ def saved_modules(method, ema) -> dict[str, torch.nn.Module]:
     return {"student": mods["student"], "ema": ema, **{k: m for k, m in mods.items() if k != "student"}}
 
 
-def load_state(ck: Path, method, ema, opts, fsdp: bool) -> dict:
-    """Modules and optimizer state from a checkpoint (full tensors; sharded on load under FSDP); returns its meta."""
-    for name, m in saved_modules(method, ema).items():
-        load_module(m, ck / f"{name}.safetensors", fsdp)
+def checkpoint_files(method, ema, states: dict, update: int) -> tuple[dict, dict]:
+    """(files, metadata) of a checkpoint: {name: state dict} as write_checkpoint takes them, from the modules'
+    (full) state dicts `states` (saved_modules' names). The one selection of what a checkpoint holds (module
+    docstring), used by `checkpoint` and by `checkpoint_bytes`."""
+    st = method.student
+    files = {"student": st.trainable_state(states["student"])}
+    meta = {}
+    for stem, sd in ema.export_state(states["ema"]).items():
+        if stem not in st.FROZEN_STEMS[st.decoupling]:
+            files[f"ema/{stem}"] = sd
+            meta[f"ema/{stem}"] = {"updates": update}  # the run folder's stamp: its files are links to these
+    files.update({k: v for k, v in states.items() if k not in ("student", "ema")})
+    return files, meta
+
+
+def load_state(ck: Path, method, ema, opts, fsdp: bool, base_sha256: str | None = None) -> dict:
+    """Modules and optimizer state from a checkpoint (full tensors; sharded on load under FSDP); returns its meta.
+    `base_sha256`: the hash of this run's frozen teacher, which a small lora checkpoint's adapters were trained on
+    (refused when it names another)."""
+    meta = json.loads((ck / "meta.json").read_text())
+    mods = saved_modules(method, ema)
+    if meta.get("format", 1) < CKPT_FORMAT:  # whole state dicts, ema.safetensors
+        for name, m in mods.items():
+            load_module(m, ck / f"{name}.safetensors", fsdp)
+    else:
+        base = (meta.get("frozen_base") or {}).get("sha256")
+        if base and base_sha256 and base != base_sha256:
+            raise UserError(f"{ck}: its lora adapters were trained on a frozen base (teacher weights sha256 "
+                            f"{base[:12]}…) that is not this run's teacher ({base_sha256[:12]}…, in its "
+                            "train.frozen_dtype); resume with the run's --teacher and train.frozen_dtype")
+        st = method.student
+        want = set(st.trainable_state(st.state_dict()))
+        got = set(load_module(st, ck / "student.safetensors", fsdp, strict=False))
+        got_ema = set()
+        for f in sorted((ck / "ema").glob("*.safetensors")):
+            got_ema |= set(load_module(ema, f, fsdp, prefix=ema.stem_prefix(f.stem), strict=False))
+        for what, have in (("student.safetensors", got), ("ema/", got_ema)):
+            if have != want:
+                raise UserError(f"{ck / what}: holds {len(have & want)} of the {len(want)} trainable tensors of "
+                                "this run's student; the checkpoint is incomplete or of another configuration "
+                                "(resume with the run's config.yaml, or remove this checkpoint)")
+        for name, m in mods.items():
+            if name not in ("student", "ema"):
+                load_module(m, ck / f"{name}.safetensors", fsdp)
     tfs = {"student": optim_transform(opts["student"])} if fsdp else None
     return read_checkpoint(ck, opts, tfs)
 
@@ -185,9 +238,10 @@ def rollback(acc, out: Path, method, ema, opts, fsdp: bool = False, reason: str 
 
 def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: int, scfg: dict, fsdp: bool = False):
     """Rank 0 writes a checkpoint and the run folder's model files, always full tensors (under FSDP every rank
-    takes part in gathering them first), in the same format with or without FSDP. Everything saved must be
-    finite (student, EMA, critic: each state dict that is written, io.files.nonfinite_parts); otherwise nothing is
-    written and every rank raises NonFiniteWeights."""
+    takes part in gathering them first), in the same format with or without FSDP (module docstring: each
+    trainable tensor once; the run folder's model files linked to the checkpoint's EMA; a lora run's base by the
+    hash `scfg["base_sha256"]`). Everything saved must be finite (student, EMA, critic: each state dict that is
+    written, io.files.nonfinite_parts); otherwise nothing is written and every rank raises NonFiniteWeights."""
     acc.wait_for_everyone()
     main = acc.is_main_process
     mods = saved_modules(method, ema)
@@ -196,12 +250,54 @@ def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: 
         opt_state = {**opts, "student": full_optim_state(opts["student"], main)}
     elif main:
         states, opt_state = {k: m.state_dict() for k, m in mods.items()}, opts
-    bad = nonfinite_parts(states) if main else []
+    if main:
+        files, file_meta = checkpoint_files(method, ema, states, update)
+    bad = nonfinite_parts({k: v for k, v in files.items() if not k.startswith("ema/")} |
+                          {"ema": {f"{k}/{n}": t for k, sd in files.items() if k.startswith("ema/")
+                                   for n, t in sd.items()}}) if main else []
     if not all_ranks(acc, not bad):  # every rank takes the same branch (no rank left waiting in a collective)
         raise NonFiniteWeights(f"{out}: update {update}: NaN/inf weights in {', '.join(bad) or 'a module'}; not "
                                "saved (the run stays unfinished): lower train.lr_student / train.lr_disc or check "
                                "train.ema, then resume with --resume", bad)
     if not main:
         return
-    write_checkpoint(out / "checkpoints", states, {"step": update, "log": log}, keep=keep, optimizers=opt_state)
-    save_student(ema, {**scfg, "updates": update}, out, state=states["ema"])  # the usable model: EMA + config
+    meta = {"step": update, "log": log, "format": CKPT_FORMAT,
+            **({"frozen_base": {"sha256": scfg["base_sha256"]}} if scfg.get("base_sha256") else {})}
+    ck = write_checkpoint(out / "checkpoints", files, meta, keep=keep, optimizers=opt_state, metadata=file_meta)
+    # the usable model: the EMA (linked to the checkpoint's files) + config
+    save_student(ema, {**scfg, "updates": update}, out, state=states["ema"], linked=ck / "ema")
+
+
+def checkpoint_bytes(cfg, transformer_config: dict | None = None) -> dict[str, int]:
+    """Bytes of the tensors one checkpoint of a `cfg` run writes, by file (safetensors headers add a few kB), for
+    a teacher transformer of `transformer_config` (None: diffusers' ZImageTransformer2DModel defaults, which are
+    Z-Image-Turbo's 6.15 B transformer). Computed on the meta device (no memory) with the selection `checkpoint`
+    uses (checkpoint_files) and AdamW's state (exp_avg and exp_avg_sq like each parameter, a float32 `step`).
+    Also: `total`; `run_folder_once`, what the run folder adds once per run (a lora student's frozen base, in
+    train.frozen_dtype on CUDA); `previous_layout_total`, what a checkpoint plus its model files cost before
+    issue 17 (every module whole, the run folder's EMA copy rewritten each time)."""
+    def nbytes(sd):
+        return sum(v.numel() * v.element_size() for v in sd.values())
+
+    with torch.device("meta"):
+        teacher = ZImageBackbone.from_config(transformer_config or {}).requires_grad_(False)
+        method = build_method(cfg, teacher)
+        ema = deepcopy_sharing_frozen(method.student).requires_grad_(False)
+    mods = saved_modules(method, ema)
+    states = {k: m.state_dict() for k, m in mods.items()}
+    files, _ = checkpoint_files(method, ema, states, 0)
+    out = {k: nbytes(sd) for k, sd in files.items()}
+    sets = {"student": method.student_parameters(), "critic": method.critic_parameters()}
+    for name, params in sets.items():
+        if params:
+            out[f"optim_{name}"] = sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    out["rng"] = nbytes(rng_state())
+    out["total"] = sum(out.values())
+    frozen = method.student.FROZEN_STEMS[method.student.decoupling]
+    export = ema.export_state(states["ema"])
+    half = 2 if cfg.train.frozen_dtype != "fp32" else 4  # the frozen base's bytes per weight (bf16 on CUDA)
+    out["run_folder_once"] = sum(sum(v.numel() for v in export[s].values()) * half for s in frozen)
+    out["previous_layout_total"] = (sum(nbytes(sd) for sd in states.values()) + nbytes(
+        {f"{s}/{k}": v for s, sd in export.items() for k, v in sd.items()}) +
+        sum(v for k, v in out.items() if k.startswith("optim_") or k == "rng"))
+    return out
