@@ -5,6 +5,10 @@ ablations_<b>.png, and comparison.html (grids side by side for the same prompts 
 Everything is read from files, so it can be rerun any time (`run.py --summary-only`) and shows whatever the sweep
 has finished so far: a method without records is simply absent.
 
+Budget curves (run.py --eval-at): point records <benchmark>-<variant>-seed<k>-u<updates>.json give
+budget_curves.md (curves_table, with the decoupling rule of docs/decoupling_rule.md applied: decoupling_verdict)
+and budget_curves_<b>.png (plot_budget_curves).
+
 Files in the runs folder: <benchmark>-<variant>-seed<k>.json (record) and .png (student grid);
 <benchmark>-grids.json (prompts, noise seed and teacher of the benchmark's grids) with the reference grids
 <benchmark>-teacher-8step.png, <benchmark>-naive-2step-nocfg.png, <benchmark>-naive-2step-cfg.png.
@@ -272,6 +276,188 @@ def write_comparison_html(page: Path, records: list[dict], runs_dir: Path, plots
         benchmark_section(b, records, runs_dir, page, plots.get(b, [])) for b in benchmarks_of(records, runs_dir))
     style = ".grids{white-space:nowrap;overflow-x:auto}.grids figure{white-space:normal;max-width:300px}"
     atomic_write_text(page, html_page("twostep comparison sweep", body, style))
+
+
+# ---------------------------------------------------------------------------------------------------- budget curves
+# run.py --eval-at: a record per (benchmark, method, seed, update) point, runs/<stem>-u<k>.json, with "eval_at".
+
+SHARED, CURVE_REF = "ablate-shared", "turbopp"  # the decoupling rule compares these (docs/decoupling_rule.md)
+
+
+def load_points(runs_dir: Path, base: dict | None = None) -> list[dict]:
+    """Every budget-curve point record in runs_dir (those with "eval_at"), with the batch / cache / eval `base`."""
+    return [r for r in load_records(runs_dir, base) if "eval_at" in r]
+
+
+def noise_floors(gap_dir: Path, num: int | None) -> dict[str, float]:
+    """{benchmark: the eval's own noise}: the std over eval seeds of one fixed model's FD, the teacher's 8-step, at
+    this eval size (teacher-gap records; benchmarks/teacher_gap.py); a benchmark with < 2 such seeds has none."""
+    out = {}
+    for (b, setting), rs in load_gap(gap_dir, num).items():
+        if setting == "teacher-8step" and len(rs) > 1:
+            out[b] = statistics.stdev(r["fd"] for r in rs)
+    return out
+
+
+def _fd_at(points, benchmark, method, k) -> dict[int, float]:
+    return {r["seed"]: r["fd"] for r in points
+            if r["benchmark"] == benchmark and r["method"] == method and r["updates"] == k}
+
+
+def paired(points, benchmark, method, ref, k) -> dict | None:
+    """FD(method) − FD(ref) at update k over the seeds both have: {"n", "mean", "std" (n − 1), "diffs"}."""
+    a, b = _fd_at(points, benchmark, method, k), _fd_at(points, benchmark, ref, k)
+    d = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if not d:
+        return None
+    return {"n": len(d), "mean": statistics.mean(d), "std": statistics.stdev(d) if len(d) > 1 else 0.0, "diffs": d}
+
+
+def beyond_noise(p: dict | None, floor: float | None) -> str:
+    """"lower" / "higher" when a paired difference's mean is beyond max(one std of the per-seed differences, the
+    eval's noise floor) below / above 0, "within noise" otherwise, "too few seeds" with < 2 paired seeds or no floor
+    (docs/decoupling_rule.md)."""
+    if p is None or p["n"] < 2 or floor is None:
+        return "too few seeds"
+    noise = max(p["std"], floor)
+    return "lower" if p["mean"] < -noise else "higher" if p["mean"] > noise else "within noise"
+
+
+def decoupling_verdict(points: list[dict], floors: dict, at: int = 2000, benchmarks=("shapes", "photos")) -> dict:
+    """The pre-registered rule (docs/decoupling_rule.md): the default becomes `shared` only if shared − full FD at
+    `at` updates is below 0 beyond noise on every benchmark; otherwise `full` stays. {"default", "why",
+    "benchmarks": {b: paired stats + "outcome" + "floor"}}."""
+    per = {}
+    for b in benchmarks:
+        p = paired(points, b, SHARED, CURVE_REF, at)
+        per[b] = {**(p or {"n": 0}), "floor": floors.get(b), "outcome": beyond_noise(p, floors.get(b))}
+    if any(v["outcome"] == "too few seeds" for v in per.values()):
+        default, why = "full", "undecided (fewer than 2 paired seeds or no noise floor on a benchmark): full stays"
+    elif all(v["outcome"] == "lower" for v in per.values()):
+        default, why = "shared", "shared − full < 0 beyond noise on every benchmark"
+    else:
+        default, why = "full", "shared is not better beyond noise on every benchmark"
+    return {"default": default, "why": why, "at": at, "benchmarks": per}
+
+
+def _ms_n(vals, n_row) -> str:
+    cell = ms(vals)
+    return cell if len(vals) in (0, n_row) else f"{cell} (n={len(vals)})"
+
+
+def curves_table(points: list[dict], floors: dict, note: str = "") -> str:
+    """budget_curves.md: per benchmark, FD mean ± std over seeds per method per budget with the single-stream
+    training seconds at the last one; the paired Δ vs turbopp per budget (bold: beyond noise); at each budget the
+    best mean and whether it is ahead of the runner-up beyond noise; the decoupling rule at the last budget."""
+    budgets = sorted({r["updates"] for r in points})
+    out = []
+    for b in sorted({r["benchmark"] for r in points}):
+        pts = [r for r in points if r["benchmark"] == b]
+        methods = sorted({r["method"] for r in pts}, key=lambda m: (m != CURVE_REF, m != SHARED, m))
+        out += [f"### {b}", "", "| method | seeds | " + " | ".join(f"FD @{k}" for k in budgets) +
+                f" | train s @{budgets[-1]} (single-stream) |", "|---|---|" + "---|" * (len(budgets) + 1)]
+        for m in methods:
+            rs = [r for r in pts if r["method"] == m]
+            n = len({r["seed"] for r in rs})
+            cells = [_ms_n([r["fd"] for r in rs if r["updates"] == k], n) for k in budgets]
+            secs = _ms_n([r["train_s_single"] for r in rs if r["updates"] == budgets[-1]], n)
+            out.append(f"| {m} | {n} | " + " | ".join(cells) + f" | {secs} |")
+        floor = floors.get(b)
+        others = [m for m in methods if m != CURVE_REF]
+        out += [] if not others else [
+                "", f"FD − {CURVE_REF} at the same seed (mean ± std over seeds; **bold**: beyond noise, i.e. beyond "
+                f"one std of the per-seed differences and beyond the eval's noise floor "
+                f"{'—' if floor is None else f'{floor:.3g}'}):", "",
+                "| method | " + " | ".join(f"Δ @{k}" for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for m in others:
+            cells = []
+            for k in budgets:
+                p = paired(pts, b, m, CURVE_REF, k)
+                c = "—" if p is None else f"{p['mean']:+.3g} ± {p['std']:.2g}"
+                cells.append(f"**{c}**" if beyond_noise(p, floor) in ("lower", "higher") else c)
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+        for k in budgets:
+            means = {m: statistics.mean(v.values()) for m in methods if (v := _fd_at(pts, b, m, k))}
+            if not means:
+                continue
+            best, *rest = sorted(means, key=means.get)
+            if not rest:
+                out.append(f"- {k} updates: {best} (FD {means[best]:.4g}), the only method measured.")
+                continue
+            verdict = beyond_noise(paired(pts, b, rest[0], best, k), floor)
+            out.append(f"- {k} updates: lowest FD {best} ({means[best]:.4g}); runner-up {rest[0]} "
+                       f"({means[rest[0]]:.4g}): " + ("ahead beyond noise" if verdict == "higher" else
+                                                        "not beyond noise" if verdict != "too few seeds" else
+                                                        "too few paired seeds to say"))
+        out.append("")
+    v = decoupling_verdict(points, floors, at=budgets[-1] if budgets else 2000)
+    per = "; ".join(f"{b}: " + (f"{d['mean']:+.3g} ± {d['std']:.2g} over {d['n']} seeds, floor "
+                                f"{'—' if d['floor'] is None else format(d['floor'], '.3g')} → {d['outcome']}"
+                                if d["n"] else "no paired seeds") for b, d in v["benchmarks"].items())
+    out.append(f"**Step decoupling (docs/decoupling_rule.md, {SHARED} − {CURVE_REF} at {v['at']} updates):** "
+               f"{per}. Default by the rule: **{v['default']}** ({v['why']}).")
+    if note:
+        out += ["", note]
+    return "\n".join(out) + "\n"
+
+
+def plot_budget_curves(benchmark: str, points: list[dict], gap: dict, path: Path) -> bool:
+    """FD vs student updates and FD vs single-stream training seconds, one line per method, mean ± std over seeds
+    (error bars; in seconds too); the teacher's 8-step FD as a reference line (the naive 2-step one, far above, is
+    named in the title rather than drawn, so that the curves keep the height)."""
+    pts = [r for r in points if r["benchmark"] == benchmark]
+    if not pts:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), sharey=True)
+    for m in sorted({r["method"] for r in pts}, key=lambda m: (m != CURVE_REF, m)):
+        rows = []
+        for k in sorted({r["updates"] for r in pts if r["method"] == m}):
+            rs = [r for r in pts if r["method"] == m and r["updates"] == k]
+            rows.append((k, *mean_std([r["fd"] for r in rs]), *mean_std([r["train_s_single"] for r in rs]), len(rs)))
+        n = max(r[-1] for r in rows)
+        lw = 2.2 if m == CURVE_REF else 1.2
+        axes[0].errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows], marker="o",
+                         capsize=3, lw=lw, label=f"{m} ({n} seeds)")
+        axes[1].errorbar([r[3] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows],
+                         xerr=[r[4] for r in rows], marker="o", capsize=3, lw=lw)
+    rs = gap.get((benchmark, "teacher-8step"), [])
+    if rs:
+        for ax in axes:
+            ax.axhline(statistics.mean(r["fd"] for r in rs), color="k", ls="--", lw=1,
+                       label=REFERENCES["teacher-8step"] if ax is axes[0] else None)
+    naive = gap.get((benchmark, "naive-2step-nocfg"), [])
+    budgets = sorted({r["updates"] for r in pts})
+    axes[0].set_xscale("log")
+    axes[0].set_xticks(budgets, [str(k) for k in budgets])
+    axes[0].minorticks_off()
+    axes[0].set_xlabel("student updates")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("training seconds, single-stream (loop timers × CPU share)")
+    axes[0].set_ylabel("FD (lower is better)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{benchmark}: FD by budget, one run per method and seed (mean ± std over seeds)" +
+                 (f"; naive 2-step, no CFG: FD {statistics.mean(r['fd'] for r in naive):.3g}" if naive else ""))
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def summarize_curves(points: list[dict], results_dir: Path, gap_dir: Path, note: str = "",
+                     eval_num: int | None = None) -> dict:
+    """budget_curves.md and budget_curves_<b>.png under results_dir; {name: path} of what was written."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    written = {"budget_curves.md": results_dir / "budget_curves.md"}
+    atomic_write_text(written["budget_curves.md"], curves_table(points, noise_floors(gap_dir, eval_num), note))
+    gap = load_gap(gap_dir, eval_num)
+    for b in sorted({r["benchmark"] for r in points}):
+        name = f"budget_curves_{slug(b)}.png"
+        if plot_budget_curves(b, points, gap, results_dir / name):
+            written[name] = results_dir / name
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------- entry

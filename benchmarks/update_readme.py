@@ -7,7 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = {"teacher_gap": "benchmarks/results/teacher_gap.md", "demo": "benchmarks/results/demo.md",
           "teacher_guidance": "benchmarks/results/teacher_guidance.md", "runs": "benchmarks/results/runs.md",
-          "memory": "benchmarks/results/memory_summary.md", "students": "benchmarks/results/students.md"}
+          "memory": "benchmarks/results/memory_summary.md", "students": "benchmarks/results/students.md",
+          # issue 18: benchmarks/run.py --eval-at ... --out benchmarks/results/budget_curves (docs/decoupling_rule.md)
+          "budget_curves": "benchmarks/results/budget_curves/budget_curves.md"}
 
 
 def teacher_guidance_table():
@@ -92,6 +94,13 @@ def runs_links() -> str:
     return "\n\n".join(lines)
 
 
+def curves_links() -> str:
+    """The budget-curve plots (FD vs updates and vs training seconds) that run.py --eval-at wrote beside its table."""
+    d = ROOT / "benchmarks" / "results" / "budget_curves"
+    return " ".join(f"![budget curves, {f.stem[len('budget_curves_'):]}](benchmarks/results/budget_curves/{f.name})"
+                    for f in sorted(d.glob("budget_curves_*.png")))
+
+
 def main():
     teacher_guidance_table()
     demo_table()
@@ -105,6 +114,8 @@ def main():
         body = f.read_text().rstrip()
         if name == "runs" and runs_links():
             body += "\n\n" + runs_links()
+        if name == "budget_curves" and curves_links():
+            body += "\n\n" + curves_links()
         pat = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     readme.write_text(text)

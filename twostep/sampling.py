@@ -8,7 +8,8 @@ A Generator has the sample space of twostep.model.SampleSpace (the one `encode`,
 Generators: `TeacherSampler` (a teacher at any steps / CFG scale), `NaiveSampler` (the naive peer: the teacher
 itself at 2 Euler steps, no training; `naive_generators` gives its two settings) and `StudentGenerator` (a
 distilled 2-step student, no CFG). `load_generator(folder)` opens a teacher or student folder as one;
-`save_student` / `load_student_generator` write and read a student folder.
+`save_student` / `load_student_generator` write and read a student folder;
+`load_checkpoint_generator(run, update)` reads the EMA student of one of a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -203,17 +204,27 @@ def load_student_generator(folder) -> StudentGenerator:
     stems = STUDENT_FILES[c["decoupling"]]
     frozen = [s for s in TwoStepStudent.FROZEN_STEMS[c["decoupling"]] if c.get("base_sha256")]
     check_stamps(folder, [s for s in stems if s not in frozen], c)
+    _check_frozen_base(folder, frozen, c)
+    return _student_from_files(c, {s: folder / f"{s}.safetensors" for s in stems}, folder, folder)
+
+
+def _check_frozen_base(folder: Path, frozen, c: dict) -> None:
     for s in frozen:  # written once per run, stamped with the teacher's weights hash (save_student)
         if file_stamp(folder / f"{s}.safetensors", "base_sha256") != c["base_sha256"]:
             raise UserError(f"{folder / f'{s}.safetensors'}: missing or not the frozen base config.json names (a "
                             "save was interrupted); run `twostep distill --resume` on it to rewrite the model files")
-    files = {s: load_tensors(folder / f"{s}.safetensors") for s in stems}
+
+
+def _student_from_files(c: dict, paths: dict, config_dir: Path, folder: Path) -> StudentGenerator:
+    """The StudentGenerator of the checked config `c` from its weight files `paths` ({stem: file}, stamps checked);
+    `config_dir`: where config.json is (for messages); `folder`: the generator's folder (its weight files)."""
+    files = {s: load_tensors(p) for s, p in paths.items()}
     for s in WHOLE_TRANSFORMER[c["decoupling"]]:
-        check_weights(c["transformer"], files[s], folder / f"{s}.safetensors", str(folder / "config.json"))
-    check_transformer_config(c["transformer"], str(folder / "config.json"), complete=not c.get("pipeline"))
+        check_weights(c["transformer"], files[s], paths[s], str(config_dir / "config.json"))
+    check_transformer_config(c["transformer"], str(config_dir / "config.json"), complete=not c.get("pipeline"))
     for s, sd in files.items():
         if not all_finite(sd):
-            raise UserError(f"{folder / f'{s}.safetensors'}: holds NaN/inf weights (saved by a run that diverged); "
+            raise UserError(f"{paths[s]}: holds NaN/inf weights (saved by a run that diverged); "
                             "distill again with lower learning rates")
     try:
         st = build_student_from_config(c)
@@ -223,10 +234,52 @@ def load_student_generator(folder) -> StudentGenerator:
     except (RuntimeError, KeyError, ValueError, TypeError, AssertionError) as e:  # torch / peft / diffusers
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         msg = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else type(e).__name__)[:200]
-        raise UserError(f"{folder}: its weights do not match its config.json ({msg}); restore the run's original "
+        raise UserError(f"{config_dir}: its weights do not match its config.json ({msg}); restore the run's original "
                         "config.json and weight files together (or re-run `twostep distill`)") from None
     st.requires_grad_(False)
     return StudentGenerator(st, c, folder)
+
+
+def checkpoint_updates(run_dir) -> list[int]:
+    """The updates of a run folder's complete checkpoints (meta.json written), oldest first."""
+    cks = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name[len("step-"):]) for p in cks.glob("step-*")
+                  if p.is_dir() and not p.name.endswith(".partial") and (p / "meta.json").is_file()) \
+        if cks.is_dir() else []
+
+
+def load_checkpoint_generator(run_dir, update: int | None = None) -> StudentGenerator:
+    """The EMA student of a distillation run's checkpoint at `update` (None: the newest complete one): what
+    `twostep eval --model RUN` evaluates once the run has finished at that update (a run folder's model files are
+    its newest checkpoint's ema/ files, twostep.train.state), for budget curves taken from one run
+    (benchmarks/run.py --eval-at). The run may be unfinished or already past `update`; the checkpoint must be
+    complete and of the small format (ema/<stem>.safetensors, issue 17); a lora run's frozen base is the run
+    folder's base.safetensors (the same for every checkpoint: stamped with the teacher's hash). The generator's
+    `folder` is the checkpoint's ema/ folder and its config the run's config.json at that update."""
+    run_dir = Path(run_dir)
+    have = checkpoint_updates(run_dir)
+    step = have[-1] if update is None and have else (None if update is None else int(update))
+    ck = run_dir / "checkpoints" / f"step-{step or 0:08d}"
+    if step is None or step not in have:
+        raise UserError(f"{run_dir}: no complete checkpoint at update {'(newest)' if update is None else update} "
+                        f"(complete ones: {', '.join(map(str, have)) or 'none'}); keep more with "
+                        "train.keep_checkpoints, or evaluate the finished run folder with `twostep eval`")
+    if not (ck / "ema").is_dir():
+        raise UserError(f"{ck}: a checkpoint from before the small format (no ema/ folder); evaluate the run "
+                        "folder after `twostep distill --resume` instead")
+    try:
+        c = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{run_dir / CONFIG}: missing or unreadable ({type(e).__name__}); resume the run with "
+                        "`twostep distill --resume` to rewrite it") from None
+    check_student_config(c, run_dir)
+    c = {**c, "updates": step}  # config.json names the newest update; everything else is the run's
+    stems = STUDENT_FILES[c["decoupling"]]
+    frozen = [s for s in TwoStepStudent.FROZEN_STEMS[c["decoupling"]] if c.get("base_sha256")]
+    check_stamps(ck / "ema", [s for s in stems if s not in frozen], c)
+    _check_frozen_base(run_dir, frozen, c)
+    paths = {s: (run_dir if s in frozen else ck / "ema") / f"{s}.safetensors" for s in stems}
+    return _student_from_files(c, paths, run_dir, ck / "ema")
 
 
 def load_generator(folder, steps: int | None = None, guidance: float | None = None) -> Generator:

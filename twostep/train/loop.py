@@ -149,9 +149,11 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         # adversarial gradients come from an informative discriminator. Checkpoints start after update 1, so a
         # resume never repeats it.
         wlogs: dict = {}
+        tw = time.time()
         skipped += critic_updates(0, (1_000_000 + k for k in bar.warmup(t.d_warmup)), wlogs)
-        if wlogs:
-            rec = log_record(0, {"d_warmup": t.d_warmup, **mean_over_ranks(acc, wlogs)})
+        if wlogs:  # sec_d_warmup: its seconds (with sec_per_update, a run's training time; benchmarks/run.py)
+            rec = log_record(0, {"d_warmup": t.d_warmup, **mean_over_ranks(acc, wlogs),
+                                 "sec_d_warmup": time.time() - tw})
             log.add(rec)
             acc.print(f"discriminator warm-up ({t.d_warmup} updates): " +
                       ", ".join(f"{k} {rec[k]:.3f}" for k in method.log_keys if k in rec))
