@@ -43,7 +43,8 @@ def demo_table():
         return
     dst = ROOT / "benchmarks" / "results" / "demo"
     dst.mkdir(parents=True, exist_ok=True)
-    for f in list(src.glob("grid_*.png")) + [src / "report.html", src / "metrics.json", src / "loss_curves.png"]:
+    for f in list(src.glob("grid_*.png")) + [src / "report.html", src / "metrics.json", src / "loss_curves.png",
+                                             src / "critic_accuracy.png"]:
         if f.exists():
             shutil.copy(f, dst / f.name)
     m = json.loads((src / "metrics.json").read_text())
@@ -57,6 +58,9 @@ def demo_table():
                  f"{m['seed']}, reference = held-out {m['data']} data. Student FD ÷ naive 2-step FD = "
                  f"{m['student_fd_over_naive_fd']:.3f}; ÷ teacher 8-step FD = {m['student_fd_over_teacher_fd']:.3f}. "
                  "Report: benchmarks/results/demo/report.html.\n")
+    if m.get("critic"):  # the demo's one line on the critic (twostep.report.critic_line)
+        from twostep.report import critic_line
+        lines.append(critic_line(m["critic"]) + "\n")
     (ROOT / "benchmarks" / "results" / "demo.md").write_text("\n".join(lines))
 
 

@@ -111,6 +111,17 @@ def test_discriminator_warmup_runs_once_before_the_first_update(tiny_loop):
     assert a[1]["d_loss"] != pytest.approx(c[0]["d_loss"], rel=1e-4)  # the critic did
 
 
+def test_warmup_uses_at_most_half_of_a_time_budget(tiny_loop):
+    """Under train.minutes the discriminator's head start stops once it has used half of the budget (it never takes
+    the whole budget from the student): 100000 warm-up updates in a 3-second budget end early, the student trains."""
+    root, teacher, cache = tiny_loop
+    run = distill(_cfg(100000, "train.d_warmup=100000", "train.minutes=0.05"), teacher, cache, root / "wbudget",
+                  progress=False)
+    recs = _log(run)
+    assert recs[0]["update"] == 0 and 0 < recs[0]["d_warmup"] < 100000
+    assert recs[-1]["update"] >= 1
+
+
 def test_resume_applies_a_changed_learning_rate(tiny_loop):
     """The optimizer state in a checkpoint carries the learning rate; a --resume with a new train.lr_student must
     use the new one (loading the state alone would silently keep the old one). The critic's is untouched."""

@@ -345,11 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--data", default=default(demo.run_demo, "data"), choices=["shapes", "photos"])
     dm.add_argument("--teacher", default=None, help="teacher folder (default: teacher-<data> in $TWOSTEP_MODELS, "
                     "else ./models)")
-    dm.add_argument("--config", default=None, help="distill config (default: demo.yaml in $TWOSTEP_CONFIGS, "
-                    "else ./configs)")
+    dm.add_argument("--config", default=None, help="distill config (default: demo-defaults.yaml, Turbo++'s defaults "
+                    "at batch 16, in $TWOSTEP_CONFIGS, else ./configs)")
     dm.add_argument("--cache-num", dest="cache_num", type=COUNT.arg(), default=default(demo.run_demo, "cache_num"))
     dm.add_argument("--minutes", type=POSITIVE.arg(), default=default(demo.run_demo, "minutes"),
-                    help="distillation time budget (> 0)")
+                    help="distillation time budget (> 0), the discriminator's head start included")
     dm.add_argument("--eval-num", dest="eval_num", type=EVAL_NUM.arg(), default=default(demo.run_demo, "eval_num"))
     dm.add_argument("--seed", type=SEED.arg(), default=default(demo.run_demo, "seed"))
     dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")

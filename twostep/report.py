@@ -1,4 +1,5 @@
-"""HTML report: sample grids side by side (same prompts and noise), the metric table, loss curves."""
+"""HTML report: sample grids side by side (same prompts and noise), the metric table, loss curves, the critic's
+accuracy curve and whether it sat at chance."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from .config import COUNT, SEED, UPSCALE
 from .data import get_dataset
-from .evaluate import NOISE_OFFSET, TABLE_COLUMNS, format_cell, format_table
+from .evaluate import NOISE_OFFSET, TABLE_COLUMNS, format_cell
 from .images import grid, save_png
 from .io.files import atomic_write_text
 from .io.folders import check_output_path
@@ -81,7 +82,7 @@ def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: 
 
 # Every page sets body[data-images] / body[data-images-ok] once loaded: the images-load check (tests/test_report.py).
 STYLE = """body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}
-img{image-rendering:pixelated}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;
+img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}"""
 IMAGES_LOAD_CHECK = """<script>window.addEventListener("load", () => { const imgs = [...document.images];
 document.body.dataset.images = imgs.length;
@@ -112,5 +113,99 @@ def write_report(path: Path, title: str, grids: list[dict], captions: list[str],
     extras = "".join(f'<h2>{html.escape(t)}</h2><img src="{html.escape(f)}" alt="{html.escape(t)}">'
                      for t, f in extra_images)
     body = (f"<p>{notes}</p><h2>Samples (rows = prompts below, same noise in every panel)</h2>{figs}<ol>{caps}</ol>\n"
-            f"<h2>Metrics</h2>{table}<pre>{html.escape(format_table(rows))}</pre>{extras}")
+            f"<h2>Metrics</h2>{table}{extras}")  # the table once (format_table's text copy is in the terminal)
     atomic_write_text(Path(path), html_page(title, body))
+
+
+CURVE_COLS, CURVE_INCHES, CURVE_DPI = 4, 2.4, 80  # a curve figure ≤ 4 panels wide: 4 × 2.4 in × 80 dpi = 768 px
+
+
+def _save_fig(fig, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")  # a viewer never sees a half-written PNG (as images.save_png)
+    fig.savefig(tmp, dpi=CURVE_DPI)
+    tmp.replace(path)
+
+
+def log_curves(records: list[dict], keys, path: Path) -> bool:
+    """A run's log.jsonl records as one panel per key of `keys` the records hold, against the update, wrapped into
+    rows of at most CURVE_COLS panels so the figure fits a page. The discriminator head start's record (update 0,
+    `d_warmup`) is left out: its averages are over critic-only updates. Returns whether a figure was written."""
+    recs = [r for r in records if "d_warmup" not in r]
+    keys = [k for k in keys if not k.startswith("d_acc") and any(k in r for r in recs)]
+    if not keys:
+        return False
+    import matplotlib  # heavy: only when a report is drawn
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(CURVE_COLS, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(CURVE_INCHES * cols, 0.85 * CURVE_INCHES * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, k in zip(axes.flat, keys):
+        ax.plot([r["update"] for r in recs if k in r], [r[k] for r in recs if k in r])
+        ax.set_title(k, fontsize=9); ax.set_xlabel("update", fontsize=8); ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def critic_summary(records: list[dict]) -> dict | None:
+    """Whether the discriminator sat at chance during the student's updates: the records' `d_at_chance` (the
+    training loop's flag, train/viz.py at_chance: mean of d_acc_real and d_acc_fake within 0.05 of 0.5). None when
+    the log has no critic accuracies. `sat_at_chance`: at chance in at least half the records."""
+    recs = [r for r in records if "d_at_chance" in r and "d_warmup" not in r]
+    if not recs:
+        return None
+    n = sum(bool(r["d_at_chance"]) for r in recs)
+    last = recs[-1]
+    warm = next((r for r in records if "d_warmup" in r and "d_acc_real" in r), None)
+    return {"records": len(recs), "at_chance": n, "sat_at_chance": 2 * n >= len(recs),
+            "first_update": recs[0]["update"], "last_update": last["update"],
+            "final_acc_real": last["d_acc_real"], "final_acc_fake": last["d_acc_fake"],
+            "warmup_updates": warm["d_warmup"] if warm else 0,
+            "warmup_acc": (warm["d_acc_real"], warm["d_acc_fake"]) if warm else None}
+
+
+def critic_line(s: dict | None) -> str:
+    """critic_summary as the report's one line."""
+    if s is None:
+        return "The critic reports no accuracies (no discriminator in this method)."
+    verdict = ("sat at chance" if s["sat_at_chance"] else
+               "did not sit at chance" if s["at_chance"] == 0 else "mostly stayed off chance")
+    return (f"Critic: {verdict}: at chance (mean of real/fake accuracy within 0.05 of 0.5) in {s['at_chance']} of "
+            f"{s['records']} log records, updates {s['first_update']}–{s['last_update']}; final accuracy real "
+            f"{s['final_acc_real']:.2f} / fake {s['final_acc_fake']:.2f}"
+            + (f"; after its {s['warmup_updates']}-update head start" if s["warmup_updates"] else "") + ".")
+
+
+def critic_curve(records: list[dict], path: Path) -> bool:
+    """d_acc_real / d_acc_fake of log.jsonl against the update, with chance (0.5) and the at_chance band (±0.05);
+    the head start's averages (update 0) as points. Returns whether a figure was written."""
+    recs = [r for r in records if "d_acc_real" in r and "d_warmup" not in r]
+    if not recs:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2 * CURVE_INCHES * 1.2, CURVE_INCHES))
+    xs = [r["update"] for r in recs]
+    for k, c in (("d_acc_real", "C0"), ("d_acc_fake", "C1")):
+        ax.plot(xs, [r[k] for r in recs], c=c, label=k)
+    for r in records:
+        if "d_warmup" in r and "d_acc_real" in r:
+            ax.scatter([0, 0], [r["d_acc_real"], r["d_acc_fake"]], c=["C0", "C1"], marker="x",
+                       label=f"head start ({r['d_warmup']} critic updates)")
+    ax.axhspan(0.45, 0.55, color="gray", alpha=0.2, label="at chance (±0.05)")
+    ax.axhline(0.5, ls="--", c="gray")
+    ax.set_ylim(-0.02, 1.02); ax.set_xlabel("update", fontsize=8); ax.set_ylabel("accuracy", fontsize=8)
+    ax.tick_params(labelsize=7); ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("critic accuracy", fontsize=9)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True

@@ -148,14 +148,26 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         # Discriminator warm-up: critic-only updates against the initial student, so that the student's first
         # adversarial gradients come from an informative discriminator. Checkpoints start after update 1, so a
         # resume never repeats it.
+        # Under a time budget (train.minutes) the warm-up ends early once it has used half of it, so the student
+        # always gets the other half (on a loaded machine 300 critic updates could otherwise take the whole budget).
         wlogs: dict = {}
         tw = time.time()
-        skipped += critic_updates(0, (1_000_000 + k for k in bar.warmup(t.d_warmup)), wlogs)
+        done = [0]
+
+        def warmup_subs():
+            for k in bar.warmup(t.d_warmup):
+                if t.minutes > 0 and not all_ranks(acc, time.time() - t_start <= t.minutes * 30):
+                    acc.print(f"discriminator warm-up stopped after {k} of {t.d_warmup} updates: half of the "
+                              f"{t.minutes:g}-min time budget used")
+                    return
+                done[0] = k + 1
+                yield 1_000_000 + k
+        skipped += critic_updates(0, warmup_subs(), wlogs)
         if wlogs:  # sec_d_warmup: its seconds (with sec_per_update, a run's training time; benchmarks/run.py)
-            rec = log_record(0, {"d_warmup": t.d_warmup, **mean_over_ranks(acc, wlogs),
+            rec = log_record(0, {"d_warmup": done[0], **mean_over_ranks(acc, wlogs),
                                  "sec_d_warmup": time.time() - tw})
             log.add(rec)
-            acc.print(f"discriminator warm-up ({t.d_warmup} updates): " +
+            acc.print(f"discriminator warm-up ({done[0]} updates): " +
                       ", ".join(f"{k} {rec[k]:.3f}" for k in method.log_keys if k in rec))
     while update < t.updates:
         if t.minutes > 0 and not all_ranks(acc, time.time() - t_start <= t.minutes * 60):  # ranks stop together
