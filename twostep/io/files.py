@@ -25,20 +25,25 @@ def _drop(tmp: Path):
         pass
 
 
-def atomic_write_text(path: Path, text: str):
-    """Write `text` to a temporary sibling, fsync, and rename it over `path` (the sibling is removed if that
-    fails: no `.tmp` is left behind)."""
+def atomic_write_bytes(path: Path, data: bytes | str):
+    """Write `data` (bytes, or text as UTF-8) to a temporary sibling, fsync, and rename it over `path` (the sibling
+    is removed if that fails: no `.tmp` is left behind)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         _drop(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str):
+    """atomic_write_bytes of `text` (UTF-8)."""
+    atomic_write_bytes(path, text)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):

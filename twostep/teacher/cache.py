@@ -74,7 +74,7 @@ from .. import flow
 from ..config import COUNT, SEED
 from ..data import get_captions, prompt_file_identity, read_prompts, repeat_prompts, shapes
 from ..errors import UserError
-from ..io.files import atomic_write_text, one_line, sha256_file, sha256_text
+from ..io.files import atomic_write_bytes, atomic_write_text, one_line, sha256_file, sha256_text
 from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity, twostep_command
 from ..model import load_teacher
 
@@ -334,16 +334,7 @@ def _write_shard(out: Path, k: int, tensors: dict, info: dict) -> dict:
                      metadata={META_KEY: json.dumps(info, sort_keys=True)})
     digest = hashlib.sha256(data).hexdigest()
     path = out / shard_name(k)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     if sha256_file(path) != digest:
         path.unlink(missing_ok=True)
         raise UserError(f"{path}: the file read back differs from what was written (disk or filesystem error); "
