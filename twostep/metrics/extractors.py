@@ -599,7 +599,20 @@ def _weights_sha256(folder: Path) -> str | None:
     return sha256_file(f) if f.is_file() else None
 
 
-class CLIPExtractor(Extractor):
+class _HFImageExtractor(Extractor):
+    """A transformers image model's input: 8-bit, shorter side to `size`, centre crop, normalised by its
+    mean/std (set by the subclass)."""
+
+    size: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def _prepare(self, x):
+        x = _resize_crop(_to_8bit(x) / 255.0, self.size)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class CLIPExtractor(_HFImageExtractor):
     """CLIP image embedding (visual_projection of the pooled CLS token), the FD_CLIP features."""
 
     def __init__(self, folder: Path | str, device="cpu", batch_size: int | None = None):
@@ -614,10 +627,6 @@ class CLIPExtractor(Extractor):
         self.num_features = int(self.model.config.projection_dim)
         self.resize = (f"8-bit image, shorter side -> {self.size} (bicubic, antialiased), centre crop "
                        f"{self.size}x{self.size}, CLIP mean/std")
-
-    def _prepare(self, x):
-        x = _resize_crop(_to_8bit(x) / 255.0, self.size)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def _forward(self, inputs):
         out = self.model.vision_model(pixel_values=inputs)
@@ -654,7 +663,7 @@ class CLIPExtractor(Extractor):
                 "sha256": _weights_sha256(self.folder), "features": "visual_projection(pooled CLS)"}
 
 
-class DINOv2Extractor(Extractor):
+class DINOv2Extractor(_HFImageExtractor):
     """DINOv2 CLS token after the final layer norm (pooler_output), the FD_DINOv2 features."""
 
     def __init__(self, folder: Path | str, device="cpu", batch_size: int | None = None):
@@ -673,10 +682,6 @@ class DINOv2Extractor(Extractor):
         self.num_features = int(self.model.config.hidden_size)
         self.resize = (f"8-bit image, shorter side -> {self.size} (bicubic, antialiased), centre crop "
                        f"{self.size}x{self.size}, ImageNet mean/std")
-
-    def _prepare(self, x):
-        x = _resize_crop(_to_8bit(x) / 255.0, self.size)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def _forward(self, inputs):
         return self.model(pixel_values=inputs).pooler_output
