@@ -2,6 +2,7 @@
 
     python benchmarks/identity.py --record    # write benchmarks/results/identity.json (before the change)
     python benchmarks/identity.py             # re-run everything and compare (after it); exit 1 on any difference
+    python benchmarks/identity.py --students  # after adopting new committed students: re-record their entries only
 
 What is hashed (sha256 of the bytes):
   - a teacher cache of the committed shapes teacher (its shard files);
@@ -103,12 +104,16 @@ def measure(work: Path) -> dict:
         exp = work / f"export-{name}"
         cli("export", "--model", str(work / name), "--out", str(exp))
         res[f"export {name}"] = {str(p.relative_to(exp)): tensors_sha(p) for p in sorted(exp.rglob("*.safetensors"))}
-    for m in ("turbopp-shapes", "turbopp-photos"):
-        res[f"sample {m}"] = sample(ROOT / "models" / m, work / f"{m}.png")
+    res.update(measure_students(work))
     res["sample teacher 8-step"] = sample(TEACHER, work / "t8.png")
     res["sample teacher 2-step g=0"] = sample(TEACHER, work / "t2.png", "--steps", "2", "--guidance", "0")
-    res["eval turbopp-shapes"] = evaluate(ROOT / "models" / "turbopp-shapes", work / "e1.json")
     res["eval teacher-shapes"] = evaluate(TEACHER, work / "e2.json")
+    return res
+
+
+def measure_students(work: Path) -> dict:
+    res = {f"sample {m}": sample(ROOT / "models" / m, work / f"{m}.png") for m in ("turbopp-shapes", "turbopp-photos")}
+    res["eval turbopp-shapes"] = evaluate(ROOT / "models" / "turbopp-shapes", work / "e1.json")
     return res
 
 
@@ -127,6 +132,8 @@ def diff(a, b, path="") -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--record", action="store_true", help=f"write {RESULT.relative_to(ROOT)} instead of comparing")
+    ap.add_argument("--students", action="store_true",
+                    help="re-record only the committed students' entries (sample and eval), keeping every other hash")
     ap.add_argument("--keep", default=None, help="keep the work folder here (default: a temporary folder)")
     a = ap.parse_args()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="twostep-identity-"))
@@ -134,10 +141,18 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        now = measure(work)
+        now = measure_students(work) if a.students else measure(work)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if a.students:
+        rec = json.loads(RESULT.read_text())
+        changed = [k for k in now if rec.get(k) != now[k]]
+        rec.update(now)
+        RESULT.write_text(json.dumps(rec, indent=1) + "\n")
+        print(f"re-recorded the students' {len(now)} entries ({len(changed)} changed: {', '.join(changed) or 'none'})"
+              f" -> {RESULT}")
+        return 0
     if a.record:
         RESULT.write_text(json.dumps(now, indent=1) + "\n")
         print(f"recorded {sum(len(v) if isinstance(v, dict) else 1 for v in now.values())} hashes -> {RESULT}")

@@ -19,9 +19,13 @@ commands without running anything):
   turbopp-shapes-anneal [N]   continue it to N updates (default 2400) at student lr 2e-5, one thread (the
                               1900-update weights kept in out/turbopp-shapes-1900/); evaluated into
                               out/turbopp-shapes-anneal/
-  turbopp-photos [MINUTES]    the committed photos student: configs/demo.yaml on a 2048-sample photos teacher cache
+  turbopp-photos [MINUTES]    the former photos student: configs/demo.yaml on a 2048-sample photos teacher cache
                               (benchmarks/run.py's cache: same command and seed), MINUTES of distillation (default
                               30, one thread); then commit-student photos
+  curve-student DATA          the committed students since issue 18: today's Turbo++ defaults at batch 8 for 2000
+                              updates, i.e. the seed-0 `turbopp` run of the budget curves (benchmarks/run.py
+                              --eval-at ..., docs/decoupling_rule.md; resumed, or nothing to do when its points are
+                              on disk), copied to models/turbopp-DATA; then commit-student's evals and speed
 """
 
 from __future__ import annotations
@@ -172,10 +176,10 @@ def after_teachers() -> list:
         Cmd([PY, "benchmarks/update_readme.py"])])]
 
 
-def commit_student(data: str) -> list:
+def commit_student(data: str, src: str | None = None) -> list:
     model, out = f"models/turbopp-{data}", "benchmarks/results/students"
     return [Copy(["config.json", "config.yaml", "step1.safetensors", "step2.safetensors", "loss_curves.png"],
-                 f"out/turbopp-{data}", model),
+                 src or f"out/turbopp-{data}", model),
             *evals(model, data, out, f"turbopp-{data}"),
             Cmd([T, "speed", "--teacher", f"models/teacher-{data}", "--student", model, "--batch", "32",
                  "--json", f"{out}/turbopp-{data}-speed.json"])]
@@ -220,6 +224,18 @@ def turbopp_photos(minutes: float = 30) -> list:
                      *commit_student("photos")])]
 
 
+CURVES = "benchmarks/results/budget_curves"
+CURVE_ARGS = ["--eval-at", "100", "300", "1000", "2000", "--batch", "8", "--cache-num", "2048", "--eval-num", "1000",
+              "--threads", "1", "--out", CURVES]  # the budget-curve runs' settings (docs/decoupling_rule.md)
+
+
+def curve_student(data: str) -> list:
+    run_dir = f"{CURVES}/work/run-{data}-turbopp-seed0"
+    return [Threads([Cmd([PY, "benchmarks/run.py", "--data", data, *CURVE_ARGS, "--seeds", "0", "--variants",
+                          "turbopp"], log=f"logs/curve-student-{data}.log"),
+                     *commit_student(data, run_dir)])]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -231,6 +247,7 @@ def parse_args(argv=None):
     sub.add_parser("turbopp-shapes-more").add_argument("updates", type=int, nargs="?", default=1900)
     sub.add_parser("turbopp-shapes-anneal").add_argument("updates", type=int, nargs="?", default=2400)
     sub.add_parser("turbopp-photos").add_argument("minutes", type=float, nargs="?", default=30)
+    sub.add_parser("curve-student").add_argument("data", choices=["shapes", "photos"])
     return p.parse_args(argv)
 
 
@@ -239,7 +256,7 @@ def plan(a) -> list:
             "commit-student": lambda: commit_student(a.data), "turbopp-shapes": turbopp_shapes,
             "turbopp-shapes-more": lambda: turbopp_shapes_more(a.updates),
             "turbopp-shapes-anneal": lambda: turbopp_shapes_anneal(a.updates),
-            "turbopp-photos": lambda: turbopp_photos(a.minutes)}[a.recipe]()
+            "turbopp-photos": lambda: turbopp_photos(a.minutes), "curve-student": lambda: curve_student(a.data)}[a.recipe]()
 
 
 def main(argv=None) -> int:
