@@ -216,3 +216,34 @@ def test_old_and_new_checkpoint_layouts_resume_and_a_foreign_base_is_refused(tmp
             assert all(torch.equal(sd[n], want[k][n]) for n in want[k]), (ck.name, k)
     with pytest.raises(UserError, match="frozen base .* not this run's teacher"):
         load_state(new, *build(), False, "cd" * 32)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_previous_gradients_are_freed_before_the_next_forward(accum):
+    """student_step / critic_step: no gradient of the previous update is alive while the next loss is computed (it
+    would add 4 bytes × trainable parameters to the forward's peak); with accumulation, the later micro-batches run on
+    top of the earlier ones' gradients, and the update still uses all of them."""
+    from twostep.train.steps import critic_step, split_batch, student_step
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    params = list(lin.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    seen = []
+
+    class Method:
+        def loss(self, b):
+            seen.append([p.grad is None for p in params])
+            return lin(b["x"]).square().mean(), {"n": 1.0}
+        student_loss = critic_loss = loss
+
+    batch = {"x": torch.randn(4, 3), "text": ["a"] * 4}
+    for step in (student_step, critic_step, student_step):
+        b = batch if accum == 1 else split_batch(batch, accum)
+        out = step(Method(), opt, params, b, grad_clip=0.0)
+        assert (out[0] if isinstance(out, tuple) else out) not in (False, None)
+        assert all(p.grad is not None for p in params)                # the update's gradients exist after it
+    per_update = [seen[i * accum:(i + 1) * accum] for i in range(3)]
+    for calls in per_update:
+        assert calls[0] == [True, True]                                 # freed before the first forward
+        assert all(c == [False, False] for c in calls[1:])              # accumulation: the earlier ones' are kept

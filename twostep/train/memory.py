@@ -8,8 +8,8 @@
   the EMA of the trainable weights; AdamW m and v (fp32); the discriminator heads with their gradients and AdamW
   state. Under FSDP (`train.fsdp`, 2+ processes, full/shared) the student's weights, gradients, moments and EMA are
   sharded over the processes, plus the gathered units (2 blocks in bf16 + 1 block's gradients in fp32);
-- gradients of the trainable weights (fp32), alive from the student's backward until the next update's zero_grad,
-  which comes after the next student forward (train/steps.py), so through the critic update and that forward;
+- gradients of the trainable weights (fp32), alive from the student's backward until the next student update frees
+  them before its forward (train/steps.py), so through the critic update;
 - autocast's bf16 copies of fp32 weights (`train.mixed_precision=bf16` without FSDP: cached for the trainable
   weights; saved for backward for frozen fp32 weights on a gradient path when blocks are not checkpointed);
 - activations kept for backward by the student's two end-to-end passes and every discriminator pass with a
@@ -206,10 +206,9 @@ def estimate(cfg, teacher_config: dict, world_size: int = 1, *, device: str = "c
     critic_work = 3 * micro * d * uni * ACT_BLOCK[("trainable", mode_student)] / 2
 
     g_step = grads / (2 if s.decoupling == "full" else 1)         # step 2's gradients (full: its own copy)
-    # gradients alive during the student's forward: grad_accum = 1 runs the forward before optimizer_step's
-    # zero_grad (train/steps.py student_step), so the previous update's are still there; grad_accum > 1: the
-    # earlier micro-batches' (the first micro-batch runs after zero_grad, the later ones on top of them)
-    g_before = grads
+    # gradients alive during the student's forward: none with grad_accum = 1 (train/steps.py student_step frees
+    # the previous update's first); grad_accum > 1: the earlier micro-batches' (the later ones run on top of them)
+    g_before = grads if accum > 1 else 0
     foreach = 4 * local if device == "cuda" else 0                # torch AdamW foreach: sqrt(v) of all params
     casts_bwd = 0 if ckpt else casts   # checkpointing: the casts are not saved, only cached until autocast exits
     phases = {

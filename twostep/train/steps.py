@@ -97,6 +97,7 @@ def _micro_losses(loss_fn, batches: list[dict], logs: list, autocast=None):
 def critic_step(method, opt, params, batch, grad_clip: float, acc=None) -> dict | None:
     """One discriminator / critic update (under the caller's autocast) on a batch or a list of micro-batches
     (train.grad_accum); its logs, or None when it was skipped (non-finite loss or gradient)."""
+    opt.zero_grad(set_to_none=True)
     if isinstance(batch, dict):
         loss, logs = method.critic_loss(batch)
         return logs if optimizer_step(opt, params, loss, grad_clip, acc) else None
@@ -110,6 +111,7 @@ def student_step(method, opt, params, batch, grad_clip: float, acc=None, fsdp: b
     """One student update on a batch or a list of micro-batches (train.grad_accum): each loss under the
     accelerator's autocast, its backward outside it; stepped at lr × lr_scale (train.warmup). (stepped, logs)."""
     autocast = acc.autocast if acc is not None else None
+    opt.zero_grad(set_to_none=True)  # the previous update's gradients are not kept alive through the forward
     if isinstance(batch, dict):
         with autocast() if autocast is not None else nullcontext():
             loss, logs = method.student_loss(batch)
