@@ -362,6 +362,17 @@ def curves_table(points: list[dict], floors: dict, note: str = "") -> str:
             cells = [_ms_n([r["fd"] for r in rs if r["updates"] == k], n) for k in budgets]
             secs = _ms_n([r["train_s_single"] for r in rs if r["updates"] == budgets[-1]], n)
             out.append(f"| {m} | {n} | " + " | ".join(cells) + f" | {secs} |")
+        if any(r.get("alignment") is not None for r in pts):  # not in the rule; shown because FD alone hides it
+            out += ["", "Alignment (fraction of captioned objects drawn right: shape, colour, size and cell; higher "
+                    "is better; not part of the rule; mean ± std over seeds):",
+                    "", "| method | " + " | ".join(f"alignment @{k}" for k in budgets) + " |",
+                    "|---|" + "---|" * len(budgets)]
+            for m in methods:
+                rs = [r for r in pts if r["method"] == m]
+                n = len({r["seed"] for r in rs})
+                out.append(f"| {m} | " + " | ".join(
+                    _ms_n([r["alignment"] for r in rs if r["updates"] == k and r.get("alignment") is not None], n)
+                    for k in budgets) + " |")
         floor = floors.get(b)
         others = [m for m in methods if m != CURVE_REF]
         out += [] if not others else [
