@@ -173,3 +173,12 @@ def test_readme_block_gets_the_curves_table_and_plots(tmp_path, monkeypatch):
     block = (tmp_path / "README.md").read_text().split("<!-- BEGIN budget_curves -->")[1]
     assert "old" not in block and "| turbopp | 1 | 12 |" in block
     assert "(benchmarks/results/budget_curves/budget_curves_shapes.png)" in block
+
+
+def test_curves_table_shows_alignment_only_where_measured():
+    pts = [{**_pt("shapes", "turbopp", s, k, 11.0), "alignment": a} for s, (k, a) in
+           enumerate([(100, 0.27), (100, 0.25)])] + [{**_pt("photos", "turbopp", 0, 100, 3.0), "alignment": None}]
+    md = so.curves_table(pts, {})
+    shapes, photos = md.split("### shapes")[1], md.split("### shapes")[0]
+    assert "alignment @100" in shapes and "0.26 ± 0.014" in shapes   # mean ± std over the two seeds
+    assert "alignment" not in photos.lower()
