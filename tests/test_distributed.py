@@ -93,3 +93,22 @@ def test_unsupported_sharding_is_refused_with_a_pointer_to_the_docs(tiny_loop, m
     with pytest.raises(UserError, match=match):
         distill(load_config(None, SETTINGS + settings), teacher, cache, root / "refused", progress=False)
     assert not (root / "refused").exists()
+
+
+def test_the_cli_ends_the_process_group_on_success_and_on_error(tmp_path, monkeypatch):
+    """Left to interpreter exit, a gloo group can abort a rank after a complete run (SIGABRT, "terminate called
+    without an active exception"; pytorch#190489): `main` destroys it, also when the command fails."""
+    import torch.distributed as dist
+
+    from twostep import cli
+    from twostep.errors import UserError
+
+    def fails(a):
+        raise UserError("bad input")
+    for fn, rc in ((lambda a: None, 0), (fails, 2)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{rc}'}", rank=0, world_size=1)
+        parser = cli.build_parser()
+        monkeypatch.setattr(cli, "build_parser", lambda: parser)
+        monkeypatch.setattr(parser, "parse_args", lambda argv: type("A", (), {"fn": staticmethod(fn), "threads": torch.get_num_threads()})())
+        assert cli.main([]) == rc
+        assert not dist.is_initialized()

@@ -23,6 +23,7 @@ from .sampling import load_generator
 from .teacher.cache import build_cache
 from .teacher.train import FLAGS as TEACHER_FLAGS, TeacherTrainConfig, train_teacher
 from .train import distill, memory
+from .train.distributed import close_processes
 
 
 def _threads(n: int | None):
@@ -427,12 +428,16 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _threads(a.threads)
+    ok = False
     try:
         a.fn(a)
+        ok = True
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_processes(ok)
     return 0

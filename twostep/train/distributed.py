@@ -24,6 +24,18 @@ def accelerator(cfg):
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def close_processes(ok: bool) -> None:
+    """End the process group, if this process is one of several (torchrun). Left to interpreter exit, the gloo
+    group's threads can be torn down while still running and a rank aborts ("terminate called without an active
+    exception") after a complete run. ok: the command succeeded on this rank, so the ranks meet first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size(acc) -> int:
     return 1 if acc is None else acc.num_processes
 
