@@ -131,3 +131,13 @@ def test_fsdp_shared_student_when_ranks_call_it_differently(runs):
     w = load_file(str(out / "model.safetensors"))
     assert w.keys() == load_file(str(teacher / "model.safetensors")).keys()
     assert {v.dtype for v in w.values()} == {torch.float32}
+
+
+def test_fsdp_with_fused_adamw_matches_the_unsharded_foreach_run(runs, tmp_path):
+    """train.adamw=fused (auto's choice on CUDA) steps the DTensor shards to the weights of the unsharded
+    1-process foreach run."""
+    root, teacher, cache, one, _ = runs
+    fused = _launch(teacher, cache, tmp_path / "fused", SETTINGS + FSDP + ["train.adamw=fused"])
+    a, b = _files(one, MODEL), _files(fused, MODEL)
+    for n in MODEL:
+        assert _maxdiff(a[n], b[n]) < TOL, n

@@ -172,3 +172,37 @@ def test_lora_student_trains_at_lr_lora_and_a_resume_applies_a_changed_one(tiny_
     distill(_cfg(6, "student.decoupling=lora", "train.lr_lora=1e-3"), teacher, cache, run, resume=True,
             progress=False)
     assert lrs() == pytest.approx([1e-3])
+
+
+def test_fused_adamw_is_the_cuda_default_and_gives_the_foreach_update(tiny_loop):
+    """train.adamw: auto is fused on CUDA only (the CPU benchmarks keep torch's default, foreach, and their
+    bytes); fused on the CPU trains to the same weights as foreach, to float rounding; the memory estimate counts
+    foreach's step temporaries (sqrt(v) of every trainable parameter) only where they are allocated."""
+    from safetensors.torch import load_file
+
+    from twostep.train.state import fused_adamw, optimizers
+    assert fused_adamw("auto", "cuda") and not fused_adamw("auto", "cpu")
+    assert fused_adamw("fused", "cpu") and not fused_adamw("foreach", "cuda")
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert optimizers(_cfg(1, "train.adamw=fused"), p, p)["student"].defaults["fused"] is True
+    assert not optimizers(_cfg(1), p, p)["critic"].defaults["fused"]
+
+    root, teacher, cache = tiny_loop
+    runs = {impl: distill(_cfg(3, f"train.adamw={impl}"), teacher, cache, root / f"adamw-{impl}", progress=False)
+            for impl in ("foreach", "fused")}
+    a, b = (load_file(str(runs[i] / "step2.safetensors")) for i in ("foreach", "fused"))
+    start = load_file(str(teacher / "model.safetensors"))  # the student's initial weights
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert sum(not torch.equal(a[k], start[k]) for k in a if k in start) > len(a) // 2  # the updates moved them
+
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_model import ZIMAGE_TURBO
+    from twostep.train.memory import estimate
+
+    def step(impl, device="cuda"):
+        return estimate(_cfg(1, f"train.adamw={impl}"), ZIMAGE_TURBO, 1, device=device)["phases"]["optimizer step"]
+    trainable = estimate(_cfg(1), ZIMAGE_TURBO, 1)["counts"]["student_trainable"]
+    assert step("foreach") - step("auto") == step("foreach") - step("fused") == 4 * trainable
+    assert step("foreach", "cpu") == step("auto", "cpu")

@@ -215,6 +215,9 @@ class TrainConfig:
     frozen_dtype: str = choice("auto", ["auto", "bf16", "fp32"], "dtype the frozen teacher (and a lora student's "
                                "frozen base, which is the teacher) is held in; it never trains, so it is never "
                                "upcast: auto = bf16 on CUDA, fp32 on the CPU. Trainable weights stay fp32")
+    adamw: str = choice("auto", ["auto", "foreach", "fused"], "AdamW implementation: fused (torch's one-kernel "
+                        "step, no temporaries), foreach (torch's default, which on CUDA holds sqrt(v) of every "
+                        "parameter at once during the step); auto = fused on CUDA, foreach on the CPU")
     seed: int = opt(0, "seed of the run", range=SEED)
     log_every: int = opt(10, "updates between log lines", range=COUNT)
     grid_every: int = opt(250, "updates between fixed-noise sample grids (0 = off)", range=NON_NEGATIVE_INT)

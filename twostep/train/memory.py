@@ -16,7 +16,8 @@
   gradient (one on x̂0₂; one more on x̂0₁ when `loss.step1_loss=adv`, the default; the perceptual distances add
   theirs), for the per-device micro-batch `batch_size / world_size` (`train.grad_accum` micro-batches per update,
   each back-propagated before the next: the gradients of the earlier ones stay while the next one runs);
-- the optimizer step's temporaries (CUDA: torch's foreach AdamW allocates sqrt(v) for all parameters at once).
+- the optimizer step's temporaries (`train.adamw=foreach` on CUDA: torch's foreach AdamW allocates sqrt(v) for all
+  parameters at once; the default there, fused, none).
 
 The update has phases (critic update, student forward, backward, AdamW step); the peak is the largest of them
 (`phases`). Activation sizes use bytes per token per unit of model width per transformer block measured with
@@ -37,6 +38,7 @@ from ..discriminator import GridHead, PooledHead
 from ..errors import UserError
 from ..methods import build_method
 from ..teacher.cache import load_cache
+from .state import fused_adamw
 
 GiB = 2 ** 30
 SEQ_MULTI_OF = 32            # diffusers' Z-Image pads image and caption token sequences to a multiple of 32
@@ -209,7 +211,8 @@ def estimate(cfg, teacher_config: dict, world_size: int = 1, *, device: str = "c
     # gradients alive during the student's forward: none with grad_accum = 1 (train/steps.py student_step frees
     # the previous update's first); grad_accum > 1: the earlier micro-batches' (the later ones run on top of them)
     g_before = grads if accum > 1 else 0
-    foreach = 4 * local if device == "cuda" else 0                # torch AdamW foreach: sqrt(v) of all params
+    # torch's foreach AdamW on CUDA: sqrt(v) of all params at once (train.adamw; auto = fused there, none)
+    foreach = 4 * local if device == "cuda" and not fused_adamw(t.adamw, device) else 0
     casts_bwd = 0 if ckpt else casts   # checkpointing: the casts are not saved, only cached until autocast exits
     phases = {
         "critic update": static + grads + fsdp_buf + critic_work,

@@ -127,13 +127,19 @@ def student_lr(train: dict, decoupling: str) -> float:
     return train["lr_student"]
 
 
+def fused_adamw(setting: str, device_type: str) -> bool:
+    """train.adamw resolved on a device type: auto = fused on CUDA (no step temporaries), foreach elsewhere."""
+    return setting == "fused" or (setting == "auto" and device_type == "cuda")
+
+
 def optimizers(cfg, s_params, c_params) -> dict[str, torch.optim.Optimizer]:
     """AdamW of the student ("student") and, when it has parameters, of the critic ("critic")."""
     t = cfg.train
     lr_s = student_lr(to_dict(cfg)["train"], cfg.student.decoupling)
-    opt_s = torch.optim.AdamW(s_params, lr=lr_s, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    opt_c = (torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas), weight_decay=t.weight_decay_disc)
-             if c_params else None)
+    impl = {"fused": True} if fused_adamw(t.adamw, s_params[0].device.type) else {}
+    opt_s = torch.optim.AdamW(s_params, lr=lr_s, betas=tuple(t.betas), weight_decay=t.weight_decay, **impl)
+    opt_c = (torch.optim.AdamW(c_params, lr=t.lr_disc, betas=tuple(t.betas), weight_decay=t.weight_decay_disc,
+                               **impl) if c_params else None)
     return {"student": opt_s, **({"critic": opt_c} if opt_c else {})}
 
 
