@@ -103,7 +103,7 @@ def cmd_eval(a):
     res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
                             teacher_dir=a.teacher, progress=not a.no_progress, prompts=a.prompts,
                             prompt_key=a.prompt_key, extractor=a.extractor, clip=a.clip, work=a.work,
-                            save_images=a.save_images, batch_size=a.batch_size, device=a.device)
+                            save_images=a.save_images, batch_size=a.batch_size, device=a.device, dtype=a.dtype)
     print(evaluate.format_table([res]))
     if a.json:
         evaluate.write_json(a.json, res)
@@ -283,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "batch_size"), help="images generated at once (default %(default)s; results depend on it at "
                     "round-off level)")
     ev.add_argument("--device", default=default(evaluate.evaluate, "device"), help=evaluate.DEVICE_HELP)
+    ev.add_argument("--dtype", default=default(evaluate.evaluate, "dtype"), choices=list(evaluate.EVAL_DTYPES),
+                    help="dtype the transformers (model and teacher reference) and a ZImagePipeline's text encoder "
+                    "are held and run in; the sampler's states and Euler updates stay fp32, the VAE fp32 "
+                    "(default auto: bf16 on CUDA, fp32 on the CPU; part of the protocol: --work, the teacher "
+                    "reference store and the record name it)")
     ev.add_argument("--json", default=None, help="write the metrics as JSON here")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=cmd_eval)

@@ -23,8 +23,13 @@ How it runs (the same path for a 32² benchmark and a 1024² pipeline):
   folder and protocol reuses every finished batch (an interrupted eval resumes), another protocol is refused.
 - The teacher's default samples (PSNR and the teacher reference) are cached per batch, as raw samples (latents
   of a ZImagePipeline teacher, decoded at use), under $TWOSTEP_CACHE/eval/teacher-KEY/, keyed by the teacher's
-  identity, the prompts, the seed, the batch size and the device type, and shared by every model evaluated
-  against that teacher (4·C·H·W bytes per sample: 1 MiB for a 1024² Z-Image latent).
+  identity, the prompts, the seed, the batch size, the device type and the dtype, and shared by every model
+  evaluated against that teacher (4·C·H·W bytes per sample: 1 MiB for a 1024² Z-Image latent).
+- `dtype` (auto: bf16 on CUDA, fp32 on the CPU): the transformers (model and teacher) and a ZImagePipeline
+  model's text encoder are held and run in it, as `twostep teacher cache --dtype` runs the teacher (fp32 states
+  and Euler updates, inputs cast to the weights' dtype: model.place_weights); the VAE stays fp32. A non-fp32
+  dtype is part of the protocol (status.json, the teacher store's key, the record's `dtype`); fp32 adds nothing,
+  so fp32 work folders, stores and records are those of before.
 - Images reach each extractor at the generator's real resolution; only the extractor's documented resize is
   applied (`describe()["resize"]`, recorded in the result with a non-default extractor).
 At the defaults (the benchmark's feature net, batch_size 250 on the CPU) the numbers are the bytes the in-memory
@@ -58,7 +63,7 @@ from .metrics.extractors import CLIPExtractor, CLIPScorer, FeatureNetExtractor, 
 from .metrics.fd import FeatureStats
 from .metrics.simple import feature_diversity, psnr_values
 from .metrics.swd import swd
-from .model import check_pair, load_teacher, num_parameters
+from .model import check_pair, compute_dtype, dtype_name, load_teacher, num_parameters, place_weights
 from .paths import committed_model
 from .sampling import STUDENT_FILES, TeacherSampler
 from .text import default_cache_dir
@@ -71,6 +76,8 @@ ENCODE_CHUNK = 1000     # prompts encoded per call (>= the default num: the embe
 SWD_MAX_BYTES = 256 << 20  # SWD holds both image sets in float32: only where each fits (32² x 1000 = 12 MiB)
 REF_CHUNK = 512         # data reference images embedded per call (as DistributionMetrics fed torchmetrics)
 REFS = ("data", "teacher", "both")
+EVAL_DTYPES = ("auto", "bf16", "fp32")
+DTYPE_HELP = "auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp32"
 WORK_FORMAT = "twostep-eval-work-v1"
 TEACHER_STORE_FORMAT = "twostep-eval-teacher-v2"
 
@@ -129,19 +136,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return d
 
 
-def place(gen, device: torch.device):
-    """Move a generator's networks (backbone or student, and a ZImagePipeline's text encoder and VAE) to
-    `device`; text features and noise follow the samples (the backbone moves captions to the sample's device)."""
+def place(gen, device: torch.device, dtype: torch.dtype = torch.float32):
+    """Move a generator's networks to `device`: its transformer(s) in `dtype` and a ZImagePipeline's text encoder
+    in `dtype` (model.place_weights, as the teacher cache), its VAE in fp32. Text features and noise follow the
+    samples (the backbone moves captions to the sample's device and casts them to the weights' dtype)."""
     device = torch.device(device)
+    parts = getattr(gen, "parts", None)
+    text = parts if _moves_text(device, dtype) else None  # on the CPU in fp32 it loads where it always has
     for name in ("teacher", "student"):
         m = getattr(gen, name, None)
         if m is not None:
-            (m.backbone if name == "teacher" else m).to(device)
-    parts = getattr(gen, "parts", None)
-    if parts is not None and device.type != "cpu":  # on the CPU they load where they always have
-        parts.place(device)       # the text encoder (loaded there at first use); features come back to the CPU
+            place_weights(m.backbone if name == "teacher" else m, text, device, dtype)
+    if parts is not None and device.type != "cpu":
         parts._vae().to(device)   # eval decodes every sample: the VAE runs beside the transformer
     return gen
+
+
+def place_text(gen, device: torch.device, dtype: torch.dtype):
+    """Only a ZImagePipeline generator's text encoder, as `place` puts it (features come back fp32 on the CPU)."""
+    parts = getattr(gen, "parts", None)
+    if parts is not None and _moves_text(torch.device(device), dtype):
+        parts.place(device, dtype)
+
+
+def _moves_text(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type != "cpu" or dtype != torch.float32
 
 
 def _sync(device: torch.device):
@@ -261,12 +280,14 @@ def model_identity(gen, known: dict | None = None) -> dict:
             "config_sha256": sha256_text(json.dumps(c, sort_keys=True, default=str))}
 
 
-def _teacher_store(tid: dict, captions: list[str], seed: int, batch_size: int, dev: torch.device) -> _Records:
+def _teacher_store(tid: dict, captions: list[str], seed: int, batch_size: int, dev: torch.device,
+                   dtype: torch.dtype = torch.float32) -> _Records:
     """Where the teacher's default samples for these prompts / noise / batches live (module docstring); `tid`:
-    the teacher's identity (io.folders.teacher_identity)."""
-    key = hashlib.sha1(json.dumps([TEACHER_STORE_FORMAT, tid, sha256_text("\x00".join(captions)),
-                                   len(captions), seed, batch_size, dev.type], sort_keys=True,
-                                  default=str).encode()).hexdigest()
+    the teacher's identity (io.folders.teacher_identity). The dtype joins the key unless fp32 (the fp32 keys of
+    before)."""
+    fields = [TEACHER_STORE_FORMAT, tid, sha256_text("\x00".join(captions)), len(captions), seed, batch_size,
+              dev.type] + ([dtype_name(dtype)] if dtype != torch.float32 else [])
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
     return _Records(default_cache_dir().parent / "eval" / f"teacher-{key[:20]}")
 
 
@@ -280,14 +301,16 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
              features: str | None = None, teacher_dir: Path | None = None, progress: bool = True, *,
              prompts: str | Path | None = None, prompt_key: str | None = None, extractor: str | None = None,
              clip: str | Path | None = None, work: str | Path | None = None, save_images: bool = False,
-             batch_size: int = EVAL_BATCH, device: str = "auto") -> dict:
+             batch_size: int = EVAL_BATCH, device: str = "auto", dtype: str = "auto") -> dict:
     """The eval record of `gen` (module docstring). `data`: the benchmark (prompts, reference images) — shapes,
     photos or a folder; may be None with `prompts=FILE` (then only the teacher reference). `ref`: data | teacher
     | both (default: data when `data` is given, else teacher). `features` (a feature-net folder) or `extractor`
     (any twostep.metrics.extractors spec) choose the FD features; `clip` (a CLIP folder) adds `clip_score`.
     `work`: the resumable work folder (else a temporary one); `save_images`: also write every generated image
     as work/images/NNNNNN.png. `batch_size` and `device` (auto | cpu | cuda[:N]) set where and how many images
-    are generated at once; results are reproducible for a given batch size and device."""
+    are generated at once; `dtype` (auto | bf16 | fp32; auto: bf16 on CUDA, fp32 on the CPU) the weights'
+    dtype (module docstring; `gen` is moved and cast in place). Results are reproducible for a given batch size,
+    device and dtype."""
     EVAL_NUM.check(num, "num")
     SEED.check(seed, "seed")
     COUNT.check(batch_size, "batch_size")
@@ -304,7 +327,10 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
         raise UserError("give either --features DIR or --extractor SPEC (a feature-net folder is also an --extractor)")
     if save_images and work is None:
         raise UserError("--save-images writes into the work folder: pass --work DIR")
+    if dtype not in EVAL_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use {DTYPE_HELP}")
     dev = resolve_device(device)
+    wdtype = compute_dtype(dtype, dev)
     spec = extractor or str(features_dir_for(data, features))
     ex = load_extractor(spec, device=dev)
     early = teacher_dir or (gen.config.get("teacher") if gen.config.get("kind") == "student" else None)
@@ -351,6 +377,8 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
                 "captions_sha256": sha256_text("\x00".join(captions)), "num": num, "seed": seed,
                 "batch_size": batch_size, "device": dev.type, "extractor": ex.describe(),
                 "clip": scorer.clip.describe() if scorer is not None else None}
+    if wdtype != torch.float32:
+        identity["dtype"] = dtype_name(wdtype)
     wdir = Path(tempfile.mkdtemp(prefix="twostep-eval-")) if temp else Path(work)
     if not temp:
         claim_output(wdir, "eval", identity, allow_complete=True, flag="--work",
@@ -365,8 +393,9 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
 
     status(0)
     try:
-        res = _run(gen, ex, dev, captions, labels, ds, seed, num, ref, slices, wdir, tdir if has_tref else None,
-                   tid, is_teacher_default, align_net, scorer, save_images, progress, status)
+        res = _run(gen, ex, dev, wdtype, captions, labels, ds, seed, num, ref, slices, wdir,
+                   tdir if has_tref else None, tid, is_teacher_default, align_net, scorer, save_images, progress,
+                   status)
     except BaseException:
         if temp:
             shutil.rmtree(wdir, ignore_errors=True)
@@ -385,6 +414,8 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
         res["batch_size"] = batch_size
     if dev.type != "cpu":
         res["device"] = str(dev)
+    if "dtype" in identity:
+        res["dtype"] = identity["dtype"]
     if not temp:
         res["work"] = str(wdir)
     if save_images:
@@ -408,15 +439,17 @@ def _timed_generate(gen, text, noise, dev) -> tuple[torch.Tensor, float]:
     return x0, time.perf_counter() - t0
 
 
-def _run(gen, ex, dev, captions, labels, ds, seed, num, ref, slices, wdir, tdir, tid, is_teacher_default, align_net,
-         scorer, save_images, progress, status) -> dict:
+def _run(gen, ex, dev, dtype, captions, labels, ds, seed, num, ref, slices, wdir, tdir, tid, is_teacher_default,
+         align_net, scorer, save_images, progress, status) -> dict:
     text = _Text(gen, captions)
     noise_seed = NOISE_OFFSET + seed
     fake_rec, tfeat_rec = _Records(wdir / "fake"), _Records(wdir / "teacher")
     img_shape = (3, gen.image_height, gen.image_width)
     keep_images = _images_fit(num, img_shape)   # SWD needs the whole sets
     need_tref = tdir is not None
-    tstore = _teacher_store(tid, captions, seed, slices[0].stop, dev) if need_tref else None
+    tstore = _teacher_store(tid, captions, seed, slices[0].stop, dev, dtype) if need_tref else None
+    if dtype != torch.float32:  # every text chunk from the encoder in `dtype`, the teacher pass's too
+        place_text(gen, dev, dtype)
     # a set that fits SWD_MAX_BYTES keeps its images and is embedded (and read for alignment) as one set at the
     # end, in the extractor's own batches from image 0: the bytes of the in-memory protocol whatever batch_size;
     # a larger set is embedded batch by batch
@@ -435,7 +468,7 @@ def _run(gen, ex, dev, captions, labels, ds, seed, num, ref, slices, wdir, tdir,
         if missing:
             same = getattr(gen, "teacher", None) is not None and gen.teacher.folder is not None and \
                 Path(gen.teacher.folder).resolve() == Path(tdir).resolve()   # a teacher at other settings: reuse it
-            ts = place(TeacherSampler(gen.teacher if same else load_teacher(Path(tdir))), dev)
+            ts = place(TeacherSampler(gen.teacher if same else load_teacher(Path(tdir), dtype)), dev, dtype)
             bar = _bar(progress, "teacher reference", sum(slices[k].stop - slices[k].start for k in missing))
             for k, (sl, nz) in enumerate(noise_batches(gen, num, noise_seed, slices[0].stop)):
                 if k in missing:
@@ -451,7 +484,7 @@ def _run(gen, ex, dev, captions, labels, ds, seed, num, ref, slices, wdir, tdir,
     todo_k = [k for k in range(len(slices)) if todo(k)]
     bar = _bar(progress, gen.describe(), sum(slices[k].stop - slices[k].start for k in todo_k))
     if todo_k:
-        place(gen, dev)
+        place(gen, dev, dtype)
     for k, (sl, nz) in enumerate(noise_batches(gen, num, noise_seed, slices[0].stop) if todo_k else ()):
         if k not in todo_k:
             continue
@@ -552,7 +585,7 @@ def _run(gen, ex, dev, captions, labels, ds, seed, num, ref, slices, wdir, tdir,
         out["psnr_vs_teacher"] = sum(vals) / len(vals)
     else:
         out["psnr_vs_teacher"] = None
-    out["diversity"] = _diversity(gen, ex, dev, text, len(captions), seed, wdir, slices[0].stop)
+    out["diversity"] = _diversity(gen, ex, dev, dtype, text, len(captions), seed, wdir, slices[0].stop)
     out["_spi"] = sum(float(r["seconds"][0]) for r in recs) / max(1, num)
     if ref == "both":
         out.update({"fd_teacher": teacher_m["fd"], "kid_teacher": teacher_m["kid_mean"],
@@ -563,7 +596,7 @@ def _run(gen, ex, dev, captions, labels, ds, seed, num, ref, slices, wdir, tdir,
     return out
 
 
-def _diversity(gen, ex, dev, text: _Text, num: int, seed: int, wdir: Path, batch_size: int) -> float:
+def _diversity(gen, ex, dev, dtype, text: _Text, num: int, seed: int, wdir: Path, batch_size: int) -> float:
     """Within-prompt diversity: the first DIVERSITY_PROMPTS prompts, each with DIVERSITY_SAMPLES noises (embedded
     as one set when it fits SWD_MAX_BYTES, as the fake set)."""
     k = min(DIVERSITY_PROMPTS, num)
@@ -576,7 +609,7 @@ def _diversity(gen, ex, dev, text: _Text, num: int, seed: int, wdir: Path, batch
         r = rec.get(b, want)
         if r is None:
             if dtext is None:
-                place(gen, dev)
+                place(gen, dev, dtype)
                 dtext = [t for t in text[slice(0, k)] for _ in range(DIVERSITY_SAMPLES)]
             x0, _ = _timed_generate(gen, dtext[sl], nz, dev)
             img = gen.decode(x0).cpu()

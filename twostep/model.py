@@ -153,6 +153,29 @@ class Teacher(SampleSpace):
                                  return_trajectory=return_trajectory)
 
 
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(name: str, device) -> torch.dtype:
+    """A --dtype (auto | bf16 | fp16 | fp32) for `device`: auto = bf16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return COMPUTE_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in COMPUTE_DTYPES.items() if v == dtype)
+
+
+def place_weights(module, parts, device, dtype: torch.dtype) -> None:
+    """A transformer (or a student's) on `device` in `dtype`, and a ZImagePipeline model's text encoder with it.
+    The samplers keep fp32 states and Euler updates: ZImageBackbone.raw_output casts its inputs to the weights'
+    dtype and its output back (t stays fp32), as ZImagePipeline runs a bf16 transformer."""
+    module.to(device, dtype)
+    if parts is not None:
+        parts.place(device, dtype)
+
+
 def load_teacher(folder: Path, dtype: torch.dtype | None = None) -> Teacher:
     """A teacher folder or ZImagePipeline folder, frozen. `dtype` (default fp32) is the dtype its transformer is
     read in: a 6B bf16 pipeline read as bf16 takes 12 GB of host memory instead of 25 GB per process."""

@@ -76,7 +76,7 @@ from ..data import get_captions, prompt_file_identity, read_prompts, repeat_prom
 from ..errors import UserError
 from ..io.files import atomic_write_bytes, atomic_write_text, one_line, sha256_file, sha256_text
 from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity, twostep_command
-from ..model import load_teacher
+from ..model import COMPUTE_DTYPES, compute_dtype, dtype_name, load_teacher, place_weights
 
 FORMAT = CACHE_FORMAT  # "twostep-teacher-cache"
 VERSION = 2
@@ -84,7 +84,7 @@ READS = (1, 2)         # the format versions load_cache reads
 MANIFEST = "manifest.json"
 META_KEY = "twostep_cache"
 SIGMA_TOL = 1e-6
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype (compute)
+DTYPES = COMPUTE_DTYPES                                                           # --dtype (compute)
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}                   # --store-dtype
 NOISE_MEMO_BYTES = 256 << 20  # regenerated per-shard noise kept (LRU) by a loaded cache
 
@@ -397,7 +397,7 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
     teacher = load_teacher(teacher_folder)
     ident = teacher_identity(teacher_folder, teacher.config)
     pipeline = bool(teacher.config.get("pipeline"))
-    cdtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cdtype = compute_dtype(dtype, dev)
     store = store_dtype if store_dtype != "auto" else ("bf16" if pipeline else "fp32")
     sdtype = STORE_DTYPES[store]
     s = teacher.sampling
@@ -405,7 +405,7 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
     keep = parse_states(states, sigmas, pixel=not pipeline)
     shape = tuple(teacher.noise(1, 0).shape[1:])
     noise_mode = "sample" if pipeline else "shard"
-    compute = f"{dev.type}/{next(k for k, v in DTYPES.items() if v == cdtype)}"
+    compute = f"{dev.type}/{dtype_name(cdtype)}"
     params = {"data": _data_key(data) if data is not None else None, "num": num, "seed": seed,
               "shard_size": shard_size, "states": [float(sigmas[i]) for i in keep], "store_dtype": store,
               "noise": noise_mode, "sample_shape": list(shape), "compute": compute}
@@ -480,9 +480,7 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
         else:
             todo.append(k)
     if todo:
-        teacher.backbone.to(dev, cdtype)
-        if teacher.parts is not None:  # the text encoder where the transformer is (the VAE is never loaded)
-            teacher.parts.place(dev, cdtype)
+        place_weights(teacher.backbone, teacher.parts, dev, cdtype)  # with the text encoder; never the VAE
     bar = None
     if progress and procs.rank == 0 and todo:
         from tqdm.auto import tqdm  # heavy: only with a bar
