@@ -448,8 +448,7 @@ def _run(gen, ex, dev, dtype, captions, labels, ds, seed, num, ref, slices, wdir
     keep_images = _images_fit(num, img_shape)   # SWD needs the whole sets
     need_tref = tdir is not None
     tstore = _teacher_store(tid, captions, seed, slices[0].stop, dev, dtype) if need_tref else None
-    if dtype != torch.float32:  # every text chunk from the encoder in `dtype`, the teacher pass's too
-        place_text(gen, dev, dtype)
+    place_text(gen, dev, dtype)  # every text chunk from the encoder where and as the model runs it (CUDA / bf16)
     # a set that fits SWD_MAX_BYTES keeps its images and is embedded (and read for alignment) as one set at the
     # end, in the extractor's own batches from image 0: the bytes of the in-memory protocol whatever batch_size;
     # a larger set is embedded batch by batch
