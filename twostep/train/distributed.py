@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..io.files import atomic_write_text, load_tensors, tensors_sha256
+from ..model import compute_dtype
 
 
 def accelerator(cfg):
@@ -201,10 +202,7 @@ def _fill(param, full: torch.Tensor) -> None:
 
 def frozen_dtype(cfg, device) -> torch.dtype:
     """train.frozen_dtype resolved for the run's device: auto = bf16 on CUDA, fp32 elsewhere."""
-    v = cfg.train.frozen_dtype
-    if v == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[v]
+    return compute_dtype(cfg.train.frozen_dtype, device)
 
 
 def is_dtensor(t) -> bool:
