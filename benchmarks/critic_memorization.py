@@ -5,7 +5,8 @@ For each run folder's last checkpoint: the critic's per-token accuracy and mean 
   held-out  — the same teacher's samples for other captions and noise (a cache built at another seed),
   fake      — the checkpoint's student outputs (not the EMA: the student the critic was trained against),
 each at the same σ and re-noising ε per row. A critic that generalises scores train-real and held-out alike;
-one that memorised its 2048 real images calls held-out samples fake.
+one that memorised its 2048 real images calls held-out samples fake. And wrong-caption — the train reals under
+another row's caption: a critic that checks image against caption calls them fake.
 
   python benchmarks/critic_memorization.py --runs benchmarks/results/budget_curves/work/run-shapes-turbopp-seed0 ...
 """
@@ -76,7 +77,9 @@ def main(argv=None):
         row = {"checkpoint": ck.name,
                "train-real": scores(method.critic, r["final"], text, 7),
                "held-out": scores(method.critic, held.rows(hidx, ["final"])["final"], held.text_rows(hidx), 7),
-               "fake": scores(method.critic, fake, text, 7)}
+               "fake": scores(method.critic, fake, text, 7),
+               # the train reals under another row's caption: a critic that reads the caption calls them fake
+               "wrong-caption": scores(method.critic, r["final"], text[1:] + text[:1], 7)}
         results[run.name] = row
         print(run.name, json.dumps(row), flush=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
