@@ -45,13 +45,14 @@ def cmd_sample(a):
         raise UserError("--prompt-key and --skip-bad go with --prompts FILE")
     check_output_path(a.out, "--out", {"--model": a.model, "--prompts": a.prompts})  # before the work
     prompts = head_prompts(a.prompts, a.rows, key=a.prompt_key, skip_bad=a.skip_bad) if a.prompts else a.prompt
-    gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
+    dev, wdtype = evaluate.resolve_placement(a.device, a.dtype)
+    gen = evaluate.place(load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype), dev, wdtype)
     if a.eval_prompts:
         caps = report.protocol_grid(gen, a.eval_prompts, a.out, seed=a.seed, prompts=a.rows, per_prompt=a.num,
-                                    scale=a.scale)
+                                    scale=a.scale, device=dev)
         print(f"{len(caps)} eval prompts x {a.num} noises ({gen.describe()}) -> {a.out}")
         return
-    n = report.prompt_grid(gen, prompts, a.out, seed=a.seed, per_prompt=a.num, scale=a.scale)
+    n = report.prompt_grid(gen, prompts, a.out, seed=a.seed, per_prompt=a.num, scale=a.scale, device=dev)
     print(f"{n} images ({gen.describe()}) -> {a.out}")
 
 
@@ -99,7 +100,8 @@ def cmd_eval(a):
         check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features})
     if a.prompt_key is not None and a.prompts is None:
         raise UserError("--prompt-key goes with --prompts FILE")
-    gen = load_generator(a.model, steps=a.steps, guidance=a.guidance)
+    _, wdtype = evaluate.resolve_placement(a.device, a.dtype)  # the weights are read in it
+    gen = load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype)
     res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
                             teacher_dir=a.teacher, progress=not a.no_progress, prompts=a.prompts,
                             prompt_key=a.prompt_key, extractor=a.extractor, clip=a.clip, work=a.work,
@@ -139,8 +141,11 @@ def cmd_demo(a):
 def cmd_speed(a):
     if a.json:  # before the work
         check_output_path(a.json, "--json", {"--teacher": a.teacher, "--student": a.student})
-    r = speed.measure_folders(a.teacher, a.student, batch=a.batch, repeats=a.repeats)
-    r["cmd"] = f"twostep speed --teacher {a.teacher} --student {a.student} --batch {a.batch} --repeats {a.repeats}"
+    r = speed.measure_folders(a.teacher, a.student, batch=a.batch, repeats=a.repeats, device=a.device,
+                              dtype=a.dtype)
+    placed = "".join(f" --{k} {getattr(a, k)}" for k in ("device", "dtype") if getattr(a, k) != "auto")
+    r["cmd"] = f"twostep speed --teacher {a.teacher} --student {a.student} --batch {a.batch} --repeats {a.repeats}" \
+        f"{placed}"
     print(speed.summary(r))
     if a.json:
         evaluate.write_json(a.json, r)
@@ -368,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     spd.add_argument("--student", required=True)
     spd.add_argument("--batch", type=COUNT.arg(), default=default(speed.measure_folders, "batch"))
     spd.add_argument("--repeats", type=COUNT.arg(), default=default(speed.measure_folders, "repeats"))
+    spd.add_argument("--device", default=default(speed.measure_folders, "device"), help=evaluate.DEVICE_HELP)
+    spd.add_argument("--dtype", default=default(speed.measure_folders, "dtype"), choices=list(evaluate.EVAL_DTYPES),
+                     help="dtype both transformers (and a ZImagePipeline's text encoder) are read and run in; the "
+                     "sampler's states and Euler updates stay fp32 (default auto: bf16 on CUDA, fp32 on the CPU; "
+                     "recorded in --json with the device)")
     spd.add_argument("--json", default=None)
     spd.set_defaults(fn=cmd_speed)
 
@@ -397,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per prompt, one noise seed each (--seeds-per-prompt is the same flag)")
     sp.add_argument("--scale", type=UPSCALE.arg(), default=default(report.prompt_grid, "scale"),
                     help="nearest-neighbour upscale of the grid PNG")
+    sp.add_argument("--device", default=default(evaluate.resolve_placement, "device"), help=evaluate.DEVICE_HELP)
+    sp.add_argument("--dtype", default=default(evaluate.resolve_placement, "dtype"), choices=list(evaluate.EVAL_DTYPES),
+                    help="dtype the transformer(s) (and a ZImagePipeline's text encoder) are read and run in; the "
+                    "sampler's states and Euler updates stay fp32, the VAE fp32 (default auto: bf16 on CUDA, fp32 "
+                    "on the CPU)")
     sp.add_argument("--out", required=True, help="PNG file to write")
     sp.set_defaults(fn=cmd_sample)
 

@@ -136,10 +136,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return d
 
 
-def place(gen, device: torch.device, dtype: torch.dtype = torch.float32):
+def resolve_placement(device: str | torch.device | None = "auto",
+                      dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """(device, weights' dtype) of a --device and a --dtype (EVAL_DTYPES), as eval, sample and speed read them:
+    resolve_device, then model.compute_dtype (auto: bf16 on CUDA, fp32 elsewhere)."""
+    if dtype not in EVAL_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: use {DTYPE_HELP}")
+    dev = resolve_device(device)
+    return dev, compute_dtype(dtype, dev)
+
+
+def place(gen, device: torch.device, dtype: torch.dtype = torch.float32, vae: bool = True):
     """Move a generator's networks to `device`: its transformer(s) in `dtype` and a ZImagePipeline's text encoder
-    in `dtype` (model.place_weights, as the teacher cache), its VAE in fp32. Text features and noise follow the
-    samples (the backbone moves captions to the sample's device and casts them to the weights' dtype)."""
+    in `dtype` (model.place_weights, as the teacher cache), its VAE in fp32 (loaded now unless `vae` is False:
+    a caller that never decodes). Text features and noise follow the samples (the backbone moves captions to the
+    sample's device and casts them to the weights' dtype)."""
     device = torch.device(device)
     parts = getattr(gen, "parts", None)
     text = parts if _moves_text(device, dtype) else None  # on the CPU in fp32 it loads where it always has
@@ -147,7 +158,7 @@ def place(gen, device: torch.device, dtype: torch.dtype = torch.float32):
         m = getattr(gen, name, None)
         if m is not None:
             place_weights(m.backbone if name == "teacher" else m, text, device, dtype)
-    if parts is not None and device.type != "cpu":
+    if vae and parts is not None and device.type != "cpu":
         parts._vae().to(device)   # eval decodes every sample: the VAE runs beside the transformer
     return gen
 
@@ -163,8 +174,9 @@ def _moves_text(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type != "cpu" or dtype != torch.float32
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
+def sync(device: torch.device):
+    """Wait for `device`'s queued work (CUDA), so that a clock read after it times the work."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -327,10 +339,7 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
         raise UserError("give either --features DIR or --extractor SPEC (a feature-net folder is also an --extractor)")
     if save_images and work is None:
         raise UserError("--save-images writes into the work folder: pass --work DIR")
-    if dtype not in EVAL_DTYPES:
-        raise UserError(f"--dtype {dtype!r}: use {DTYPE_HELP}")
-    dev = resolve_device(device)
-    wdtype = compute_dtype(dtype, dev)
+    dev, wdtype = resolve_placement(device, dtype)
     spec = extractor or str(features_dir_for(data, features))
     ex = load_extractor(spec, device=dev)
     early = teacher_dir or (gen.config.get("teacher") if gen.config.get("kind") == "student" else None)
@@ -432,10 +441,10 @@ def _bar(progress: bool, desc: str, total_images: int):
 
 
 def _timed_generate(gen, text, noise, dev) -> tuple[torch.Tensor, float]:
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     x0 = gen.generate(text, noise.to(dev)).x0
-    _sync(dev)
+    sync(dev)
     return x0, time.perf_counter() - t0
 
 

@@ -36,11 +36,12 @@ GRID_PROMPTS, GRID_NOISES = 8, 4
 
 
 def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID_PROMPTS,
-                  per_prompt: int = GRID_NOISES, scale: int = 2) -> list[str]:
+                  per_prompt: int = GRID_NOISES, scale: int = 2, device="cpu") -> list[str]:
     """A grid for the eval protocol's fixed prompts and noise, identical for every generator of a benchmark:
     rows = the first `prompts` test-split captions `twostep eval --seed seed` draws, columns = `per_prompt` noises
     drawn with the eval noise seed (column 0 is exactly the noise eval gives those prompts, so it shows the first
-    images eval scores). Returns the captions."""
+    images eval scores). `device`: where `gen` runs (the noise is drawn on the CPU, as eval's). Returns the
+    captions."""
     _check_grid(seed, per_prompt, scale, prompts=prompts)
     check_output_path(path, "--out")  # before the work
     caps = get_dataset(data, gen.image_resolution).sample(prompts, seed=seed, split="test").captions
@@ -48,7 +49,7 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
     order = [j * prompts + i for i in range(prompts) for j in range(per_prompt)]
     text = gen.encode([c for c in caps for _ in range(per_prompt)])
     with torch.no_grad():
-        x = gen.decode(gen.generate(text, noise[order]).x0)
+        x = gen.decode(gen.generate(text, noise[order].to(device)).x0).cpu()
     save_png(grid(x, nrow=per_prompt, scale=scale), path)
     return caps
 
@@ -65,16 +66,17 @@ def _check_grid(seed, per_prompt, scale, **counts) -> None:
         COUNT.check(v, name)
 
 
-def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: int = 8, scale: int = 4) -> int:
+def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: int = 8, scale: int = 4,
+                device="cpu") -> int:
     """`twostep sample --prompt ...`: one row per prompt, `per_prompt` images each (row j: noise seeded by
-    seed + PROMPT_SEED_STRIDE·j). Returns the number of images."""
+    seed + PROMPT_SEED_STRIDE·j, drawn on the CPU); `device`: where `gen` runs. Returns the number of images."""
     _check_grid(seed, per_prompt, scale)
     check_output_path(path, "--out")  # before the work
     rows = []
     for j, pr in enumerate(prompts):
         text = gen.encode([pr] * per_prompt)
         noise = gen.noise(per_prompt, seed + PROMPT_SEED_STRIDE * j)
-        rows.append(gen.decode(gen.generate(text, noise).x0))
+        rows.append(gen.decode(gen.generate(text, noise.to(device)).x0).cpu())
     x = torch.cat(rows)
     save_png(grid(x, nrow=per_prompt, scale=scale), path)
     return len(x)

@@ -10,6 +10,8 @@ itself at 2 Euler steps, no training; `naive_generators` gives its two settings)
 distilled 2-step student, no CFG). `load_generator(folder)` opens a teacher or student folder as one;
 `save_student` / `load_student_generator` write and read a student folder;
 `load_checkpoint_generator(run, update)` reads the EMA student of one of a run's checkpoints.
+Each loader takes `dtype`: the weights are read in it, every tensor cast as it is loaded (no fp32 copy of the
+model first); None (the default) reads them as always, into fp32 modules.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .config import COUNT, NON_NEGATIVE
 from .backbones.zimage import check_transformer_config, check_weights
 from .errors import UserError
 from .io.checkpoints import link_file
-from .io.files import all_finite, atomic_save_tensors, atomic_write_text, load_tensors
+from .io.files import all_finite, atomic_save_tensors, atomic_write_text, cast_floats, load_tensors
 from .io.folders import CONFIG, check_stamps, read_config, save_stamped
 from .model import SampleSpace, check_size_fields, default_sampling, load_teacher
 from .student import TwoStepStudent, build_student_from_config
@@ -197,7 +199,8 @@ def check_student_config(c, folder: Path) -> None:
 WHOLE_TRANSFORMER = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base"]}
 
 
-def load_student_generator(folder) -> StudentGenerator:
+def load_student_generator(folder, dtype: torch.dtype | None = None) -> StudentGenerator:
+    """A student folder (checked: config, stamps, frozen base, weights) as a generator, its weights in `dtype`."""
     folder = Path(folder)
     c = read_config(folder)
     check_student_config(c, folder)
@@ -205,7 +208,7 @@ def load_student_generator(folder) -> StudentGenerator:
     frozen = [s for s in TwoStepStudent.FROZEN_STEMS[c["decoupling"]] if c.get("base_sha256")]
     check_stamps(folder, [s for s in stems if s not in frozen], c)
     _check_frozen_base(folder, frozen, c)
-    return _student_from_files(c, {s: folder / f"{s}.safetensors" for s in stems}, folder, folder)
+    return _student_from_files(c, {s: folder / f"{s}.safetensors" for s in stems}, folder, folder, dtype)
 
 
 def _check_frozen_base(folder: Path, frozen, c: dict) -> None:
@@ -215,10 +218,12 @@ def _check_frozen_base(folder: Path, frozen, c: dict) -> None:
                             "save was interrupted); run `twostep distill --resume` on it to rewrite the model files")
 
 
-def _student_from_files(c: dict, paths: dict, config_dir: Path, folder: Path) -> StudentGenerator:
+def _student_from_files(c: dict, paths: dict, config_dir: Path, folder: Path,
+                        dtype: torch.dtype | None = None) -> StudentGenerator:
     """The StudentGenerator of the checked config `c` from its weight files `paths` ({stem: file}, stamps checked);
-    `config_dir`: where config.json is (for messages); `folder`: the generator's folder (its weight files)."""
-    files = {s: load_tensors(p) for s, p in paths.items()}
+    `config_dir`: where config.json is (for messages); `folder`: the generator's folder (its weight files).
+    `dtype`: each tensor read in it, into a student built without storage; None: as stored, into fp32 modules."""
+    files = {s: load_tensors(p, cast_floats(dtype)) for s, p in paths.items()}
     for s in WHOLE_TRANSFORMER[c["decoupling"]]:
         check_weights(c["transformer"], files[s], paths[s], str(config_dir / "config.json"))
     check_transformer_config(c["transformer"], str(config_dir / "config.json"), complete=not c.get("pipeline"))
@@ -227,8 +232,8 @@ def _student_from_files(c: dict, paths: dict, config_dir: Path, folder: Path) ->
             raise UserError(f"{paths[s]}: holds NaN/inf weights (saved by a run that diverged); "
                             "distill again with lower learning rates")
     try:
-        st = build_student_from_config(c)
-        st.load_export_state(files)
+        st = build_student_from_config(c, meta=dtype is not None)
+        st.load_export_state(files, assign=dtype is not None)
     except UserError:
         raise
     except (RuntimeError, KeyError, ValueError, TypeError, AssertionError) as e:  # torch / peft / diffusers
@@ -248,14 +253,16 @@ def checkpoint_updates(run_dir) -> list[int]:
         if cks.is_dir() else []
 
 
-def load_checkpoint_generator(run_dir, update: int | None = None) -> StudentGenerator:
+def load_checkpoint_generator(run_dir, update: int | None = None,
+                              dtype: torch.dtype | None = None) -> StudentGenerator:
     """The EMA student of a distillation run's checkpoint at `update` (None: the newest complete one): what
     `twostep eval --model RUN` evaluates once the run has finished at that update (a run folder's model files are
     its newest checkpoint's ema/ files, twostep.train.state), for budget curves taken from one run
     (benchmarks/run.py --eval-at). The run may be unfinished or already past `update`; the checkpoint must be
     complete and of the small format (ema/<stem>.safetensors, issue 17); a lora run's frozen base is the run
     folder's base.safetensors (the same for every checkpoint: stamped with the teacher's hash). The generator's
-    `folder` is the checkpoint's ema/ folder and its config the run's config.json at that update."""
+    `folder` is the checkpoint's ema/ folder and its config the run's config.json at that update; its weights are
+    read in `dtype` (None: as stored, into fp32 modules)."""
     run_dir = Path(run_dir)
     have = checkpoint_updates(run_dir)
     step = have[-1] if update is None and have else (None if update is None else int(update))
@@ -279,17 +286,19 @@ def load_checkpoint_generator(run_dir, update: int | None = None) -> StudentGene
     check_stamps(ck / "ema", [s for s in stems if s not in frozen], c)
     _check_frozen_base(run_dir, frozen, c)
     paths = {s: (run_dir if s in frozen else ck / "ema") / f"{s}.safetensors" for s in stems}
-    return _student_from_files(c, paths, run_dir, ck / "ema")
+    return _student_from_files(c, paths, run_dir, ck / "ema", dtype)
 
 
-def load_generator(folder, steps: int | None = None, guidance: float | None = None) -> Generator:
-    """A teacher folder (at `steps` / `guidance`, default: its own) or a student folder as a Generator."""
+def load_generator(folder, steps: int | None = None, guidance: float | None = None,
+                   dtype: torch.dtype | None = None) -> Generator:
+    """A teacher folder (at `steps` / `guidance`, default: its own) or a student folder as a Generator, its
+    transformer weights read in `dtype` (None: as always, fp32)."""
     cfg = read_config(Path(folder))
     kind = cfg.get("kind")
     if kind == "teacher":
-        return TeacherSampler(load_teacher(folder), steps, guidance)
+        return TeacherSampler(load_teacher(folder, dtype), steps, guidance)
     if kind == "student":
         if steps is not None or guidance is not None:
             raise UserError(f"{folder}: a student knows its own steps and runs without CFG; drop --steps/--guidance")
-        return load_student_generator(folder)
+        return load_student_generator(folder, dtype)
     raise UserError(f"{folder}/config.json: unknown model kind {kind!r}; expected 'teacher' or 'student'")

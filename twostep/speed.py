@@ -1,5 +1,7 @@
 """`twostep speed`: teacher (default steps, with its CFG) vs student (2 steps) images/sec, timed interleaved in one
-process after warm-up (ratios measured in one run: these machines are noisy). Text features are cached for both."""
+process after warm-up (ratios measured in one run: these machines are noisy). Text features are cached for both.
+Both run on one device with their weights in one dtype (evaluate.resolve_placement, as `twostep eval`); on CUDA
+the clock is read after torch.cuda.synchronize."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 import torch
 
 from .config import COUNT, NON_NEGATIVE_INT
-from .model import check_pair
+from .evaluate import place, resolve_placement, sync
+from .model import check_pair, dtype_name
 from .sampling import load_generator
 
 
@@ -23,11 +26,12 @@ def _check_counts(batch, repeats, warmup=0) -> None:
 
 
 def measure(teacher_gen, student_gen, batch: int = BATCH, repeats: int = REPEATS, warmup: int = 1,
-            prompts=None) -> dict:
+            prompts=None, device="cpu") -> dict:
+    """Median seconds per batch of each generator (already on `device`), interleaved after `warmup` rounds."""
     _check_counts(batch, repeats, warmup)
     prompts = prompts or ["a large red circle center, gray background"] * batch
-    text = teacher_gen.encode(prompts[:batch])  # cached text features, shared by both
-    noise = teacher_gen.noise(batch, 0)
+    text = [t.to(device) for t in teacher_gen.encode(prompts[:batch])]  # cached text features, shared by both
+    noise = teacher_gen.noise(batch, 0).to(device)
     times = {"teacher": [], "student": []}
     gens = {"teacher": teacher_gen, "student": student_gen}
     with torch.inference_mode():
@@ -36,8 +40,10 @@ def measure(teacher_gen, student_gen, batch: int = BATCH, repeats: int = REPEATS
                 g.generate(text, noise)
         for _ in range(repeats):  # interleaved: teacher, student, teacher, student, ...
             for k, g in gens.items():
+                sync(device)
                 t0 = time.perf_counter()
                 g.generate(text, noise)
+                sync(device)
                 times[k].append(time.perf_counter() - t0)
     res = {"batch": batch, "repeats": repeats}
     for k, g in gens.items():
@@ -49,13 +55,20 @@ def measure(teacher_gen, student_gen, batch: int = BATCH, repeats: int = REPEATS
     return res
 
 
-def measure_folders(teacher_dir, student_dir, batch: int = BATCH, repeats: int = REPEATS) -> dict:
+def measure_folders(teacher_dir, student_dir, batch: int = BATCH, repeats: int = REPEATS, device: str = "auto",
+                    dtype: str = "auto") -> dict:
     """`twostep speed`: measure() of a teacher folder (its default steps and CFG) against a student folder made
-    from it (refused when their sample spaces differ)."""
+    from it (refused when their sample spaces differ), both on `device` (auto | cpu | cuda[:N]) with their weights
+    read in `dtype` (auto | bf16 | fp32; auto: bf16 on CUDA, fp32 on the CPU); the record names both."""
     _check_counts(batch, repeats)
-    student = load_generator(student_dir)
+    dev, wdtype = resolve_placement(device, dtype)
+    student = load_generator(student_dir, dtype=wdtype)
     check_pair(student.config, teacher_dir)
-    return measure(load_generator(teacher_dir), student, batch=batch, repeats=repeats)
+    teacher = load_generator(teacher_dir, dtype=wdtype)
+    for g in (teacher, student):
+        place(g, dev, wdtype, vae=False)  # nothing is decoded
+    res = measure(teacher, student, batch=batch, repeats=repeats, device=dev)
+    return {**res, "device": str(dev), "dtype": dtype_name(wdtype)}
 
 
 def summary(r: dict) -> str:

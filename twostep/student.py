@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import flow
-from .backbones.zimage import ZImageBackbone
+from .backbones.zimage import ZImageBackbone, check_materialized
 from .errors import UserError
 
 STEP_NAMES = ("step1", "step2")
@@ -181,15 +181,19 @@ class TwoStepStudent(nn.Module):
             return f"{stem}.transformer."
         return "shared.transformer." if self.decoupling == "shared" else "base.transformer."
 
-    def load_export_state(self, files: dict[str, dict[str, torch.Tensor]]):
+    def load_export_state(self, files: dict[str, dict[str, torch.Tensor]], assign: bool = False):
+        """export_state's files into this module; `assign`: its tensors become the files' (their dtype; a student
+        built on the meta device, build_student_from_config(meta=True), gets its storage)."""
         if self.decoupling == "full":
-            self.step1.transformer.load_state_dict(files["step1"])
-            self.step2.transformer.load_state_dict(files["step2"])
+            self.step1.transformer.load_state_dict(files["step1"], assign=assign)
+            self.step2.transformer.load_state_dict(files["step2"], assign=assign)
         elif self.decoupling == "shared":
-            self.shared.transformer.load_state_dict(files["model"])
+            self.shared.transformer.load_state_dict(files["model"], assign=assign)
         else:
             sd = {**files["base"], **files["step1"], **files["step2"]}
-            self.base.transformer.load_state_dict(sd)
+            self.base.transformer.load_state_dict(sd, assign=assign)
+        if assign:
+            check_materialized(self, "student")
 
 
 def deepcopy_sharing_frozen(module: nn.Module) -> nn.Module:
@@ -252,7 +256,10 @@ def student_config(teacher_cfg: dict, cfg, teacher_folder: Path | None) -> dict:
             **{k: teacher_cfg[k] for k in ("height", "width", "image_height", "image_width") if k in teacher_cfg}}
 
 
-def build_student_from_config(c: dict) -> TwoStepStudent:
-    base = ZImageBackbone.from_config(c["transformer"])
-    return TwoStepStudent(base, c["decoupling"], c["sigma_mid"], c.get("mid_noise", "same"),
-                          c.get("lora_rank", 16), c.get("lora_alpha", 16.0), c.get("lora_targets", ["to_q"]))
+def build_student_from_config(c: dict, meta: bool = False) -> TwoStepStudent:
+    """The student a folder's config.json describes; `meta`: on the meta device, without storage (then
+    load_export_state(assign=True))."""
+    with torch.device("meta") if meta else nullcontext():
+        base = ZImageBackbone.from_config(c["transformer"])
+        return TwoStepStudent(base, c["decoupling"], c["sigma_mid"], c.get("mid_noise", "same"),
+                              c.get("lora_rank", 16), c.get("lora_alpha", 16.0), c.get("lora_targets", ["to_q"]))

@@ -7,6 +7,7 @@ All conventions come from twostep.flow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ from torch import nn
 
 from .. import flow
 from ..errors import UserError
-from ..io.files import all_finite
+from ..io.files import all_finite, cast_floats
 
 
 def tiny_zimage_config(in_channels: int = 3, dim: int = 128, n_layers: int = 4, n_heads: int = 2,
@@ -149,9 +150,12 @@ def save_backbone(backbone: ZImageBackbone, folder: Path, state_dict: dict | Non
     tmp.replace(folder / filename)
 
 
-def load_backbone(config: dict, weights: Path) -> ZImageBackbone:
+def load_backbone(config: dict, weights: Path, dtype: torch.dtype | None = None) -> ZImageBackbone:
     """A twostep folder's transformer: its config.json `transformer` section checked (check_transformer_config),
-    the weights checked against it (check_weights: one line naming the field that disagrees) and finite."""
+    the weights checked against it (check_weights: one line naming the field that disagrees) and finite.
+    `dtype`: read in it, each tensor cast as it is loaded, into a transformer built without storage (no fp32
+    copy of the model is ever made); None: as stored, into an fp32 transformer."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     weights = Path(weights)
@@ -160,7 +164,12 @@ def load_backbone(config: dict, weights: Path) -> ZImageBackbone:
     if not weights.exists():
         raise UserError(f"{weights}: weights file missing; point --teacher/--model at a folder written by twostep")
     try:
-        sd = load_file(str(weights))
+        if dtype is None:
+            sd = load_file(str(weights))
+        else:
+            cast = cast_floats(dtype)
+            with safe_open(str(weights), "pt") as f:
+                sd = {k: cast(k, f.get_tensor(k)) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise UserError(f"{weights}: cannot read safetensors ({e}); re-create or re-download the file")
     check_weights(config, sd, weights, where)
@@ -168,9 +177,16 @@ def load_backbone(config: dict, weights: Path) -> ZImageBackbone:
     if not all_finite(sd):
         raise UserError(f"{weights}: holds NaN/inf weights (saved by a run that diverged); retrain the model or "
                         "restore the file")
-    bb = build_checked(config, where)
-    load_checked(bb.transformer, sd, weights)
+    bb = build_checked(config, where, meta=dtype is not None)
+    load_checked(bb.transformer, sd, weights, assign=dtype is not None)
     return bb
+
+
+def check_materialized(module: nn.Module, where) -> None:
+    """After a load into a module built on the meta device: every parameter and buffer holds a loaded value."""
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{where}: {len(left)} tensors were not loaded (first: {left[0]})")
 
 
 # -- a folder's config.json against its weights: one line naming the field, not a size-mismatch traceback ---------
@@ -229,10 +245,12 @@ def check_transformer_config(config, where: str, complete: bool = True) -> None:
         raise bad("axes_lens", f"a list as long as axes_dims ({len(axes)})")
 
 
-def build_checked(config: dict, where: str) -> ZImageBackbone:
-    """ZImageBackbone.from_config of a checked config; whatever diffusers still refuses is one line naming `where`."""
+def build_checked(config: dict, where: str, meta: bool = False) -> ZImageBackbone:
+    """ZImageBackbone.from_config of a checked config (`meta`: on the meta device, no storage, for a load with
+    assign); whatever diffusers still refuses is one line naming `where`."""
     try:
-        return ZImageBackbone.from_config(config)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return ZImageBackbone.from_config(config)
     except UserError:
         raise
     except Exception as e:  # diffusers asserts / raises TypeError or ValueError for settings it cannot build
@@ -284,8 +302,10 @@ def check_weights(config: dict, sd: dict[str, torch.Tensor], weights: Path, wher
                             "the folder's original config.json)")
 
 
-def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], weights: Path, strict: bool = True) -> None:
-    """module.load_state_dict(sd) with a one-line UserError for missing / unexpected names or other shapes."""
+def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], weights: Path, strict: bool = True,
+                 assign: bool = False) -> None:
+    """module.load_state_dict(sd) with a one-line UserError for missing / unexpected names or other shapes.
+    `assign`: the module's tensors become sd's (their dtype; a module built on the meta device gets its storage)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -296,4 +316,6 @@ def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], weights: Path, 
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise UserError(f"{weights}: tensor {k} has shape {list(v.shape)} but config.json implies "
                             f"{list(own[k].shape)}; the folder's config.json and weights come from different models")
-    module.load_state_dict(sd, strict=strict)
+    module.load_state_dict(sd, strict=strict, assign=assign)
+    if assign:
+        check_materialized(module, weights)

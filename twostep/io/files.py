@@ -77,6 +77,13 @@ def load_tensors(path: Path, transform=None) -> dict[str, torch.Tensor]:
                         "delete it and re-create it")
 
 
+def cast_floats(dtype: torch.dtype | None):
+    """A load_tensors `transform` reading every floating-point tensor in `dtype` as it is loaded (None: as stored)."""
+    if dtype is None:
+        return None
+    return lambda name, t: t.to(dtype) if t.is_floating_point() else t
+
+
 def all_finite(sd: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
 
