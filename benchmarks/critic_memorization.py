@@ -9,6 +9,7 @@ one that memorised its 2048 real images calls held-out samples fake. And wrong-c
 another row's caption: a critic that checks image against caption calls them fake.
 
   python benchmarks/critic_memorization.py --runs benchmarks/results/budget_curves/work/run-shapes-turbopp-seed0 ...
+  python benchmarks/critic_memorization.py --table-only   # the markdown table (--out with .md) from the JSON
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ from twostep.train.distributed import load_module  # noqa: E402
 from twostep.train.loop import prepare_method  # noqa: E402
 
 
+SETS = ("train-real", "held-out", "wrong-caption", "fake")
+
+
+def table(results: dict) -> str:
+    """The JSON's fraction of tokens called real, a row per run."""
+    lines = ["| run | checkpoint | " + " | ".join(SETS) + " |", "|---|---|" + "---|" * len(SETS)]
+    for run, row in results.items():
+        lines.append(f"| {run} | {row['checkpoint']} | " +
+                     " | ".join(f"{row[k]['p_real']:.2f}" if k in row else "—" for k in SETS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @torch.no_grad()
 def scores(critic, images, text, seed: int, batch: int = 64) -> dict:
     acc, logit = [], []
@@ -47,15 +60,16 @@ def scores(critic, images, text, seed: int, batch: int = 64) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", type=Path, required=True)
+    ap.add_argument("--runs", nargs="+", type=Path, default=[])
     ap.add_argument("--num", type=int, default=512, help="images per set")
     ap.add_argument("--heldout-seed", type=int, default=1, help="seed of the held-out teacher cache")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/results/budget_curves/work"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/budget_curves/critic_memorization.json"))
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the .md table from --out")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     results = json.loads(a.out.read_text()) if a.out.exists() else {}
-    for run in a.runs:
+    for run in [] if a.table_only else a.runs:
         rc = json.loads((run / "config.json").read_text())
         ck = latest_checkpoint(run / "checkpoints")
         cfg = load_config(run / "config.yaml")
@@ -83,6 +97,8 @@ def main(argv=None):
         results[run.name] = row
         print(run.name, json.dumps(row), flush=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
+    a.out.with_suffix(".md").write_text(table(results))
+    print(a.out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
