@@ -213,3 +213,24 @@ def test_speed_reads_the_clock_after_a_device_sync(monkeypatch):
     E.sync(torch.device("cuda:0"))
     E.sync(torch.device("cpu"))
     assert seen == ["cuda:0"]
+
+
+def test_sample_of_a_zimage_pipeline_in_bf16(tmp_path, capsys, monkeypatch):
+    """`twostep sample --dtype bf16` of a tiny ZImagePipeline folder: the transformer and text encoder it samples
+    with are bf16, the VAE fp32, and the grid differs from fp32's only by round-off."""
+    from test_pipeline_teacher import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(tmp_path / "pipe")
+    seen = []
+    place = E.place
+    monkeypatch.setattr(E, "place", lambda gen, *a, **k: seen.append(place(gen, *a, **k)) or seen[-1])
+    for dt in ("fp32", "bf16"):
+        rc, _, err = _run(["sample", "--model", pipe, "--prompt", "a red circle", "--num", "2", "--steps", "2",
+                           "--scale", "1", "--dtype", dt, "--out", tmp_path / f"{dt}.png"], capsys)
+        assert rc == 0, err
+    gen = seen[-1]
+    assert {p.dtype for p in gen.teacher.backbone.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in gen.parts.text_pipe.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in gen.parts.vae.parameters()} == {torch.float32}
+    a, b = _pixels(tmp_path / "fp32.png"), _pixels(tmp_path / "bf16.png")
+    assert a.shape == b.shape and np.abs(a - b).max() > 0 and np.abs(a - b).mean() < 8.0
