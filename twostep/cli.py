@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from . import demo, evaluate, report, speed
+from . import __version__, demo, evaluate, report, speed
 from .config import COUNT, NON_NEGATIVE, POSITIVE, SEED, UPSCALE, add_config_flags, dump_config, load_flagged_config
 from .data.prompts import FORMATS_HELP as PROMPT_FILES_HELP, head_prompts
 from .errors import UserError
@@ -176,6 +176,7 @@ def default(fn, name: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twostep", description="Distill a few-step flow-matching text-to-image model "
                                 "into a 2-step generator (Z-Image Turbo++), and measure it honestly.")
+    p.add_argument("--version", action="version", version=f"twostep {__version__}")
     p.add_argument("--threads", type=COUNT.arg(), default=None, help="torch CPU threads (default: OMP_NUM_THREADS if set, else all cores)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
