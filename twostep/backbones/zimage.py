@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import flow
 from ..errors import UserError
-from ..io.files import all_finite, cast_floats
+from ..io.files import all_finite, cast_floats, unreadable
 
 
 def tiny_zimage_config(in_channels: int = 3, dim: int = 128, n_layers: int = 4, n_heads: int = 2,
@@ -170,8 +170,8 @@ def load_backbone(config: dict, weights: Path, dtype: torch.dtype | None = None)
             cast = cast_floats(dtype)
             with safe_open(str(weights), "pt") as f:
                 sd = {k: cast(k, f.get_tensor(k)) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise UserError(f"{weights}: cannot read safetensors ({e}); re-create or re-download the file")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files; memory, permissions:
+        raise unreadable(weights, e, "re-create or re-download the file") from None  # said as what they are
     check_weights(config, sd, weights, where)
     check_transformer_config(config, where)
     if not all_finite(sd):

@@ -7,6 +7,7 @@ bytes, e.g. to prove that processes hold the same weights or that the teacher ne
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -73,8 +74,47 @@ def load_tensors(path: Path, transform=None) -> dict[str, torch.Tensor]:
                 return {k: transform(k, f.get_tensor(k)) for k in f.keys()}
         return load_file(str(path))
     except Exception as e:
-        raise UserError(f"{path}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt, "
-                        "delete it and re-create it")
+        raise unreadable(path, e, "delete it and re-create it") from None
+
+
+# Errors classified by cause: what went wrong while a file was read or written is said as what it is. Running out
+# of memory, a full disk or a permission is never reported as "truncated or corrupt" (a user would delete a good
+# model for it); only an error about the bytes themselves is.
+_OS_CAUSES = {errno.ENOSPC: "the disk is full (free space on it, or write elsewhere)",
+              errno.EDQUOT: "the disk quota is exceeded (free space, or write elsewhere)",
+              errno.EACCES: "permission denied (fix the file's permissions, or use another path)",
+              errno.EPERM: "operation not permitted (fix the file's permissions, or use another path)",
+              errno.EROFS: "the filesystem is read-only (use another path)",
+              errno.ENOMEM: "out of memory"}
+_MEMORY_WORDS = ("cannot allocate memory", "can't allocate memory", "out of memory", "os error 12")
+
+
+def cause(e: BaseException) -> str | None:
+    """What an exception says about its cause when that is not the file's contents: memory, disk space,
+    permissions (None: an error about the bytes, e.g. a truncated header). Memory errors come as MemoryError,
+    as an OSError ENOMEM, or as a RuntimeError from torch's allocator or safetensors' mmap."""
+    if isinstance(e, MemoryError) or any(w in str(e).lower() for w in _MEMORY_WORDS):
+        return "out of memory (the file is not at fault: free memory, or use a smaller dtype / batch)"
+    if isinstance(e, OSError) and e.errno in _OS_CAUSES:
+        return _OS_CAUSES[e.errno]
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return f"{e.strerror or type(e).__name__}"
+    return None
+
+
+def unreadable(path, e: BaseException, fix: str = "delete it and re-create it") -> UserError:
+    """The UserError for a weights file `path` that could not be read because of `e`: its cause when it is not the
+    file (`cause`), else "truncated or corrupt" and `fix`."""
+    why = cause(e)
+    if why is not None:
+        return UserError(f"{path}: cannot be read: {why}")
+    return UserError(f"{path}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt, {fix}")
+
+
+def unwritable(path, e: BaseException) -> UserError:
+    """The UserError for a file `path` that could not be written because of `e` (an OSError): its cause."""
+    why = cause(e) or (getattr(e, "strerror", None) or type(e).__name__)
+    return UserError(f"{path}: cannot be written: {why}")
 
 
 def cast_floats(dtype: torch.dtype | None):

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from .files import atomic_save_tensors, atomic_write_text, sha256_file
+from .files import atomic_save_tensors, atomic_write_text, sha256_file, unreadable
 from .pipeline_format import is_pipeline_folder, pipeline_config, save_sidecar, transformer_weights_sha256
 
 CONFIG = "config.json"
@@ -141,7 +141,7 @@ def check_stamps(folder: Path, stems, config: dict):
             with safe_open(str(p), "pt") as f:
                 got = (f.metadata() or {}).get("updates", want)
         except Exception as e:
-            raise UserError(f"{p}: unreadable safetensors ({type(e).__name__}); the file is truncated or corrupt")
+            raise unreadable(p, e, "re-create it") from None
         if got != want:
             raise UserError(f"{folder}: {p.name} is from update {got} but config.json from update {want} (a save was "
                             "interrupted); run `twostep distill --resume` on it to rewrite the model files")
