@@ -113,6 +113,9 @@ def _format(path: Path) -> str:
         raise UserError(f"{path}: prompt file not found; --prompts takes {FORMATS_HELP}")
     if path.is_dir():
         raise UserError(f"{path}: is a folder; --prompts takes {FORMATS_HELP} (a folder dataset goes to --data)")
+    if not path.is_file():  # os.stat, never open: reading a FIFO would block for ever, a device never end
+        raise UserError(f"{path}: not a regular file (a FIFO, socket or device); --prompts takes {FORMATS_HELP}, "
+                        "saved to disk")
     if fmt is None:
         what = f"unknown prompt file type {path.suffix!r}" if path.suffix else "no file extension to tell its format"
         raise UserError(f"{path}: {what}; --prompts takes {FORMATS_HELP}")
@@ -202,10 +205,11 @@ class _Reader:
             raise UserError(f"{self.path}: a binary file (NUL bytes in its first {SNIFF_BYTES} bytes), not a "
                             f"prompt file; --prompts takes {FORMATS_HELP} in UTF-8")
 
-    def _lines(self):
+    def _lines(self, blank: bool = False):
         """(line number, decoded line or None when bad) for every physical line; trailing blank lines dropped,
-        other blank lines reported as empty prompts. Lines are read with a 1 MiB cap (a huge line is skipped
-        in chunks, never held whole)."""
+        other blank lines reported as empty prompts (`blank`: yielded as "" instead, for a CSV, where a blank
+        line may be part of a quoted field). Lines are read with a 1 MiB cap (a huge line is skipped in chunks,
+        never held whole)."""
         pending: list[int] = []   # blank lines not yet followed by a non-blank one
         with open(self.path, "rb") as f:
             n = 0
@@ -236,7 +240,7 @@ class _Reader:
                     yield n, self._bad_line(pending, n, f"not valid UTF-8 (byte {e.start})", "not UTF-8",
                                             "save the file as UTF-8")
                     continue
-                if not line.strip():
+                if not line.strip() and not blank:
                     pending.append(n)
                     continue
                 if pending:
@@ -297,7 +301,7 @@ class _Reader:
                         "pass --prompt-key COLUMN")
 
     def _csv(self):
-        lines = self._lines()
+        lines = self._lines(blank=True)  # blank lines go to the csv reader: inside quotes they are the field's
         start = [0]  # line number of the record being parsed
 
         def physical():
@@ -309,12 +313,13 @@ class _Reader:
 
         reader = csv.reader(physical(), strict=True)
         col = None
+        pending: list[int] = []  # blank lines outside quotes (empty rows) not yet followed by a record
         while True:
             start[0] = 0
             try:
                 row = next(reader)
             except StopIteration:
-                break
+                break  # blank lines at the end are dropped
             except csv.Error as e:
                 if col is None:
                     raise UserError(f"{self.path} line {start[0] or 1}: the header row is not valid CSV "
@@ -322,6 +327,10 @@ class _Reader:
                 self._bad(start[0], f"not valid CSV ({_short(e)})", "invalid CSV")
                 continue
             n = start[0]
+            if not row or (len(row) == 1 and not row[0].strip()):
+                pending.append(n)  # a blank line between records: an empty prompt unless only blanks follow
+                continue
+            self._flush(pending)
             if col is None:
                 names = [c.strip() for c in row]
                 col = names.index(self._column(names, "column"))
@@ -345,6 +354,9 @@ class _Reader:
                             f"{FORMATS_HELP}")
         schema = pf.schema_arrow
         name = self._column(list(schema.names), "column")
+        if list(schema.names).count(name) > 1:
+            raise UserError(f"{self.path}: {list(schema.names).count(name)} columns are named {name!r}; rename "
+                            "them apart (or pass --prompt-key with another column)")
         typ = schema.field(name).type
         if pa.types.is_dictionary(typ):
             typ = typ.value_type
