@@ -93,6 +93,12 @@ VARIANTS = {
     "choice-lr-1e-4": (None, ["train.lr_student=0.0001"]),   # the full-model rate at the LoRA rate
     # no discriminator head start (the session-2 setting; benchmarks/results/disc_probe.md says why it sat at chance)
     "choice-no-head-start": (None, ["train.d_warmup=0", "train.lr_disc=0.0002", "disc.sigma_mean=0.0"]),
+    # issue 25's leads against the decay after 300 updates (one change each from the default)
+    "lead-mismatch": (None, ["disc.mismatch_weight=1.0"]),          # matching-aware critic (wrong-caption fakes)
+    "lead-step1-consistency": (None, ["loss.step1_loss=consistency"]),  # x̂0₁ regressed to sg(x̂0₂)
+    "lead-ema-0.999": (None, ["train.ema=0.999"]),
+    "lead-lr-half-life-1000": (None, ["train.lr_half_life=1000"]),
+    "lead-disc-sigma-0": (None, ["disc.sigma_mean=0.0"]),           # the critic judges at higher noise too
     "ladd": ("configs/ladd.yaml", []),
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),

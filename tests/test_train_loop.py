@@ -206,3 +206,11 @@ def test_fused_adamw_is_the_cuda_default_and_gives_the_foreach_update(tiny_loop)
     trainable = estimate(_cfg(1), ZIMAGE_TURBO, 1)["counts"]["student_trainable"]
     assert step("foreach") - step("auto") == step("foreach") - step("fused") == 4 * trainable
     assert step("foreach", "cpu") == step("auto", "cpu")
+
+
+def test_lr_half_life_halves_the_student_rate_and_ignores_the_budget():
+    from twostep.train.steps import lr_scale
+    assert lr_scale(1, 0, 0) == 1.0
+    assert lr_scale(1000, 0, 1000) == pytest.approx(0.5)
+    assert lr_scale(2000, 0, 1000) == pytest.approx(0.25)
+    assert lr_scale(5, 10, 1000) == pytest.approx(0.5 * 0.5 ** (5 / 1000))   # times the warm-up

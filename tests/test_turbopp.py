@@ -150,3 +150,52 @@ def test_teacher_is_bit_identical_after_training_updates():
     assert all(torch.equal(before[k], v) for k, v in m.teacher.state_dict().items())
     assert all(p.grad is None for p in m.teacher.parameters())
     assert all(id(p) not in {id(q) for q in m.teacher.parameters()} for p in m.critic_parameters())
+
+
+def test_step1_consistency_targets_the_detached_final_image_and_reaches_theta1_only():
+    m = _method("loss.step1_loss=consistency", "loss.adv_weight=0.0")
+    b = _batch()
+    loss, logs = m.student_loss(b)
+    with torch.no_grad():
+        out = m.student(b["noise"], b["text"])
+    assert logs["step1"] == pytest.approx(torch.nn.functional.mse_loss(out["x0_1"], out["x0_2"]).item(), rel=1e-5)
+    loss.backward()
+    assert _nonzero(_grads(m.student.step_parameters(1)))
+    assert not _nonzero(_grads(m.student.step_parameters(2)))  # sg(x̂0₂): the target never trains θ2
+
+
+def test_mismatch_critic_sees_teacher_reals_with_rolled_captions_as_extra_fakes(monkeypatch):
+    from twostep import discriminator as D
+    m = _method("disc.mismatch_weight=1.0", "loss.step1_loss=none")
+    b = _batch()
+    b["text"] = [t + i for i, t in enumerate(b["text"])]   # distinct captions
+    seen = []
+    orig = m.critic.features
+
+    def spy(x0, text, sigma, noise):
+        seen.append((x0.detach().clone(), [t.clone() for t in text]))
+        return orig(x0, text, sigma, noise)
+
+    monkeypatch.setattr(m.critic, "features", spy)
+    loss_m, logs = m.critic_loss(b)
+    assert len(seen) == 3                                          # real, fake, real with the wrong caption
+    x, text = seen[2]
+    assert torch.equal(x, b["teacher_final"])                      # the teacher's reals ...
+    rolled = b["text"][1:] + b["text"][:1]
+    assert all(torch.equal(a, r) for a, r in zip(text, rolled))    # ... with the next row's caption
+    assert "d_acc_mismatch" in logs
+    # the extra term is a fake term: with it, the loss is larger than without (same draws)
+    torch.manual_seed(1)
+    loss_m, _ = m.critic_loss(b)
+    m.cfg.disc.mismatch_weight = 0.0
+    torch.manual_seed(1)
+    loss_0, _ = m.critic_loss(b)
+    assert loss_m.item() > loss_0.item()
+
+
+def test_mismatch_skips_rows_whose_rolled_caption_is_their_own():
+    from twostep.discriminator import mismatched_captions
+    a, c = torch.zeros(3, 4), torch.ones(2, 4)
+    rolled, keep = mismatched_captions([a, a, c])
+    assert keep.tolist() == [False, True, True]
+    assert rolled[0] is a and rolled[2] is a

@@ -175,6 +175,8 @@ class DiscriminatorConfig:
     sigma_mean: float = opt(-1.5, "logit-normal mean of the re-noising σ (−1.5: mostly low noise; LADD biases it to "
                             "high noise, +1)", range=FINITE)
     sigma_std: float = opt(1.0, "logit-normal std of the re-noising σ", range=NON_NEGATIVE)
+    mismatch_weight: float = opt(0.0, "matching-aware critic: weight of the real images paired with a wrong caption "
+                                 "(the batch's captions rolled by one) as extra fakes (0 = off)", range=NON_NEGATIVE)
 
 
 @dataclass
@@ -196,6 +198,9 @@ class TrainConfig:
     warmup: int = opt(0, "linear learning-rate warm-up of the student: update k (1, 2, ...) steps at "
                       "lr × min(1, k / warmup) (0 = off); the critic keeps its rate (train.d_warmup gives it its "
                       "head start)", range=NON_NEGATIVE_INT)
+    lr_half_life: int = opt(0, "exponential decay of the student's learning rate: halved every lr_half_life "
+                            "updates (0 = constant); a function of the update alone, so budgets can be extended",
+                            range=NON_NEGATIVE_INT)
     betas: list = opt([0.0, 0.99], "AdamW betas (β1 = 0 is usual for GANs)", range=BETAS)
     weight_decay: float = opt(0.0, "AdamW weight decay of the student", range=NON_NEGATIVE)
     weight_decay_disc: float = opt(0.01, "AdamW weight decay of the discriminator heads / critic (torch's AdamW "

@@ -188,10 +188,21 @@ def feature_distance(disc: Discriminator, a: torch.Tensor, b: torch.Tensor, text
     return total / len(fa)
 
 
+def mismatched_captions(text) -> tuple[list, torch.Tensor]:
+    """The batch's captions rolled by one (row i gets row i+1's caption) and a mask of the rows whose rolled
+    caption really differs from their own (a repeated prompt is no mismatch)."""
+    rolled = list(text[1:]) + list(text[:1])
+    keep = torch.tensor([not (a.shape == b.shape and torch.equal(a, b)) for a, b in zip(text, rolled)])
+    return rolled, keep
+
+
 def critic_gan_loss(critic, real: torch.Tensor, text, fake: torch.Tensor, fake_text=None, kind: str = "ns",
-                    r1: float = 0.0):
+                    r1: float = 0.0, mismatch: float = 0.0):
     """The discriminator update shared by Turbo++, LADD and Diffusion2GAN: real and (detached) fake re-noised
     to random σ, GAN loss, optional R1 (Mescheder et al. 2018) on the heads' inputs for real samples only.
+    `mismatch` > 0: the matching-aware discriminator of GAN-INT-CLS (Reed et al. 2016, "Generative adversarial
+    text to image synthesis", §4.1): real images with a wrong caption are extra fakes, weighted by `mismatch`, so
+    the critic must read the caption to call an image real.
     `critic` is any module with sample_sigma / features / heads_logits / forward (features may be nested lists,
     as for a multi-scale discriminator). Returns (loss, logs)."""
     sig_r = critic.sample_sigma(real.shape[0], real.device)
@@ -210,6 +221,14 @@ def critic_gan_loss(critic, real: torch.Tensor, text, fake: torch.Tensor, fake_t
     logits_f = critic(fake.detach(), text if fake_text is None else fake_text)
     loss = d_loss(logits_r, logits_f, kind)
     logs = {}
+    if mismatch > 0:
+        wrong_text, keep = mismatched_captions(text)
+        if keep.any():
+            rows = keep.nonzero().flatten().tolist()
+            logits_m = critic(real[rows].detach(), [wrong_text[i] for i in rows])
+            fake_term = F.relu(1 + logits_m).mean() if kind == "hinge" else F.softplus(logits_m).mean()
+            loss = loss + mismatch * fake_term
+            logs["d_acc_mismatch"] = (logits_m.detach() < 0).float().mean().item()
     if r1 > 0:
         grads = torch.autograd.grad(logits_r.sum(), leaves, create_graph=True)
         penalty = sum(g.square().sum(dim=(1, 2)).mean() for g in grads)

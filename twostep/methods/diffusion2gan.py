@@ -142,7 +142,7 @@ class Diffusion2GAN(Method):
         with torch.no_grad():
             fake = self.student(batch["noise"], text, fresh_noise=batch.get("fresh_noise"))["x0_2"]
         real = batch["teacher_final"]
-        return critic_gan_loss(self.critic, real, text, fake, None, d.loss, d.r1)
+        return critic_gan_loss(self.critic, real, text, fake, None, d.loss, d.r1, d.mismatch_weight)
 
     # ---- student: paired perceptual regression + conditional GAN, through the full 2-step rollout ----------
     def student_loss(self, batch):

@@ -36,7 +36,7 @@ class LADD(Method):
         d = self.cfg.disc
         with torch.no_grad():
             fake, _ = self.at_random_step(batch)
-        return critic_gan_loss(self.critic, batch[self.real_key()], batch["text"], fake, None, d.loss, d.r1)
+        return critic_gan_loss(self.critic, batch[self.real_key()], batch["text"], fake, None, d.loss, d.r1, d.mismatch_weight)
 
     # ---- student update: adversarial only -----------------------------------------------------------------
     def student_loss(self, batch):

@@ -31,10 +31,11 @@ class LossConfig:
     gradient: str = choice("end_to_end", ["end_to_end", "detach"], "whether the final-image loss reaches θ1 "
                            "through x_m (end_to_end) or stops at x_m (detach, ablation)")
     adv_weight: float = opt(1.0, "weight of the final-image adversarial loss", range=NON_NEGATIVE)
-    step1_loss: str = choice("adv", ["adv", "traj", "none"], "iterative regularisation of step 1: adversarial "
-                             "on x̂0₁, regression to the teacher's state at σm, or none (ablation)")
+    step1_loss: str = choice("adv", ["adv", "traj", "consistency", "none"], "iterative regularisation of step 1: "
+                             "adversarial on x̂0₁, regression to the teacher's state at σm, regression to the "
+                             "student's own sg(x̂0₂), or none (ablation)")
     step1_weight: float = opt(1.0, "weight of the step-1 loss", range=NON_NEGATIVE)
-    traj_distance: str = choice("mse", ["mse", "perceptual"], "distance of step1_loss=traj: pixel MSE or MSE "
+    traj_distance: str = choice("mse", ["mse", "perceptual"], "distance of step1_loss=traj|consistency: pixel MSE or MSE "
                                 "of the discriminator's frozen teacher features")
     paired_weight: float = opt(0.0, "optional paired regression of x̂0₂ to the teacher's final sample",
                                 range=NON_NEGATIVE)
@@ -44,7 +45,8 @@ class LossConfig:
 class TurboPP(Method):
     name = "turbopp"
     sections = {"loss": LossConfig}
-    log_keys = ("g_loss", "g_adv", "step1", "paired", "d_loss", "d_acc_real", "d_acc_fake", "r1", "mse_vs_teacher")
+    log_keys = ("g_loss", "g_adv", "step1", "paired", "d_loss", "d_acc_real", "d_acc_fake", "d_acc_mismatch", "r1",
+                "mse_vs_teacher")
 
     # (2) step-decoupled parameters: Method.__init__ builds self.student (θ1, θ2) from cfg.student
     def build_critic(self, cfg, teacher):
@@ -73,7 +75,7 @@ class TurboPP(Method):
         fake = self._fakes(out).detach()
         fake_text = list(text) * (fake.shape[0] // len(text))
         real = batch[self.real_key()]                                   # REAL = the teacher's samples
-        return critic_gan_loss(self.critic, real, text, fake, fake_text, d.loss, d.r1)
+        return critic_gan_loss(self.critic, real, text, fake, fake_text, d.loss, d.r1, d.mismatch_weight)
 
     # ---- (2)+(3) the student update: end-to-end through both decoupled steps -----------------------------
     def student_loss(self, batch):
@@ -92,6 +94,9 @@ class TurboPP(Method):
                 # the teacher's own state at σm from the same ε, as the clean image it implies
                 target = flow.x0_from_state(batch["teacher_mid"], self.cfg.student.sigma_mid, noise)
                 s1 = self._distance(out["x0_1"], target, text, c.traj_distance)
+            elif c.step1_loss == "consistency":
+                # x̂0₁ regressed onto the final image it leads to, detached (step 2 is a refinement, not a redraw)
+                s1 = self._distance(out["x0_1"], out["x0_2"].detach(), text, c.traj_distance)
             else:
                 s1 = None
             if s1 is not None:

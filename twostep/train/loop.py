@@ -27,7 +27,7 @@ from .distributed import (accelerator, all_ranks, check_ranks_in_sync, frozen_dt
                           rank_seed, shard_student, use_fsdp)
 from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, mark_run, optimizers,
                     resume_command, rollback, run_identity, saved_modules, start_run_folder)
-from .steps import critic_step, enable_grad_checkpointing, split_batch, student_step, warmup_scale
+from .steps import critic_step, enable_grad_checkpointing, lr_scale, split_batch, student_step
 from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_tracker, eval_extractor, grid_inputs,
                   log_record, quick_eval, training_rows, write_grid)
 
@@ -181,7 +181,7 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
         if opt_c is not None:
             skipped += critic_updates(update, range(1, 1 + t.d_updates), logs)
         ok, slogs = student_step(method, opt_s, s_params, batch(update, 0), t.grad_clip, acc, fsdp,
-                                 warmup_scale(update + 1, t.warmup))
+                                 lr_scale(update + 1, t.warmup, t.lr_half_life))
         logs.update(slogs)
         if not ok:  # non-finite loss or gradient: skip the update, count it, roll back after too many in a row
             skipped += 1

@@ -73,8 +73,10 @@ def check_run_folder(out: Path, cfg, resume: bool, identity: dict | None = None,
     if resume and (out / "config.yaml").exists():
         prev = yaml.safe_load((out / "config.yaml").read_text())
         now = to_dict(cfg)
+        # a key the recorded config lacks (a run from before that option existed) counts as its default
+        defaults = {s: to_dict(type(getattr(cfg, s))()) for s in now if isinstance(now[s], dict)}
         diff = [f"{s}.{k}" for s in now if isinstance(now[s], dict) for k in now[s]
-                if s != "train" and prev.get(s, {}).get(k) != now[s][k]]
+                if s != "train" and (prev.get(s) or {}).get(k, defaults[s][k]) != now[s][k]]
         if diff:
             raise UserError(f"{out}: --resume with a different config ({', '.join(diff[:3])}); use the run's "
                             "config.yaml or another --out")

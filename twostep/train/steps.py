@@ -54,6 +54,14 @@ def warmup_scale(update: int, warmup: int) -> float:
     return min(1.0, update / warmup) if warmup > 0 else 1.0
 
 
+def lr_scale(update: int, warmup: int, half_life: int = 0) -> float:
+    """The student's learning-rate factor of update `update` (1, 2, ...): the warm-up (warmup_scale) times
+    train.lr_half_life's exponential decay 0.5 ** (update / half_life) (1 when half_life = 0). It depends on the
+    update alone, never on train.updates, so a run continued to a larger budget follows the same schedule."""
+    decay = 0.5 ** (update / half_life) if half_life > 0 else 1.0
+    return warmup_scale(update, warmup) * decay
+
+
 def split_batch(batch: dict, n: int) -> list[dict]:
     """A batch (this rank's rows of one global draw) as n micro-batches of equal, consecutive rows (train.grad_accum;
     the loop draws batch_size × grad_accum rows, so the micro-batches together are exactly the big batch)."""
