@@ -27,6 +27,7 @@ from .distributed import (accelerator, all_ranks, check_ranks_in_sync, frozen_dt
                           rank_seed, shard_student, use_fsdp)
 from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, mark_run, optimizers,
                     resume_command, rollback, run_identity, saved_modules, start_run_folder)
+from .preempt import Preempted, Stop
 from .steps import critic_step, enable_grad_checkpointing, lr_scale, split_batch, student_step
 from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_tracker, eval_extractor, grid_inputs,
                   log_record, quick_eval, training_rows, write_grid)
@@ -75,6 +76,14 @@ def parameter_counts(cfg, teacher_dir: Path) -> dict[str, int]:
 
 def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool = False,
             progress: bool = True, verify_cache: bool = False) -> Path:
+    """Train; returns the run folder. A SIGTERM / SIGINT while training: a checkpoint of the update in progress,
+    then preempt.Preempted (the CLI exits 143 / 130; twostep/train/preempt.py)."""
+    with Stop() as stop:
+        return _distill(cfg, teacher_dir, cache_dir, out, resume, progress, verify_cache, stop)
+
+
+def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool, progress: bool,
+             verify_cache: bool, stop: Stop) -> Path:
     out, t = Path(out), cfg.train
     check_tracker(t.log_with)  # train.log_with's package (wandb is not a dependency), before any work
     acc = accelerator(cfg)
@@ -144,6 +153,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                 logs.update(clogs or {})
         return n
 
+    stop.arm()  # from here a signal stops the run after the update in progress, with a checkpoint
+    start, signalled = update, None
     if update == 0 and opt_c is not None and t.d_warmup > 0:
         # Discriminator warm-up: critic-only updates against the initial student, so that the student's first
         # adversarial gradients come from an informative discriminator. Checkpoints start after update 1, so a
@@ -160,6 +171,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
                     acc.print(f"discriminator warm-up stopped after {k} of {t.d_warmup} updates: half of the "
                               f"{t.minutes:g}-min time budget used")
                     return
+                if stop.requested(acc):
+                    return
                 done[0] = k + 1
                 yield 1_000_000 + k
         skipped += critic_updates(0, warmup_subs(), wlogs)
@@ -170,6 +183,9 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             acc.print(f"discriminator warm-up ({done[0]} updates): " +
                       ", ".join(f"{k} {rec[k]:.3f}" for k in method.log_keys if k in rec))
     while update < t.updates:
+        signalled = stop.requested(acc)  # any rank signalled: all stop here, after the same update
+        if signalled:
+            break
         if t.minutes > 0 and not all_ranks(acc, time.time() - t_start <= t.minutes * 60):  # ranks stop together
             acc.print(f"time budget of {t.minutes} min reached at update {update}")
             stopped = f"time budget of {t.minutes:g} min"
@@ -231,6 +247,8 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
             mark_run(acc, out, t.updates)
     bar.close()
     log.close()  # the final loss_curves.png; the tracker finishes
+    if signalled and update == start:  # no update done by this process: nothing new to save
+        raise Preempted(signalled, update, None)
     checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
     check_ranks_in_sync(acc, out, list(saved_modules(method, ema).values()))
     if tensors_sha256([teacher.backbone.state_dict()]) != teacher_hash:  # the teacher never changes
@@ -238,4 +256,6 @@ def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: 
     # last: the completion marker (a run stopped by SIGINT or an error stays unfinished: status.json says so)
     mark_run(acc, out, t.updates, complete=update >= t.updates or (stopped is not None and update > 0),
              stopped=stopped)
+    if signalled:
+        raise Preempted(signalled, update, f"step-{update:08d}")
     return out
