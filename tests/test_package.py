@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import re
+import subprocess
+import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -26,3 +31,64 @@ def test_version_is_single_sourced_and_printed(capsys):
     # the CHANGELOG's newest entry is this version
     first = re.search(r"^## (\S+)", (ROOT / "CHANGELOG.md").read_text(), re.M).group(1)
     assert first == twostep.__version__
+
+
+HEAVY = ("torch", "diffusers", "transformers", "numpy")
+
+
+def test_help_and_argument_errors_import_no_heavy_library():
+    """`twostep --help`, every command's --help, a bad flag and a bad value: parsed and answered without torch,
+    diffusers, transformers or numpy (each command imports what it runs inside its function)."""
+    code = textwrap.dedent("""
+        import contextlib, io, json, sys
+        from twostep.cli import build_parser, main
+        p = build_parser()
+        cmds = []
+        def walk(parser, prefix):
+            subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+            if not subs:
+                cmds.append(prefix)
+            for a in subs:
+                for name, sp in a.choices.items():
+                    walk(sp, prefix + [name])
+        walk(p, [])
+        argvs = [["--help"], ["--version"], ["--no-such-flag"], ["distill", "--no-such-flag"],
+                 ["eval", "--model", "m", "--num", "3"], ["sample", "--model", "m"]] + [c + ["--help"] for c in cmds]
+        codes = []
+        for argv in argvs:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    main(argv)
+                    codes.append(None)
+                except SystemExit as e:
+                    codes.append(e.code)
+        print(json.dumps({"cmds": cmds, "codes": codes, "heavy": [m for m in %r if m in sys.modules]}))
+    """ % (HEAVY,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(r["cmds"]) >= 11 and ["teacher", "train"] in r["cmds"] and ["distill"] in r["cmds"], r["cmds"]
+    assert r["codes"][:6] == [0, 0, 2, 2, 2, 2] and set(r["codes"][6:]) == {0}, r["codes"]
+    assert r["heavy"] == [], f"parsing imported {r['heavy']}"
+
+
+def test_flag_defaults_read_from_source_equal_the_library():
+    """The CLI reads its flags' defaults from the library's source (no import); each equals the real one."""
+    import importlib
+    import inspect
+
+    from twostep import cli
+
+    calls = [n for n in ast.walk(ast.parse((ROOT / "twostep" / "cli.py").read_text()))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("default", "static")
+             and all(isinstance(a, ast.Constant) for a in n.args)]
+    assert len(calls) >= 30
+    for c in calls:
+        ref, name = (a.value for a in c.args)
+        if c.func.id == "default":
+            mod, fn = ref.split(":")
+            want = inspect.signature(getattr(importlib.import_module(f"twostep.{mod}"), fn)).parameters[name].default
+            assert cli.default(ref, name) == want, (ref, name)
+        else:
+            assert cli.static(ref, name) == getattr(importlib.import_module(f"twostep.{ref}"), name), (ref, name)
+    with pytest.raises(LookupError):
+        cli.default("teacher.cache:build_cache", "no_such_parameter")

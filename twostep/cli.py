@@ -1,33 +1,32 @@
-"""The `twostep` command line. Thin: parses flags, calls the library, maps user errors to exit code 2."""
+"""The `twostep` command line. Thin: parses flags, calls the library, maps user errors to exit code 2.
+
+Import-light: the parser is built without torch, diffusers or transformers (`twostep --help`, a command's `--help`
+and an argument error take well under a second); each command imports the library it runs inside its function.
+The flags' defaults are still stated once, in the signatures of the functions the commands call: `default` reads
+them from their source.
+"""
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import ast
 import json
 import os
 import shlex
 import sys
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
 
-import torch
 
-from . import __version__, demo, evaluate, report, speed
+from . import __version__
+from .command_configs import EVAL_NUM, FEATURE_FLAGS, TEACHER_FLAGS, FeatureTrainConfig, TeacherTrainConfig
 from .config import COUNT, NON_NEGATIVE, POSITIVE, SEED, UPSCALE, add_config_flags, dump_config, load_flagged_config
-from .data.prompts import FORMATS_HELP as PROMPT_FILES_HELP, head_prompts
 from .errors import UserError
-from .io.folders import check_output_path, read_config
-from .methods import load_config
-from .metrics.features import FLAGS as FEATURE_FLAGS, FeatureTrainConfig, train_feature_net
-from .sampling import load_generator
-from .teacher.cache import build_cache
-from .teacher.train import FLAGS as TEACHER_FLAGS, TeacherTrainConfig, train_teacher
-from .train import distill, memory
-from .train.distributed import close_processes
-from .train.preempt import Preempted
 
 
 def _threads(n: int | None):
+    import torch  # every command but --help / --version runs torch
+
     # Set once, here at the entry point (never as an import side effect).
     if not n and os.environ.get("OMP_NUM_THREADS", "").isdigit():  # a caller's OMP_NUM_THREADS is honoured
         n = int(os.environ["OMP_NUM_THREADS"])
@@ -35,11 +34,20 @@ def _threads(n: int | None):
 
 
 def cmd_teacher_train(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from .teacher.train import train_teacher
+
     train_teacher(load_flagged_config(TeacherTrainConfig, a, TEACHER_FLAGS), a.out, progress=not a.no_progress)
     print(f"teacher written to {a.out}")
 
 
 def cmd_sample(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from . import evaluate, report
+    from .data.prompts import head_prompts  # lazy, as above
+    from .io.folders import check_output_path  # lazy, as above
+    from .sampling import load_generator  # lazy, as above
+
     if sum(map(bool, (a.prompt, a.eval_prompts, a.prompts))) != 1:
         raise UserError("give one of --prompt (repeatable), --prompts FILE or --eval-prompts DATA")
     if (a.prompt_key is not None or a.skip_bad) and not a.prompts:
@@ -58,6 +66,9 @@ def cmd_sample(a):
 
 
 def cmd_teacher_cache(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from .teacher.cache import build_cache
+
     if (a.data is None) == (a.prompts is None):
         raise UserError("give either --data (shapes | photos | FOLDER) or --prompts FILE as the prompt source")
     if a.prompt_key is not None and a.prompts is None:
@@ -70,6 +81,11 @@ def cmd_teacher_cache(a):
 
 
 def cmd_distill(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from .io.folders import read_config
+    from .methods import load_config  # lazy, as above
+    from .train import distill, memory  # lazy, as above
+
     cfg = load_config(a.config, a.set)
     if not a.dry_run and (a.cache is None or a.out is None):
         raise UserError("distill needs --cache CACHE and --out RUN (only --dry-run goes without them)")
@@ -97,6 +113,11 @@ def cmd_distill(a):
 
 
 def cmd_eval(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from . import evaluate
+    from .io.folders import check_output_path  # lazy, as above
+    from .sampling import load_generator  # lazy, as above
+
     if a.json:  # before the work
         check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features})
     if a.prompt_key is not None and a.prompts is None:
@@ -114,12 +135,18 @@ def cmd_eval(a):
 
 
 def cmd_tune_guidance(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from . import evaluate
+
     best, written = evaluate.tune_guidance(a.teacher, a.data, grid=a.grid, num=a.num, seed=a.seed,
                                            features=a.features, log=partial(print, flush=True))
     print(f"default guidance set to g={best:g} (lowest FD) in {written}")
 
 
 def cmd_metrics_train(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from .metrics.features import train_feature_net
+
     cmd = "twostep metrics train " + " ".join(shlex.quote(x) for x in sys.argv[sys.argv.index("train") + 1:]) \
         if "train" in sys.argv else None
     cfg = train_feature_net(load_flagged_config(FeatureTrainConfig, a, FEATURE_FLAGS), a.out, progress=not a.no_progress,
@@ -135,11 +162,18 @@ def cmd_metrics_convert_inception(a):
 
 
 def cmd_demo(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from . import demo
+
     demo.run_demo(a.out, data=a.data, teacher_dir=a.teacher, cache_num=a.cache_num, minutes=a.minutes,
                   eval_num=a.eval_num, seed=a.seed, sets=a.set, config=a.config)
 
 
 def cmd_speed(a):
+    # lazy (as in every command): the parser, --help and argument errors stay free of torch
+    from . import evaluate, speed
+    from .io.folders import check_output_path  # lazy, as above
+
     if a.json:  # before the work
         check_output_path(a.json, "--json", {"--teacher": a.teacher, "--student": a.student})
     r = speed.measure_folders(a.teacher, a.student, batch=a.batch, repeats=a.repeats, device=a.device,
@@ -165,13 +199,57 @@ def cmd_export(a):
                                                            "num_inference_steps=2, guidance_scale=0)" if stock else ""))
 
 
-EVAL_NUM = evaluate.EVAL_NUM    # FD/KID need at least 10 images
 FEATURES_HELP = "feature-net folder (default: features-<data> in $TWOSTEP_MODELS, else ./models)"
 
 
-def default(fn, name: str):
-    """The library's default for a flag: stated once, in the signature of the function the command calls."""
-    return inspect.signature(fn).parameters[name].default
+@cache
+def _source(module: str) -> ast.Module:
+    path = Path(__file__).resolve().parent.joinpath(*module.split("."))
+    return ast.parse((path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text(encoding="utf-8"))
+
+
+def _value(module: str, node: ast.expr):
+    if isinstance(node, ast.Name):  # a module-level constant
+        return static(module, node.id)
+    if isinstance(node, ast.Call) and ast.unparse(node.func) == "Path" and len(node.args) == 1 and not node.keywords:
+        return Path(_value(module, node.args[0]))
+    return ast.literal_eval(node)
+
+
+def static(module: str, name: str):
+    """The literal value of the constant `name` of twostep.<module>, read from its source without importing it (its
+    imports pull in torch)."""
+    for node in _source(module).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+            if isinstance(target, ast.Name) and target.id == name:
+                return _value(module, value)
+            if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple):
+                for t, v in zip(target.elts, value.elts):
+                    if isinstance(t, ast.Name) and t.id == name:
+                        return _value(module, v)
+    raise LookupError(f"twostep.{module}: no literal constant {name}")
+
+
+def default(ref: str, name: str):
+    """The library's default for a flag: stated once, in the signature of the function the command calls
+    (`ref` = "module:function", e.g. "teacher.cache:build_cache"), read from its source without importing it
+    (tests/test_package.py checks each against the imported function)."""
+    module, fn = ref.split(":")
+    for node in _source(module).body:
+        if isinstance(node, ast.FunctionDef) and node.name == fn:
+            a = node.args
+            pos = a.posonlyargs + a.args
+            pairs = list(zip(pos[len(pos) - len(a.defaults):], a.defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+            for arg, d in pairs:
+                if arg.arg == name and d is not None:
+                    return _value(module, d)
+    raise LookupError(f"twostep.{module}.{fn}: no parameter {name} with a default")
+
+
+PROMPT_FILES_HELP = static("data.prompts", "FORMATS_HELP")
+DEVICE_HELP = static("evaluate", "DEVICE_HELP")
+EVAL_DTYPES = list(static("evaluate", "EVAL_DTYPES"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,29 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --prompts: the JSON key (.jsonl) or column (.csv/.parquet) holding the prompt "
                     "(default: the first of text, prompt, caption)")
     tc.add_argument("--seeds-per-prompt", dest="seeds_per_prompt", type=COUNT.arg(), metavar="N",
-                    default=default(build_cache, "seeds_per_prompt"),
+                    default=default("teacher.cache:build_cache", "seeds_per_prompt"),
                     help="each drawn prompt fills N consecutive rows, each with its own noise (--num rows from "
                     "ceil(--num / N) prompts; default %(default)s)")
     tc.add_argument("--num", type=COUNT.arg(), required=True, help="number of (prompt, noise) pairs")
     tc.add_argument("--out", required=True, help="cache folder")
-    tc.add_argument("--seed", type=SEED.arg(), default=default(build_cache, "seed"))
-    tc.add_argument("--shard-size", dest="shard_size", type=COUNT.arg(), default=default(build_cache, "shard_size"))
-    tc.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default(build_cache, "batch_size"))
+    tc.add_argument("--seed", type=SEED.arg(), default=default("teacher.cache:build_cache", "seed"))
+    tc.add_argument("--shard-size", dest="shard_size", type=COUNT.arg(), default=default("teacher.cache:build_cache", "shard_size"))
+    tc.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default("teacher.cache:build_cache", "batch_size"))
     tc.add_argument("--skip-bad", dest="skip_bad", action="store_true",
                     help="skip bad prompt lines (empty, not UTF-8, invalid JSON, missing key) or folder images, "
                     "counted on one warning line, instead of stopping at the first with its line number")
-    tc.add_argument("--device", default=default(build_cache, "device"),
+    tc.add_argument("--device", default=default("teacher.cache:build_cache", "device"),
                     help="where the teacher and its text encoder run: auto (each process's accelerator: its own "
                     "GPU under torchrun, else the CPU), cpu, cuda or cuda:N (default %(default)s)")
-    tc.add_argument("--dtype", default=default(build_cache, "dtype"), choices=["auto", "bf16", "fp16", "fp32"],
+    tc.add_argument("--dtype", default=default("teacher.cache:build_cache", "dtype"), choices=["auto", "bf16", "fp16", "fp32"],
                     help="compute dtype of the teacher and text encoder; the sampler's states stay fp32 as in "
                     "ZImagePipeline (default auto: bf16 on CUDA, fp32 on CPU)")
-    tc.add_argument("--states", default=default(build_cache, "states"), metavar="LIST",
+    tc.add_argument("--states", default=default("teacher.cache:build_cache", "states"), metavar="LIST",
                     help="which teacher states to store besides the final sample (always stored; the noise never: "
                     "it is its seed): a comma list of σ on the teacher's grid, e.g. final,0.75 for "
                     "loss.step1_loss=traj; all; or auto = none for a ZImagePipeline teacher, all for a pixel "
                     "teacher (default %(default)s)")
-    tc.add_argument("--store-dtype", dest="store_dtype", default=default(build_cache, "store_dtype"),
+    tc.add_argument("--store-dtype", dest="store_dtype", default=default("teacher.cache:build_cache", "store_dtype"),
                     choices=["auto", "bf16", "fp32"], help="dtype of the stored samples and text features "
                     "(default auto: bf16 for a ZImagePipeline teacher, fp32 for a pixel teacher)")
     tc.add_argument("--verify", action="store_true", help="at the end, read the whole cache back and check every "
@@ -244,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the g with the lowest FD (and all FDs) in the teacher's config.json.")
     tg.add_argument("--teacher", required=True)
     tg.add_argument("--data", required=True)
-    tg.add_argument("--grid", type=NON_NEGATIVE.arg(), nargs="+", default=default(evaluate.tune_guidance, "grid"))
-    tg.add_argument("--num", type=EVAL_NUM.arg(), default=default(evaluate.tune_guidance, "num"))
-    tg.add_argument("--seed", type=SEED.arg(), default=default(evaluate.tune_guidance, "seed"),
+    tg.add_argument("--grid", type=NON_NEGATIVE.arg(), nargs="+", default=default("evaluate:tune_guidance", "grid"))
+    tg.add_argument("--num", type=EVAL_NUM.arg(), default=default("evaluate:tune_guidance", "num"))
+    tg.add_argument("--seed", type=SEED.arg(), default=default("evaluate:tune_guidance", "seed"),
                     help="eval seed (default %(default)s, so the reported seed 0 is not tuned on)")
     tg.add_argument("--features", default=None, help=FEATURES_HELP)
     tg.set_defaults(fn=cmd_tune_guidance)
@@ -269,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "holding the prompt (default: text, prompt or caption)")
     ev.add_argument("--steps", type=COUNT.arg(), default=None, help="teacher only")
     ev.add_argument("--guidance", type=NON_NEGATIVE.arg(), default=None, help="teacher only (0 = no CFG)")
-    ev.add_argument("--num", type=EVAL_NUM.arg(), default=default(evaluate.evaluate, "num"))
-    ev.add_argument("--seed", type=SEED.arg(), default=default(evaluate.evaluate, "seed"))
-    ev.add_argument("--ref", default=default(evaluate.evaluate, "ref"), choices=list(evaluate.REFS),
+    ev.add_argument("--num", type=EVAL_NUM.arg(), default=default("evaluate:evaluate", "num"))
+    ev.add_argument("--seed", type=SEED.arg(), default=default("evaluate:evaluate", "seed"))
+    ev.add_argument("--ref", default=default("evaluate:evaluate", "ref"), choices=list(static("evaluate", "REFS")),
                     help="FD/KID reference: data (the --data ref split), teacher (its default samples for the same "
                     "prompts and noise) or both (fd vs data + fd_teacher); default: data with --data, else teacher")
     ev.add_argument("--teacher", default=None, help="teacher folder for PSNR / --ref teacher (default: the "
@@ -286,11 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: a temporary one, removed): re-run with the same DIR to resume an interrupted eval")
     ev.add_argument("--save-images", dest="save_images", action="store_true", help="also write every generated "
                     "image to DIR/images/NNNNNN.png (needs --work)")
-    ev.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default(evaluate.evaluate,
+    ev.add_argument("--batch-size", dest="batch_size", type=COUNT.arg(), default=default("evaluate:evaluate",
                     "batch_size"), help="images generated at once (default %(default)s; results depend on it at "
                     "round-off level)")
-    ev.add_argument("--device", default=default(evaluate.evaluate, "device"), help=evaluate.DEVICE_HELP)
-    ev.add_argument("--dtype", default=default(evaluate.evaluate, "dtype"), choices=list(evaluate.EVAL_DTYPES),
+    ev.add_argument("--device", default=default("evaluate:evaluate", "device"), help=DEVICE_HELP)
+    ev.add_argument("--dtype", default=default("evaluate:evaluate", "dtype"), choices=EVAL_DTYPES,
                     help="dtype the transformers (model and teacher reference) and a ZImagePipeline's text encoder "
                     "are held and run in; the sampler's states and Euler updates stay fp32, the VAE fp32 "
                     "(default auto: bf16 on CUDA, fp32 on the CPU; part of the protocol: --work, the teacher "
@@ -354,17 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description="With the committed teacher: builds a teacher cache, distills a Turbo++ 2-step "
                         "student within --minutes, evaluates teacher 8-step / naive 2-step / student 2-step and "
                         "writes report.html + metrics.json in --out.")
-    dm.add_argument("--out", default=default(demo.run_demo, "out"))
-    dm.add_argument("--data", default=default(demo.run_demo, "data"), choices=["shapes", "photos"])
+    dm.add_argument("--out", default=default("demo:run_demo", "out"))
+    dm.add_argument("--data", default=default("demo:run_demo", "data"), choices=["shapes", "photos"])
     dm.add_argument("--teacher", default=None, help="teacher folder (default: teacher-<data> in $TWOSTEP_MODELS, "
                     "else ./models)")
     dm.add_argument("--config", default=None, help="distill config (default: demo-defaults.yaml, Turbo++'s defaults "
                     "at batch 16, in $TWOSTEP_CONFIGS, else ./configs)")
-    dm.add_argument("--cache-num", dest="cache_num", type=COUNT.arg(), default=default(demo.run_demo, "cache_num"))
-    dm.add_argument("--minutes", type=POSITIVE.arg(), default=default(demo.run_demo, "minutes"),
+    dm.add_argument("--cache-num", dest="cache_num", type=COUNT.arg(), default=default("demo:run_demo", "cache_num"))
+    dm.add_argument("--minutes", type=POSITIVE.arg(), default=default("demo:run_demo", "minutes"),
                     help="distillation time budget (> 0), the discriminator's head start included")
-    dm.add_argument("--eval-num", dest="eval_num", type=EVAL_NUM.arg(), default=default(demo.run_demo, "eval_num"))
-    dm.add_argument("--seed", type=SEED.arg(), default=default(demo.run_demo, "seed"))
+    dm.add_argument("--eval-num", dest="eval_num", type=EVAL_NUM.arg(), default=default("demo:run_demo", "eval_num"))
+    dm.add_argument("--seed", type=SEED.arg(), default=default("demo:run_demo", "seed"))
     dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     dm.set_defaults(fn=cmd_demo)
 
@@ -373,10 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "interleaved after warm-up; prints images/sec, NFE and the ratio to the NFE limit.")
     spd.add_argument("--teacher", required=True)
     spd.add_argument("--student", required=True)
-    spd.add_argument("--batch", type=COUNT.arg(), default=default(speed.measure_folders, "batch"))
-    spd.add_argument("--repeats", type=COUNT.arg(), default=default(speed.measure_folders, "repeats"))
-    spd.add_argument("--device", default=default(speed.measure_folders, "device"), help=evaluate.DEVICE_HELP)
-    spd.add_argument("--dtype", default=default(speed.measure_folders, "dtype"), choices=list(evaluate.EVAL_DTYPES),
+    spd.add_argument("--batch", type=COUNT.arg(), default=default("speed:measure_folders", "batch"))
+    spd.add_argument("--repeats", type=COUNT.arg(), default=default("speed:measure_folders", "repeats"))
+    spd.add_argument("--device", default=default("speed:measure_folders", "device"), help=DEVICE_HELP)
+    spd.add_argument("--dtype", default=default("speed:measure_folders", "dtype"), choices=EVAL_DTYPES,
                      help="dtype both transformers (and a ZImagePipeline's text encoder) are read and run in; the "
                      "sampler's states and Euler updates stay fp32 (default auto: bf16 on CUDA, fp32 on the CPU; "
                      "recorded in --json with the device)")
@@ -399,18 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-prompts", dest="eval_prompts", metavar="DATA", default=None,
                     help="instead of --prompt: the first --rows test-split captions and the noise that `twostep eval "
                     "--data DATA --seed SEED` uses (column 0 = eval's own noise), the same for every model")
-    sp.add_argument("--rows", type=COUNT.arg(), default=default(report.protocol_grid, "prompts"),
+    sp.add_argument("--rows", type=COUNT.arg(), default=default("report:protocol_grid", "prompts"),
                     help="with --eval-prompts or --prompts: number of prompts (rows)")
     sp.add_argument("--steps", type=COUNT.arg(), default=None, help="teacher only: Euler steps (default from config)")
     sp.add_argument("--guidance", type=NON_NEGATIVE.arg(), default=None, help="teacher only: CFG scale g (0 = off)")
-    sp.add_argument("--seed", type=SEED.arg(), default=default(report.prompt_grid, "seed"))
+    sp.add_argument("--seed", type=SEED.arg(), default=default("report:prompt_grid", "seed"))
     sp.add_argument("--num", "--seeds-per-prompt", dest="num", type=COUNT.arg(),
-                    default=default(report.prompt_grid, "per_prompt"),
+                    default=default("report:prompt_grid", "per_prompt"),
                     help="images per prompt, one noise seed each (--seeds-per-prompt is the same flag)")
-    sp.add_argument("--scale", type=UPSCALE.arg(), default=default(report.prompt_grid, "scale"),
+    sp.add_argument("--scale", type=UPSCALE.arg(), default=default("report:prompt_grid", "scale"),
                     help="nearest-neighbour upscale of the grid PNG")
-    sp.add_argument("--device", default=default(evaluate.resolve_placement, "device"), help=evaluate.DEVICE_HELP)
-    sp.add_argument("--dtype", default=default(evaluate.resolve_placement, "dtype"), choices=list(evaluate.EVAL_DTYPES),
+    sp.add_argument("--device", default=default("evaluate:resolve_placement", "device"), help=DEVICE_HELP)
+    sp.add_argument("--dtype", default=default("evaluate:resolve_placement", "dtype"), choices=EVAL_DTYPES,
                     help="dtype the transformer(s) (and a ZImagePipeline's text encoder) are read and run in; the "
                     "sampler's states and Euler updates stay fp32, the VAE fp32 (default auto: bf16 on CUDA, fp32 "
                     "on the CPU)")
@@ -450,6 +528,9 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     _threads(a.threads)
+    # lazy: after parsing, so --help and argument errors never import torch
+    from .train.distributed import close_processes
+    from .train.preempt import Preempted  # lazy, as above
     ok = False
     try:
         a.fn(a)

@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import COUNT, GUIDANCES, SEED, at_least
+from .command_configs import EVAL_NUM  # the range of `num` (and of the CLI's --num)
+from .config import COUNT, GUIDANCES, SEED
 from .data import get_dataset
 from .data.prompts import prompt_file_identity, read_prompts
 from .errors import UserError
@@ -70,7 +71,6 @@ from .text import default_cache_dir
 
 DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 25, 4
 NOISE_OFFSET = 777_000  # eval noise seeds live apart from training seeds
-EVAL_NUM = at_least(10, "FD/KID need at least 10 images")  # the range of `num` (and of the CLI's --num)
 EVAL_BATCH = 250        # generation batch: the one the committed eval numbers were made with
 ENCODE_CHUNK = 1000     # prompts encoded per call (>= the default num: the embedded benchmarks encode as before)
 SWD_MAX_BYTES = 256 << 20  # SWD holds both image sets in float32: only where each fits (32² x 1000 = 12 MiB)

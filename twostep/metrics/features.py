@@ -44,28 +44,24 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import COUNT, POSITIVE, SEED, Rule, add_config_flags, at_least, load_flagged_config, opt, to_dict
+from ..command_configs import BUILTIN_DATA, CELL_DIM, FEATURE_FLAGS as FLAGS, NUM_CELLS, FeatureTrainConfig
+from ..config import add_config_flags, load_flagged_config, to_dict
 from ..data import get_dataset
 from ..errors import NonFiniteWeights, UserError
 from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts, sha256_file
 from ..io.folders import NAMES, claim_output, require_complete, write_status
 from ..io.folders import progress as run_progress
 
-NUM_CELLS = 9
-CELL_DIM = 24    # per-cell embedding of a shapes feature net (FeatureNet's cell_dim)
 SHAPES_HEADS = {"shape": 5, "colour": 7, "size": 2}   # per cell
 NUM_BACKGROUNDS = 4
 NUM_SOURCES = 6
 FORMAT = "twostep-features-v1"
-BUILTIN_DATA = ("shapes", "photos")
 PROJ_DIM = 128          # output of the contrastive projection head (folder nets)
 CONTRASTIVE_T = 0.2     # NT-Xent temperature (SimCLR's range is 0.1-0.5)
 
@@ -283,39 +279,6 @@ def _to_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _from_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-
-
-@dataclass
-class FeatureTrainConfig:
-    """`twostep metrics train` / `python -m twostep.metrics.features` (YAML --config, --set key=value, or the
-    commands' flags); the resolved config is saved as train_config.json in the folder."""
-    data: str = opt("shapes", "shapes | photos | a folder with captions.jsonl (its images, trained by instance "
-                    "discrimination; captions unused): the data whose feature net this is")
-    minutes: float = opt(5.0, "training wall time (excluding data generation)", range=POSITIVE)
-    num_train: int = opt(20000, "size of the training pool (a folder: at most this many of its images)", range=COUNT)
-    num_test: int = opt(2000, "held-out split='test' images the accuracy is measured on (a folder: at most this many "
-                        "and at most 1/10 of its distinct images, set aside before training)", range=COUNT)
-    batch_size: int = opt(64, "images per Adam update", range=COUNT)
-    lr: float = opt(2e-3, "peak Adam learning rate (3% linear warm-up, then cosine to 0 over the budget)",
-                     range=POSITIVE)
-    width: int = opt(32, "channels of the trunk's first stage", range=COUNT)
-    num_features: int = opt(256, "size of the embedding FD/KID use (shapes: at least 9 cells × 24 + 4 = 220)",
-                               range=COUNT)
-    seed: int = opt(0, "seed of the pool, the held-out images, the weights and the batches", range=SEED)
-    resolution: int = opt(32, "image side the net sees, a multiple of 8 (a folder's images are centre-cropped and "
-                          "resized to it on loading; shapes and photos are 32)", range=at_least(8))
-
-    RULES: ClassVar[tuple[Rule, ...]] = (
-        Rule(("data", "num_features"), lambda c: c.data != "shapes" or c.num_features >= NUM_CELLS * CELL_DIM + 4,
-             f"a shapes feature net needs num_features >= {NUM_CELLS * CELL_DIM + 4} (9 cells x {CELL_DIM} + 4)"),
-        Rule(("resolution",), lambda c: c.resolution % 8 == 0, "use a multiple of 8, e.g. 32 or 64"),
-        Rule(("data", "resolution"), lambda c: c.data not in BUILTIN_DATA or c.resolution == 32,
-             "shapes and photos feature nets are 32x32 (the benchmarks' images); drop resolution"),
-    )
-
-
-# the module's own CLI (and `twostep metrics train`)
-FLAGS = ("data", "minutes", "num_train", "batch_size", "lr", "width", "num_features", "seed", "resolution")
 
 
 def _folder_pools(cfg: FeatureTrainConfig, progress: bool):

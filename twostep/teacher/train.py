@@ -10,16 +10,14 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from .. import flow
 from ..backbones.zimage import ZImageBackbone, tiny_zimage_config
-from ..config import (COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, UNIT, UNIT_RIGHT_OPEN, Rule, choice, opt,
-                      to_dict)
+from ..command_configs import TEACHER_FLAGS as FLAGS, TeacherTrainConfig
+from ..config import to_dict
 from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoint
 from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
 from ..io.folders import claim_output, require_complete, twostep_command, write_status
@@ -33,47 +31,6 @@ SIGMA_BINS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 MAX_NONFINITE = 5  # non-finite updates in a row before a rollback; rollbacks before the run gives up
 
 
-@dataclass
-class TeacherTrainConfig:
-    """`twostep teacher train` (YAML --config, --set key=value, or the command's flags); the resolved config is
-    saved as train_config.json in the model folder, and a re-run with other architecture keys is refused."""
-    data: str = opt("shapes", "shapes | photos | a folder with captions.jsonl")
-    resolution: int = opt(32, "image side in pixels (a multiple of patch_size)", range=COUNT)
-    num_train: int = opt(20000, "size of the fixed training pool (images + captions)", range=COUNT)
-    batch_size: int = opt(32, "images per update", range=COUNT)
-    lr: float = opt(5e-4, "AdamW learning rate (after the linear warm-up)", range=POSITIVE)
-    warmup_steps: int = opt(200, "updates of linear learning-rate warm-up", range=COUNT)
-    weight_decay: float = opt(0.0, "AdamW weight decay", range=NON_NEGATIVE)
-    ema: float = opt(0.999, "EMA decay of the weights (with warm-up)", range=UNIT_RIGHT_OPEN)
-    caption_dropout: float = opt(0.1, "fraction of captions replaced by the empty caption (for CFG)", range=UNIT)
-    minutes: float = opt(30.0, "TOTAL training wall time in minutes (a resumed run continues up to it)",
-                          range=POSITIVE)
-    max_steps: int = opt(0, "stop after this many updates (0 = no step limit)", range=NON_NEGATIVE_INT)
-    seed: int = opt(0, "seed of the run (weights, pool, batches)", range=SEED)
-    checkpoint_minutes: float = opt(5.0, "wall minutes between checkpoints", range=NON_NEGATIVE)
-    dim: int = opt(128, "transformer width (dim / n_heads must be a multiple of 8)", range=COUNT)
-    n_layers: int = opt(4, "transformer layers", range=COUNT)
-    n_heads: int = opt(2, "attention heads", range=COUNT)
-    n_refiner_layers: int = opt(1, "refiner layers per stream", range=NON_NEGATIVE_INT)
-    patch_size: int = opt(4, "patch side in pixels", range=COUNT)
-    default_guidance: float = opt(2.0, "the CFG scale written to config.json (`twostep teacher tune-guidance` "
-                                  "replaces it by the one chosen by FD)", range=NON_NEGATIVE)
-    skip_bad: bool = opt(False, "skip (and count) unreadable images / caption lines of a folder dataset")
-    init: str = opt("", "continue from this teacher folder's (EMA) weights (same architecture; fresh optimizer)")
-    lr_decay: str = choice("none", ["none", "linear"], "after warm-up: constant learning rate (none) or linear "
-                           "decay to 0 over the budget (minutes, or max_steps)")
-
-    RULES: ClassVar[tuple[Rule, ...]] = (
-        Rule(("dim", "n_heads"), lambda c: c.dim % c.n_heads == 0 and (c.dim // c.n_heads) % 8 == 0,
-             "dim / n_heads must be an integer multiple of 8 (e.g. dim 128, n_heads 2)"),
-        Rule(("resolution", "patch_size"), lambda c: c.resolution % c.patch_size == 0,
-             "resolution must be a multiple of patch_size"),
-    )
-
-
-# the shortcut flags of `twostep teacher train` (every key can also be given by --config / --set)
-FLAGS = ("data", "minutes", "max_steps", "batch_size", "lr", "dim", "n_layers", "n_heads", "patch_size", "num_train",
-         "ema", "seed", "init", "lr_decay", "skip_bad")
 # the keys a re-run of the same --out must keep (another value is another teacher)
 ARCH_KEYS = ("data", "dim", "n_layers", "n_heads", "n_refiner_layers", "patch_size", "resolution", "seed")
 
