@@ -19,5 +19,12 @@ fi
 TV=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
 sed "s/^torch==.*/torch==${TV}/" constraints.txt > "$VENV/constraints.txt"
 "$VENV/bin/pip" install --disable-pip-version-check -q -c "$VENV/constraints.txt" -e ".[test]"
+# torch-fidelity (the field's FID code, for tests/test_fid_reference.py only): without its dependencies (it
+# requires torchvision) and outside site-packages (torchmetrics imports it, hence torchvision, when importable)
+TF=$(grep '^torch-fidelity==' constraints.txt | cut -d= -f3)
+if [ ! -d "$VENV/reference/torch-fidelity/torch_fidelity-$TF.dist-info" ]; then
+  "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps --upgrade \
+    --target "$VENV/reference/torch-fidelity" "torch-fidelity==$TF"
+fi
 touch "$VENV/.installed"
 echo "setup: done (torch $TV)"
