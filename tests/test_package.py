@@ -92,3 +92,38 @@ def test_flag_defaults_read_from_source_equal_the_library():
             assert cli.static(ref, name) == getattr(importlib.import_module(f"twostep.{ref}"), name), (ref, name)
     with pytest.raises(LookupError):
         cli.default("teacher.cache:build_cache", "no_such_parameter")
+
+
+def test_config_presets_found_by_name(capsys, monkeypatch, tmp_path):
+    """The presets are package data (twostep/presets), found by name; configs/NAME.yaml in the repository is the
+    same file; --config with a path still works; an unknown name lists the presets."""
+    from twostep.errors import UserError
+    from twostep.paths import PRESETS, committed_config, config_file, preset_names
+
+    monkeypatch.delenv("TWOSTEP_CONFIGS", raising=False)
+    monkeypatch.chdir(ROOT)
+    names = set(preset_names())
+    assert {"zimage-turbo-lora-1gpu", "zimage-turbo-full-fsdp8", "turbopp", "demo-defaults"} <= names
+    for name in names:
+        assert (ROOT / "configs" / f"{name}.yaml").read_bytes() == (PRESETS / f"{name}.yaml").read_bytes()
+    lora = PRESETS / "zimage-turbo-lora-1gpu.yaml"
+    assert config_file("zimage-turbo-lora-1gpu") == config_file("zimage-turbo-lora-1gpu.yaml") == lora
+    assert config_file("configs/turbopp.yaml") == Path("configs/turbopp.yaml")
+    with pytest.raises(UserError, match="no preset of that name.*zimage-turbo-lora-1gpu"):
+        config_file("no-such-preset")
+    assert committed_config("demo-defaults.yaml", "--config") == PRESETS / "demo-defaults.yaml"
+    monkeypatch.setenv("TWOSTEP_CONFIGS", str(tmp_path))      # searched first when set
+    (tmp_path / "zimage-turbo-lora-1gpu.yaml").write_text("method: turbopp\n")
+    assert config_file("zimage-turbo-lora-1gpu") == tmp_path / "zimage-turbo-lora-1gpu.yaml"
+    with pytest.raises(UserError, match="--config"):
+        committed_config("demo-defaults.yaml", "--config")
+    monkeypatch.delenv("TWOSTEP_CONFIGS")
+
+    teacher = str(ROOT / "models" / "teacher-shapes")
+    outs = []
+    for c in ("zimage-turbo-lora-1gpu", "configs/zimage-turbo-lora-1gpu.yaml"):
+        assert main(["distill", "--dry-run", "--teacher", teacher, "--config", c]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "decoupling: lora" in outs[0]
+    assert main(["distill", "--dry-run", "--teacher", teacher, "--config", "zimage-turbo-lora"]) == 2
+    assert "no preset of that name" in capsys.readouterr().err

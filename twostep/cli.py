@@ -22,6 +22,7 @@ from . import __version__
 from .command_configs import EVAL_NUM, FEATURE_FLAGS, TEACHER_FLAGS, FeatureTrainConfig, TeacherTrainConfig
 from .config import COUNT, NON_NEGATIVE, POSITIVE, SEED, UPSCALE, add_config_flags, dump_config, load_flagged_config
 from .errors import UserError
+from .paths import config_file, preset_names
 
 
 def _threads(n: int | None):
@@ -86,7 +87,7 @@ def cmd_distill(a):
     from .methods import load_config  # lazy, as above
     from .train import distill, memory  # lazy, as above
 
-    cfg = load_config(a.config, a.set)
+    cfg = load_config(config_file(a.config) if a.config else None, a.set)
     if not a.dry_run and (a.cache is None or a.out is None):
         raise UserError("distill needs --cache CACHE and --out RUN (only --dry-run goes without them)")
     if a.dry_run or a.gpu_memory is not None:  # the estimate reads configs only: no weight is loaded
@@ -166,7 +167,8 @@ def cmd_demo(a):
     from . import demo
 
     demo.run_demo(a.out, data=a.data, teacher_dir=a.teacher, cache_num=a.cache_num, minutes=a.minutes,
-                  eval_num=a.eval_num, seed=a.seed, sets=a.set, config=a.config)
+                  eval_num=a.eval_num, seed=a.seed, sets=a.set,
+                  config=config_file(a.config) if a.config else None)
 
 
 def cmd_speed(a):
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("distill", help="distill a 2-step student from a teacher and its cache (Turbo++)",
                        description="Train a 2-step student against the teacher's cached samples. Config: YAML file "
-                       "(--config) + --set section.key=value overrides; see configs/turbopp.yaml. The resolved "
+                       "or preset (--config) + --set section.key=value overrides; see the preset turbopp. The resolved "
                        "config is saved in the run folder; --resume continues from the newest complete checkpoint. Watching "
                        "a run: log.jsonl, grids/ and loss_curves.png (redrawn as it goes) in the run folder; "
                        "train.log_with=tensorboard (or wandb) also sends them to a tracker, "
@@ -406,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformer is loaded)")
     d.add_argument("--cache", default=None, help="teacher cache folder (twostep teacher cache; required but with "
                    "--dry-run, where it only gives the longest caption)")
-    d.add_argument("--config", default=None, help="YAML config file")
+    d.add_argument("--config", default=None, help="YAML config file, or the name of a preset shipped with twostep "
+                   f"(twostep/presets: {', '.join(preset_names())})")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.step1_loss=traj (repeatable)")
     d.add_argument("--out", default=None, help="run folder (required but with --dry-run)")
@@ -436,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--data", default=default("demo:run_demo", "data"), choices=["shapes", "photos"])
     dm.add_argument("--teacher", default=None, help="teacher folder (default: teacher-<data> in $TWOSTEP_MODELS, "
                     "else ./models)")
-    dm.add_argument("--config", default=None, help="distill config (default: demo-defaults.yaml, Turbo++'s defaults "
-                    "at batch 16, in $TWOSTEP_CONFIGS, else ./configs)")
+    dm.add_argument("--config", default=None, help="distill config file or preset (default: the preset demo-defaults, "
+                    "Turbo++'s defaults at batch 16; $TWOSTEP_CONFIGS is searched first when set)")
     dm.add_argument("--cache-num", dest="cache_num", type=COUNT.arg(), default=default("demo:run_demo", "cache_num"))
     dm.add_argument("--minutes", type=POSITIVE.arg(), default=default("demo:run_demo", "minutes"),
                     help="distillation time budget (> 0), the discriminator's head start included")
