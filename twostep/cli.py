@@ -193,6 +193,10 @@ def cmd_export(a):
 
     given = {k: getattr(a, k) for k in ("dtype", "format") if getattr(a, k) is not None}  # else the library's
     out = export_student(a.model, a.out, merge=a.merge, **given)
+    if (out / "comfyui_workflow.json").is_file():  # --format comfyui (twostep/export_comfyui.py)
+        print(f"ComfyUI files written to {out}: copy its diffusion_models/ or loras/ into ComfyUI's models/ folder "
+              "and open comfyui_workflow.json in ComfyUI (docs/export.md)")
+        return
     stock = json.loads((out / "model_index.json").read_text()).get("_class_name") == "ZImagePipeline"
     cls, mod = ("ZImagePipeline", "diffusers") if stock else ("TwoStepZImagePipeline", "twostep.pipeline")
     print(f"diffusers pipeline written to {out}; load it with:\n"
@@ -518,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the exported transformer weights (default auto: bf16 for a student of a "
                     "ZImagePipeline teacher, fp32 for a pixel-space one); the copied text encoder and VAE keep "
                     "the teacher's files")
-    ex.add_argument("--format", choices=["auto", "twostep", "stock"], default=None,
+    ex.add_argument("--format", choices=["auto", "twostep", "stock", "comfyui"], default=None,
                     help="twostep: the TwoStepZImagePipeline folder; stock: a plain diffusers ZImagePipeline folder "
                     "(shared latent students with mid_noise=same: ZImagePipeline.from_pretrained(DIR) with "
                     "num_inference_steps=2, guidance_scale=0 is the student); default auto: stock where it "

@@ -19,6 +19,10 @@ Layout of the exported folder (diffusers' save_pretrained, plus files of ours), 
     twostep_export.json         where it came from (run folder, update count, decoupling, merged, format, dtype)
     status.json                 the completion marker (twostep.io.folders), written last
 
+Format "comfyui" (latent students; never picked by auto): ComfyUI's Z-Image key layout under diffusion_models/
+(full, shared, lora --merge) or loras/ (lora), a 2-step ComfyUI workflow, twostep_export.json and status.json
+(twostep/export_comfyui.py; docs/export.md).
+
 Format "stock" (a `shared` latent student with mid_noise=same; `--format auto` picks it there): a plain diffusers
 ZImagePipeline folder (model_index.json _class_name ZImagePipeline, transformer/, scheduler/ as above, the
 teacher's text_encoder/, tokenizer/, vae/): `ZImagePipeline.from_pretrained(DIR)(prompt, num_inference_steps=2,
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from . import flow, pipeline
+from . import export_comfyui, flow, pipeline
 from .errors import UserError
 from .io.files import all_finite
 from .io.folders import STATUS, claim_output, read_config, write_status
@@ -57,17 +61,22 @@ MARKER = "twostep_export.json"
 CLASS_NAME = "TwoStepZImagePipeline"
 CODE = (pipeline, flow)  # the modules an exported folder carries as files (pipeline.py imports .flow)
 OURS = {"model_index.json", "transformer", "transformer_2", "lora", "text_encoder", "tokenizer", "vae", "scheduler",
-        MARKER, STATUS, *(Path(m.__file__).name for m in CODE)}
-FORMATS = ("auto", "twostep", "stock")
+        MARKER, STATUS, *(Path(m.__file__).name for m in CODE), export_comfyui.MODELS_DIR, export_comfyui.LORAS_DIR,
+        export_comfyui.WORKFLOW}
+FORMATS = ("auto", "twostep", "stock", "comfyui")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _is_previous_export(d: Path) -> bool:
-    """A folder `twostep export` wrote: our pipeline class, or a stock folder with our export marker."""
+    """A folder `twostep export` wrote: our pipeline class, a stock folder with our export marker, or a ComfyUI
+    export (its marker says format comfyui)."""
     try:
         cls = json.loads((d / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError):
-        return False
+        try:
+            return json.loads((d / MARKER).read_text()).get("format") == "comfyui"
+        except (OSError, ValueError, AttributeError):
+            return False
     return cls == CLASS_NAME or (cls == "ZImagePipeline" and (d / MARKER).is_file())
 
 
@@ -138,6 +147,9 @@ def resolve_format(fmt: str, cfg: dict, merge: bool) -> str:
     reproduces by itself), else twostep; `--format stock` elsewhere is a UserError saying why and what instead."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "comfyui":  # ComfyUI's Z-Image layout + workflow (twostep/export_comfyui.py)
+        export_comfyui.check_student(cfg)
+        return fmt
     why = None
     if not cfg.get("pipeline"):
         why = ("a pixel-space student has no VAE and a MiniLM caption encoder, which stock ZImagePipeline cannot "
@@ -244,6 +256,8 @@ def export_student(run, out, merge: bool = False, dtype: str = "auto", format: s
     claim_output(out, "export", inputs={"--model": run, "teacher": cfg.get("teacher"),
                                         "pipeline": cfg.get("pipeline")}, allow_complete=True)
     _check_out(out)
+    if fmt == "comfyui":
+        return _export_comfyui(run, out, cfg, merge, dt)
     side = _caption_side(cfg)
     gen = load_student_generator(run)
     if fmt == "stock":
@@ -271,11 +285,35 @@ def export_student(run, out, merge: bool = False, dtype: str = "auto", format: s
         "mid_noise": gen.student.mid_noise, "format": fmt, "dtype": dt}, indent=1))
     write_status(partial, "export", {"run": str(run.resolve()), "updates": cfg.get("updates"), "merged": bool(merge)},
                  True)  # last: the completion marker
-    if out.exists():  # empty, or a previous export (checked above): set aside only now that the new one is complete
+    _replace(out, partial)
+    return out
+
+
+def _replace(out: Path, partial: Path) -> None:
+    """The complete PARTIAL becomes OUT; a previous export there is set aside only now, then removed."""
+    if out.exists():  # empty, or a previous export (checked in _check_out)
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.replace(trash / out.name)
         partial.replace(out)
         shutil.rmtree(trash)
     else:
         partial.replace(out)
+
+
+def _export_comfyui(run: Path, out: Path, cfg: dict, merge: bool, dt: str) -> Path:
+    """`--format comfyui`: ComfyUI-layout weights (or LoRA files) and the 2-step workflow (twostep/export_comfyui.py),
+    written as OUT.partial and renamed when complete, like the diffusers formats."""
+    gen = load_student_generator(run)
+    partial = _partial(out)
+    if partial.exists():  # left by an interrupted export (checked in _check_out)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    files = export_comfyui.write(gen.student, cfg, partial, out, merge, DTYPES[dt])
+    (partial / MARKER).write_text(json.dumps({
+        "run": str(run.resolve()), "updates": cfg.get("updates"), "method": cfg.get("method"),
+        "decoupling": cfg.get("decoupling"), "merged": bool(merge), "sigmas": gen.student.sigmas,
+        "mid_noise": gen.student.mid_noise, "format": "comfyui", "dtype": dt, "files": files}, indent=1))
+    write_status(partial, "export", {"run": str(run.resolve()), "updates": cfg.get("updates"), "merged": bool(merge)},
+                 True)  # last: the completion marker
+    _replace(out, partial)
     return out
