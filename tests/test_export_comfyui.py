@@ -16,8 +16,9 @@ Sources (repository Comfy-Org/ComfyUI, formerly comfyanonymous/ComfyUI; file @ c
   calculate_weight (W += strength · alpha / lora_down rows · lora_up @ lora_down)
 - comfy/lora_convert.py @ 2bffe2f4ce5763dcb83df6a670657b6d5c8f85a5: convert_lora (which files it rewrites)
 - comfy/sd.py, comfy/model_detection.py unet_prefix_from_state_dict, comfy/samplers.py (simple_scheduler,
-  KSampler.sample step slicing), comfy/model_sampling.py (ModelSamplingDiscreteFlow, CONST), nodes.py
-  (NODE_CLASS_MAPPINGS, KSamplerAdvanced) @ a125cd84b054a57729b5eecab930ca9408719832; CONST also @ 38a99a82.
+  KSampler.sample step slicing, KSAMPLER.sample), comfy/k_diffusion/sampling.py sample_euler,
+  comfy/model_sampling.py (ModelSamplingDiscreteFlow, CONST), nodes.py (NODE_CLASS_MAPPINGS, KSamplerAdvanced,
+  common_ksampler) @ a125cd84b054a57729b5eecab930ca9408719832; CONST also @ 38a99a826e14dd509ef32cfb68aa981ba782ec41.
 The workflow template: PyPI comfyui-workflow-templates-json 0.1.123 (MIT), templates/image_z_image_turbo.json.
 """
 
@@ -487,3 +488,57 @@ def test_comfyui_export_refusals(tmp_path):
 
     with pytest.raises(UserError, match="--format twostep"):
         comfy_name("siglip_embedder.1.weight")
+
+
+def comfy_ksampler(denoise, latent, noise, sigmas, add_noise, start, last, leftover):
+    """What one ComfyUI KSampler(Advanced) does with a flow model (euler): comfy/samplers.py KSampler.sample slices
+    the scheduler's sigmas (sigmas[:last + 1], the last set to 0 unless it returns leftover noise, then
+    sigmas[start:]); nodes.py common_ksampler passes zero noise when add_noise is disabled; KSAMPLER.sample starts
+    from CONST.noise_scaling(σ0, noise, latent) = σ0·noise + (1 − σ0)·latent, runs comfy/k_diffusion/sampling.py
+    sample_euler (x += (x − x̂0)/σ · (σ_next − σ)) and returns CONST.inverse_noise_scaling(σ_last, x) =
+    x / (1 − σ_last)."""
+    s = torch.tensor(sigmas, dtype=torch.float32)
+    if last < len(s) - 1:
+        s = s[:last + 1]
+        if leftover == "disable":
+            s[-1] = 0
+    s = s[start:]
+    n = noise if add_noise == "enable" else torch.zeros_like(noise)
+    x = s[0] * n + (1 - s[0]) * latent
+    for i in range(len(s) - 1):
+        x0 = denoise(x, float(s[i]))
+        x = x + (x - x0) / s[i] * (s[i + 1] - s[i])
+    return x / (1 - s[-1])
+
+
+@pytest.mark.parametrize("case", ["full", "shared-fresh"])
+def test_workflow_sampler_chain_is_the_student_rollout(case, latent):
+    """The two KSamplerAdvanced nodes as written (their widgets), run the way ComfyUI's sampling code runs them with
+    the student's denoisers, give the student's own 2-step rollout (ComfyUI itself not run: its model is its own
+    port of the transformer; the denoiser here is twostep's)."""
+    from twostep.sampling import load_student_generator
+
+    root, t, runs, outs = latent
+    wf = json.loads((outs[case] / "comfyui_workflow.json").read_text())
+    (shift,) = {w[0] for w in widgets(wf, "ModelSamplingAuraFlow")}
+    grid = simple_grid(shift)
+    gen = load_student_generator(runs[case])
+    st = gen.student
+    text = gen.encode(["a red circle"] * 2)
+    eps = gen.noise(2, 3)
+
+    def denoiser(step):
+        bb = st.step_backbone(step)
+        return lambda x, s: bb.denoise(x, torch.full((x.shape[0],), s), text)
+
+    first, second = sorted(widgets(wf, "KSamplerAdvanced"), key=lambda w: w[7])
+    eps2 = torch.randn(eps.shape, generator=torch.Generator().manual_seed(5))  # the second sampler's own seed
+    with torch.no_grad():
+        lat = comfy_ksampler(denoiser(1), torch.zeros_like(eps), eps, grid, first[0], first[7], first[8], first[9])
+        out = comfy_ksampler(denoiser(2), lat, eps2, grid, second[0], second[7], second[8], second[9])
+        if case == "full":
+            ref = st.generate(eps, text)["x0_2"]
+        else:  # the student's rule with ComfyUI's ε' in place of twostep's
+            x0_1 = denoiser(1)(eps, 1.0)
+            ref = denoiser(2)(st.mid_state(x0_1, eps, eps2), st.sigma_mid)
+    assert ref.abs().mean() > 1e-2 and (out - ref).abs().max().item() <= 1e-4
