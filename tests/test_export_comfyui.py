@@ -438,7 +438,11 @@ def test_workflow_is_the_template_wired_for_two_steps(case, latent):
         assert n_src["outputs"][ss]["type"] == n_dst["inputs"][ds]["type"] == typ
     tw = {n["type"]: n["widgets_values"] for n in tnodes}
     assert widgets(wf, "CLIPLoader") == [tw["CLIPLoader"]] and widgets(wf, "VAELoader") == [tw["VAELoader"]]
-    assert widgets(wf, "EmptySD3LatentImage") == [tw["EmptySD3LatentImage"]]
+    from twostep.io.folders import read_config
+    from twostep.model import image_hw
+
+    h, w = image_hw(read_config(runs[case.split("-merge")[0]]))  # the student's image size, else the template's
+    assert tw["EmptySD3LatentImage"] == [1024, 1024, 1] and widgets(wf, "EmptySD3LatentImage") == [[w, h, 1]]
     export = json.loads((outs[case] / "twostep_export.json").read_text())
     sm = export["sigmas"][1]
     (shift,) = {w[0] for w in widgets(wf, "ModelSamplingAuraFlow")}

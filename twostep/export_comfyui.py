@@ -271,6 +271,7 @@ def write(student, cfg: dict, partial: Path, out: Path, merge: bool, dtype: torc
     from safetensors.torch import save_file
 
     from .io.files import all_finite
+    from .model import image_hw
     from .pipeline import base_state_dict, merged_state_dict
     from .student import STEP_NAMES
 
@@ -310,6 +311,8 @@ def write(student, cfg: dict, partial: Path, out: Path, merge: bool, dtype: torc
                          for step, t in zip(("step1", "step2"), transformers)]
     else:
         files["unet"] = [save_model(base_state_dict(transformers[0]), f"{stem}.safetensors")]
-    wf = workflow("full" if (d == "lora" and merge) else d, student.mid_noise, student.sigma_mid, files)
+    h, w = image_hw(cfg)  # the size the student was distilled at (the template's 1024² for Z-Image-Turbo's own)
+    wf = workflow("full" if (d == "lora" and merge) else d, student.mid_noise, student.sigma_mid, files, width=w,
+                  height=h)
     (partial / WORKFLOW).write_text(json.dumps(wf, indent=1) + "\n")
     return files
