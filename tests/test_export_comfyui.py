@@ -546,3 +546,17 @@ def test_workflow_sampler_chain_is_the_student_rollout(case, latent):
             x0_1 = denoiser(1)(eps, 1.0)
             ref = denoiser(2)(st.mid_state(x0_1, eps, eps2), st.sigma_mid)
     assert ref.abs().mean() > 1e-2 and (out - ref).abs().max().item() <= 1e-4
+
+
+def test_comfyui_export_replaces_a_previous_one(latent):
+    from twostep.export import _is_previous_export
+
+    root, t, runs, outs = latent
+    out = root / "exp-again"
+    for flags in (["--format", "comfyui"], ["--format", "comfyui", "--merge"]):  # bf16 (auto), then merged
+        assert main(["export", "--model", str(runs["lora"]), "--out", str(out), *flags]) == 0
+    assert _is_previous_export(out) and not (out / "loras").exists() and not out.with_name("exp-again.partial").exists()
+    sd = load_file(str(out / "diffusion_models/exp-again_step1.safetensors"))
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert json.loads((out / "twostep_export.json").read_text())["files"]["unet"] == [
+        "exp-again_step1.safetensors", "exp-again_step2.safetensors"]
