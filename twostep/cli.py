@@ -526,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="twostep: the TwoStepZImagePipeline folder; stock: a plain diffusers ZImagePipeline folder "
                     "(shared latent students with mid_noise=same: ZImagePipeline.from_pretrained(DIR) with "
                     "num_inference_steps=2, guidance_scale=0 is the student); default auto: stock where it "
-                    "reproduces the student, else twostep (full/lora: see docs/export.md for stock diffusers)")
+                    "reproduces the student, else twostep (full/lora: see docs/export.md for stock diffusers); "
+                    "comfyui: ComfyUI's Z-Image layout (transformer files per step, or per-step LoRA files) and a "
+                    "2-step ComfyUI workflow (latent students)")
     ex.set_defaults(fn=cmd_export)
     return p
 
