@@ -11,6 +11,7 @@ import time
 import torch
 
 from .config import COUNT, NON_NEGATIVE_INT
+from .errors import UserError
 from .evaluate import place, resolve_placement, sync
 from .model import check_pair, dtype_name
 from .sampling import load_generator
@@ -63,6 +64,9 @@ def measure_folders(teacher_dir, student_dir, batch: int = BATCH, repeats: int =
     _check_counts(batch, repeats)
     dev, wdtype = resolve_placement(device, dtype)
     student = load_generator(student_dir, dtype=wdtype)
+    if student.config.get("kind") != "student":  # a teacher timed against itself is no speed-up to report
+        raise UserError(f"--student {student_dir}: a {student.config.get('kind') or 'model'} folder, not a student "
+                        "run; pass the --out folder of `twostep distill`")
     check_pair(student.config, teacher_dir)
     teacher = load_generator(teacher_dir, dtype=wdtype)
     for g in (teacher, student):

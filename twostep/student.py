@@ -27,6 +27,21 @@ from .errors import UserError
 STEP_NAMES = ("step1", "step2")
 
 
+def check_lora_targets(transformer: nn.Module, targets) -> None:
+    """Every `student.lora_targets` entry names Linear layers of the transformer, as peft matches them (the whole
+    module name, or its last dotted parts); one UserError naming those that match nothing."""
+    if isinstance(targets, str) or not targets:
+        raise UserError(f"student.lora_targets={targets!r}: give a non-empty list of module names, e.g. "
+                        "[to_q, to_k, to_v, to_out.0]")
+    names = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    bad = [t for t in targets if not any(n == t or n.endswith("." + str(t)) for n in names)]
+    if bad:
+        leaves = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit() else ".".join(n.split(".")[-2:])
+                         for n in names})
+        raise UserError(f"student.lora_targets: {', '.join(map(repr, bad))} matches no Linear layer of the "
+                        f"teacher's transformer; use names among {', '.join(leaves[:12])}")
+
+
 class TwoStepStudent(nn.Module):
     def __init__(self, teacher: ZImageBackbone, decoupling: str = "full", sigma_mid: float = 0.75,
                  mid_noise: str = "same", lora_rank: int = 16, lora_alpha: float = 16.0,
@@ -44,6 +59,7 @@ class TwoStepStudent(nn.Module):
             from peft import LoraConfig
 
             self.base = deepcopy_sharing_frozen(teacher).requires_grad_(False)  # the frozen base IS the teacher
+            check_lora_targets(self.base.transformer, lora_targets)  # before peft (whose own error is a traceback)
             for name in STEP_NAMES:  # LoRA B starts at zero: both steps start exactly at the teacher
                 self.base.transformer.add_adapter(
                     LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(lora_targets),
@@ -213,7 +229,7 @@ def trainable_copies_on_meta():
     """Students built inside (twostep.methods builds them) hold their full / shared trainable copies of the teacher
     on the meta device: the modules, names, shapes and dtypes, no storage. The training loop gives them storage
     where it fits (twostep.train.distributed.materialize: under FSDP after sharding, each process only its shards),
-    so a 6B copy is never made whole on a device that cannot hold it (issue 17). A lora student's base is the
+    so a 6B copy is never made whole on a device that cannot hold it. A lora student's base is the
     teacher itself, not a copy, and its adapters are small: it is built as usual."""
     token = _ON_META.set(True)
     try:

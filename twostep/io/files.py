@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -37,8 +38,10 @@ def atomic_write_bytes(path: Path, data: bytes | str):
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         _drop(tmp)
+        if isinstance(e, Exception) and cause(e) is not None:  # a full disk, a permission: one line, its cause
+            raise unwritable(path, e) from None
         raise
 
 
@@ -57,8 +60,10 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=md)
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         _drop(tmp)
+        if isinstance(e, Exception) and cause(e) is not None:  # a full disk, a permission: one line, its cause
+            raise unwritable(path, e) from None
         raise
 
 
@@ -97,6 +102,9 @@ def cause(e: BaseException) -> str | None:
         return "out of memory (the file is not at fault: free memory, or use a smaller dtype / batch)"
     if isinstance(e, OSError) and e.errno in _OS_CAUSES:
         return _OS_CAUSES[e.errno]
+    m = re.search(r"\(os error (\d+)\)", str(e))  # safetensors' Rust I/O errors: "... (os error 28)"
+    if m and int(m.group(1)) in _OS_CAUSES:
+        return _OS_CAUSES[int(m.group(1))]
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return f"{e.strerror or type(e).__name__}"
     return None

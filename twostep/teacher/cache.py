@@ -61,6 +61,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -70,11 +71,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as serialize
 
-from .. import flow
+from .. import flow, plan
 from ..config import COUNT, SEED
-from ..data import get_captions, prompt_file_identity, read_prompts, repeat_prompts, shapes
+from ..data import get_captions, prompt_file_identity, repeat_prompts, shapes
+from ..data.prompts import describe_draw, draw_prompts
 from ..errors import UserError
-from ..io.files import atomic_write_bytes, atomic_write_text, one_line, sha256_file, sha256_text
+from ..io.files import atomic_write_bytes, atomic_write_text, nonfinite_parts, one_line, sha256_file, sha256_text
+from ..io.lock import holds_lock
 from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity, twostep_command
 from ..model import COMPUTE_DTYPES, compute_dtype, dtype_name, load_teacher, place_weights
 
@@ -254,6 +257,9 @@ def _trajectory(teacher, text, noise, sigmas, device) -> list[torch.Tensor]:
     return r.trajectory
 
 
+PLAN_TOKENS = 64            # caption tokens per row assumed by the disk estimate (MiniLM keeps at most 77)
+PLAN_CAPTION_BYTES = 256    # memory per row while its caption is held (the captions are built before the shards)
+
 # ---- build ------------------------------------------------------------------------------------------------
 
 def _read_manifest(path: Path, versions=(VERSION,)) -> dict:
@@ -261,6 +267,9 @@ def _read_manifest(path: Path, versions=(VERSION,)) -> dict:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({one_line(e)}); delete the cache folder and build it again")
+    except RecursionError:  # thousands of nested [ or {: no manifest twostep wrote
+        raise UserError(f"{path}: JSON nested too deeply, not a twostep manifest; delete the cache folder and build "
+                        "it again") from None
     except OSError as e:
         raise UserError(f"{path}: unreadable ({one_line(e)}); check its permissions")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -318,7 +327,7 @@ def _recorded(out: Path, old: dict | None) -> dict[int, dict]:
         try:
             k = int(p.stem.split("-")[1])
             e = _entry(json.loads(p.read_text()), k)
-        except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        except (OSError, ValueError, IndexError, UnicodeDecodeError, RecursionError):
             e = None
         if e is not None:
             entries[k] = e
@@ -347,7 +356,7 @@ def _write_shard(out: Path, k: int, tensors: dict, info: dict) -> dict:
 
 
 def _command(teacher_folder, data, prompts, prompt_key, num, seed, shard_size, spp, states, store, device,
-             dtype, out) -> str:
+             dtype, out, allow_repeats=False) -> str:
     argv = ["teacher", "cache", "--teacher", teacher_folder]
     argv += ["--data", data] if data is not None else ["--prompts", prompts]
     if prompt_key is not None:
@@ -357,20 +366,22 @@ def _command(teacher_folder, data, prompts, prompt_key, num, seed, shard_size, s
                           ("--store-dtype", store, "auto"), ("--device", device, "auto"), ("--dtype", dtype, "auto")):
         if v != dflt:
             argv += [flag, v]
-    return twostep_command(*argv, "--out", out)
+    return twostep_command(*argv, *(["--allow-repeats"] if allow_repeats else []), "--out", out)
 
 
+@holds_lock("out", "--out", "cache")  # one writer per cache (rank 0 holds it for all)
 def build_cache(teacher_folder: Path, data: str | None = None, num: int | None = None, out: Path | None = None,
                 seed: int = 0, shard_size: int = 256, batch_size: int = 64, progress: bool = True,
                 skip_bad: bool = False, prompts: Path | None = None, prompt_key: str | None = None,
                 seeds_per_prompt: int = 1, device: str = "auto", dtype: str = "auto", states: str = "auto",
-                store_dtype: str = "auto", verify: bool = False) -> Path:
+                store_dtype: str = "auto", verify: bool = False, allow_repeats: bool = False) -> Path:
     """Sample the teacher for `num` (caption, noise) pairs into sharded safetensors under `out`; resumable; one
     process or many (torchrun: each builds its shards, see the module docstring). The captions come from `data`
     (shapes | photos | a folder) or from a prompt file `prompts` (with `prompt_key`), each repeated
     `seeds_per_prompt` times. `device` auto | cpu | cuda[:N]; `dtype` (compute) auto | bf16 | fp16 | fp32;
     `states` which σ states to store (parse_states); `store_dtype` auto | bf16 | fp32; `verify`: at the end,
-    load the cache checking every shard's sha256.
+    load the cache checking every shard's sha256; `allow_repeats`: a prompt file whose training split holds
+    fewer prompts than the draw needs reuses them (counted in the manifest's `prompt_draw`) instead of refusing.
 
     Returns `out`. Raises UserError if `out` holds a different cache (other teacher, prompts, num, seed, shard
     size, states, dtypes), is a non-empty folder that is not a cache, or is (or holds, or is inside) an input.
@@ -394,10 +405,16 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
     claim_output(out, "cache", inputs={"--teacher": teacher_folder, "--prompts": prompts,
                                        "--data": data if data is not None and Path(data).is_dir() else None},
                  allow_complete=True)
-    teacher = load_teacher(teacher_folder)
+    draw = None
+    if prompts is not None:  # before any weight is read: the draw needs only the file
+        captions, draw = draw_prompts(prompts, num, seed=seed, split="train", key=prompt_key, seeds_per_prompt=spp,
+                                      skip_bad=skip_bad, allow_repeats=allow_repeats)
+        if procs.rank == 0:
+            print(describe_draw(draw), flush=True)
+    cdtype = compute_dtype(dtype, dev)
+    teacher = load_teacher(teacher_folder, cdtype)  # read in the compute dtype: no fp32 copy of a bf16 teacher
     ident = teacher_identity(teacher_folder, teacher.config)
     pipeline = bool(teacher.config.get("pipeline"))
-    cdtype = compute_dtype(dtype, dev)
     store = store_dtype if store_dtype != "auto" else ("bf16" if pipeline else "fp32")
     sdtype = STORE_DTYPES[store]
     s = teacher.sampling
@@ -416,10 +433,14 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
     if spp != 1:
         params["seeds_per_prompt"] = spp
     n_shards = math.ceil(num / shard_size)
-    if prompts is not None:
-        captions = read_prompts(prompts, num, seed=seed, split="train", key=prompt_key, seeds_per_prompt=spp,
-                                skip_bad=skip_bad)
-    else:
+    # plan before work: what --num implies on disk and in memory, refused before a caption is built
+    sample_bytes = math.prod(shape) * sdtype.itemsize * (1 + len(keep))
+    text_bytes = PLAN_TOKENS * int(teacher.config.get("transformer", {}).get("cap_feat_dim", 0)) * sdtype.itemsize
+    plan_line = plan.check("--num", num, f"{num:,} rows in {n_shards:,} shards", memory=num * PLAN_CAPTION_BYTES,
+                           disk=num * (sample_bytes + text_bytes), disk_at=out)
+    if progress and procs.rank == 0:
+        print(f"plan: {plan_line}", file=sys.stderr)
+    if prompts is None:
         captions = repeat_prompts(get_captions(data, math.ceil(num / spp), seed=seed, split="train",
                                                resolution=teacher.height, skip_bad=skip_bad), num, spp)
     if len(captions) != num:
@@ -449,11 +470,13 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
                 raise UserError(f"{out}: holds a different teacher cache (differs in: prompts); choose another "
                                 "--out (or delete that folder)")
     cmd = _command(teacher_folder, data, prompts, prompt_key, num, seed, shard_size, spp, states, store_dtype,
-                   device, dtype, out)
+                   device, dtype, out, allow_repeats and bool(draw and draw["repeats"]))
     manifest = {"format": FORMAT, "version": VERSION, "teacher": ident,
                 "teacher_folder": str(teacher_folder.resolve()), **params, "prompts_sha256": prompts_hash,
                 "batch_size": batch_size, "num_shards": n_shards, "sigmas": [float(x) for x in sigmas],
                 "text_dtype": store, "command": cmd, "complete": False, "shards": []}
+    if draw is not None:
+        manifest["prompt_draw"] = draw
 
     def write_manifest(final: bool = False):
         """Rank 0: the manifest from the entry files of this build (+ the earlier build's entries until then)."""
@@ -516,6 +539,11 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
                        "text": torch.cat([t.to("cpu", sdtype) for t in text]),
                        "text_len": torch.tensor([t.shape[0] for t in text], dtype=torch.int64),
                        "sigmas": sigmas.clone()}
+            bad = nonfinite_parts({name: {name: v} for name, v in tensors.items()})
+            if bad:  # a NaN never becomes a cache sample: nothing of this shard is written, the cache stays unfinished
+                raise UserError(f"{out / shard_name(k)}: the teacher gave NaN/inf values ({', '.join(bad)}) for "
+                                f"rows {start}..{start + n - 1} (first caption {caps[0][:60]!r}); nothing was "
+                                "written for it; check the teacher and the text-feature cache ($TWOSTEP_CACHE)")
             info = {"format": FORMAT, "version": VERSION, "index": k, "start": start, "count": n,
                     "noise": noise_mode, "noise_seed": nseed, "captions": caps}
             entry = _write_shard(out, k, tensors, info)
@@ -672,13 +700,27 @@ class TeacherCache:
             x = torch.empty((len(idx), *self.sample_shape), dtype=torch.float32)
             for p, (sh, j) in enumerate(where):
                 x[p] = self._noise(sh, j) if g == 0 else sh.state(g, j)
+            if not bool(torch.isfinite(x).all()):  # a trust boundary: a NaN row never reaches a loss
+                p = next(p for p in range(len(idx)) if not bool(torch.isfinite(x[p]).all()))
+                self._bad_row(where[p][0], where[p][1], f"its {key} state")
             out[key] = x
         return out
+
+    def _bad_row(self, sh: "_Shard", j: int, what: str):
+        where = sh.path if sh.path is not None else "an in-memory cache"
+        raise UserError(f"{where}: row {j} (cache row {sh.start + j}) holds NaN/inf in {what}; the cache was built "
+                        f"from bad values: delete {self.folder or 'the cache'} and build it again")
 
     def text_rows(self, idx) -> list[torch.Tensor]:
         """The caption features of rows `idx`: float32 [L_i, D] each."""
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()
-        return [sh.text(j).float() for sh, j in (self._shard(i) for i in idx)]
+        out = []
+        for sh, j in (self._shard(i) for i in idx):
+            t = sh.text(j).float()
+            if not bool(torch.isfinite(t).all()):
+                self._bad_row(sh, j, "its caption features")
+            out.append(t)
+        return out
 
     # -- lazy views (cache.final[idx], cache.text[i], cache.state_at(σ, idx)) -------------------------------------
     @property
@@ -754,6 +796,18 @@ class _TextView:
         return (self[i] for i in range(len(self.cache)))
 
 
+def _check_finite_shard(p: Path, hint: str):
+    """Every float tensor of shard `p` is finite (read one tensor at a time): `verify`'s content check."""
+    try:
+        with safe_open(str(p), "pt") as f:
+            bad = [k for k in f.keys() if (t := f.get_tensor(k)).is_floating_point() and not bool(torch.isfinite(t).all())]
+    except Exception as ex:
+        raise UserError(f"{p}: unreadable shard ({type(ex).__name__}); {hint} to regenerate it") from None
+    if bad:
+        raise UserError(f"{p}: holds NaN/inf values ({', '.join(bad)}); the cache was built from bad values: delete "
+                        f"{p.parent} and build it again")
+
+
 def load_cache(folder: Path, expect_teacher: Path | None = None, verify: bool = False) -> TeacherCache:
     """Open a complete cache lazily (module docstring). Checks the manifest, each shard's presence, size, header,
     captions and counts; with `verify`, every shard's sha256 too (reads every byte once). With `expect_teacher`,
@@ -804,6 +858,8 @@ def load_cache(folder: Path, expect_teacher: Path | None = None, verify: bool = 
                             f"shard); {hint} to regenerate it")
         if verify and sha256_file(p) != e["sha256"]:
             raise UserError(f"{p}: checksum mismatch (truncated or corrupt shard); {hint} to regenerate it")
+        if verify:  # the checksum proves the bytes are those written, not that they are numbers: every value too
+            _check_finite_shard(p, hint)
         n = int(e["count"])
         try:
             with safe_open(str(p), "pt") as f:

@@ -292,12 +292,15 @@ def method_counts(cfg, teacher_config: dict) -> dict[str, int]:
 
 
 def cache_caption_tokens(cache_dir) -> int | None:
-    """The longest caption (text-feature rows) of a teacher cache, from its in-memory text lengths (None: no
-    readable cache there; the estimate then assumes the text encoder's maximum)."""
+    """The longest caption (text-feature rows) of a teacher cache, from its in-memory text lengths. A `--cache` that
+    is not a readable teacher cache (a file, a missing folder) is a UserError: the estimate never silently assumes
+    the text encoder's maximum for a cache it was given (it does so only without --cache)."""
     try:
         cache = load_cache(cache_dir)
-    except (UserError, OSError):
-        return None
+    except UserError as e:
+        raise UserError(f"--cache: {e}") from None
+    except OSError as e:
+        raise UserError(f"--cache {cache_dir}: unreadable ({e.strerror or type(e).__name__})") from None
     lens = [n for sh in getattr(cache, "shards", []) for n in getattr(sh, "text_len", [])]
     if not lens and len(cache):
         lens = [int(t.shape[0]) for t in cache.text_rows(list(range(len(cache))))]
