@@ -259,7 +259,9 @@ def export_student(run, out, merge: bool = False, dtype: str = "auto", format: s
     if fmt == "comfyui":
         return _export_comfyui(run, out, cfg, merge, dt)
     side = _caption_side(cfg)
-    gen = load_student_generator(run)
+    # read in the export dtype (a bf16 base never upcast, a full student never held in fp32 whole); a lora
+    # student's small adapters as saved, so that --merge adds them in fp32 (merged_state_dict)
+    gen = load_student_generator(run, DTYPES[dt], adapters_as_stored=True)
     if fmt == "stock":
         pipe = build_stock_pipeline(gen.student, side)
     else:

@@ -270,12 +270,13 @@ def base_state_dict(transformer) -> dict[str, torch.Tensor]:
 
 
 def merged_state_dict(transformer, adapter: str) -> dict[str, torch.Tensor]:
-    """Plain weights with one LoRA adapter merged in: W + ΔW(adapter) for every LoRA layer (no model mutated)."""
+    """Plain weights with one LoRA adapter merged in: W + ΔW(adapter) for every LoRA layer (no model mutated), each
+    sum taken in fp32 one tensor at a time and stored in W's dtype (a bf16 base is never upcast whole)."""
     from peft.tuners.lora import LoraLayer
 
     sd = base_state_dict(transformer)
     for name, mod in transformer.named_modules():
         if isinstance(mod, LoraLayer) and adapter in mod.lora_A:
             key = f"{name}.weight"
-            sd[key] = sd[key] + mod.get_delta_weight(adapter).to(sd[key].dtype)
+            sd[key] = (sd[key].float() + mod.get_delta_weight(adapter).float()).to(sd[key].dtype)
     return sd

@@ -27,7 +27,7 @@ from .config import COUNT, NON_NEGATIVE
 from .backbones.zimage import check_transformer_config, check_weights
 from .errors import UserError
 from .io.checkpoints import link_file
-from .io.files import all_finite, atomic_save_tensors, atomic_write_text, cast_floats, load_tensors
+from .io.files import all_finite, atomic_save_tensors, atomic_write_text, load_tensors
 from .io.folders import CONFIG, check_stamps, read_config, save_stamped
 from .model import SampleSpace, check_size_fields, default_sampling, load_teacher
 from .student import TwoStepStudent, build_student_from_config
@@ -199,8 +199,11 @@ def check_student_config(c, folder: Path) -> None:
 WHOLE_TRANSFORMER = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base"]}
 
 
-def load_student_generator(folder, dtype: torch.dtype | None = None) -> StudentGenerator:
-    """A student folder (checked: config, stamps, frozen base, weights) as a generator, its weights in `dtype`."""
+def load_student_generator(folder, dtype: torch.dtype | None = None,
+                           adapters_as_stored: bool = False) -> StudentGenerator:
+    """A student folder (checked: config, stamps, frozen base, weights) as a generator, its weights in `dtype`.
+    `adapters_as_stored`: a lora student's adapter files are read as saved (fp32), only its whole transformers in
+    `dtype` (export merges them in fp32)."""
     folder = Path(folder)
     c = read_config(folder)
     check_student_config(c, folder)
@@ -208,7 +211,8 @@ def load_student_generator(folder, dtype: torch.dtype | None = None) -> StudentG
     frozen = [s for s in TwoStepStudent.FROZEN_STEMS[c["decoupling"]] if c.get("base_sha256")]
     check_stamps(folder, [s for s in stems if s not in frozen], c)
     _check_frozen_base(folder, frozen, c)
-    return _student_from_files(c, {s: folder / f"{s}.safetensors" for s in stems}, folder, folder, dtype)
+    return _student_from_files(c, {s: folder / f"{s}.safetensors" for s in stems}, folder, folder, dtype,
+                               adapters_as_stored)
 
 
 def _check_frozen_base(folder: Path, frozen, c: dict) -> None:
@@ -219,12 +223,30 @@ def _check_frozen_base(folder: Path, frozen, c: dict) -> None:
 
 
 def _student_from_files(c: dict, paths: dict, config_dir: Path, folder: Path,
-                        dtype: torch.dtype | None = None) -> StudentGenerator:
+                        dtype: torch.dtype | None = None, adapters_as_stored: bool = False) -> StudentGenerator:
     """The StudentGenerator of the checked config `c` from its weight files `paths` ({stem: file}, stamps checked);
     `config_dir`: where config.json is (for messages); `folder`: the generator's folder (its weight files).
     `dtype`: each tensor read in it, into a student built without storage; None: as stored, into fp32 modules."""
-    files = {s: load_tensors(p, cast_floats(dtype)) for s, p in paths.items()}
-    for s in WHOLE_TRANSFORMER[c["decoupling"]]:
+    whole = WHOLE_TRANSFORMER[c["decoupling"]]
+    overflow: list[str] = []
+
+    def cast(path: Path):   # each tensor read in `dtype`; a finite weight that does not fit it is named
+        def fn(name, t):
+            if not t.is_floating_point() or t.dtype == dtype:
+                return t
+            out = t.to(dtype)
+            if not overflow and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+                overflow.append(f"{path.name}: {name}")
+            return out
+        return fn
+
+    files = {s: load_tensors(p, None if dtype is None or (adapters_as_stored and s not in whole) else cast(p))
+             for s, p in paths.items()}
+    if overflow:
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+        raise UserError(f"{config_dir}: the student's weights overflow {name} (values beyond its range, first "
+                        f"{overflow[0]}); use --dtype fp32")
+    for s in whole:
         check_weights(c["transformer"], files[s], paths[s], str(config_dir / "config.json"))
     check_transformer_config(c["transformer"], str(config_dir / "config.json"), complete=not c.get("pipeline"))
     for s, sd in files.items():
