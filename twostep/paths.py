@@ -54,6 +54,9 @@ def config_file(value: str | Path, flag: str = "--config") -> Path:
     path = Path(value)
     if path.is_file():
         return path
+    if path.exists():  # os.stat only: a folder, a FIFO (reading it would block), a device
+        raise UserError(f"{flag} {value}: not a regular file; give a YAML file or one of the presets: "
+                        f"{', '.join(preset_names())}")
     name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
     if path.parent == Path("."):
         for root in ([Path(os.environ[CONFIGS_ENV])] if os.environ.get(CONFIGS_ENV) else []) + [PRESETS]:
