@@ -335,7 +335,7 @@ def checkpoint_block() -> str:
         return "(twostep.train.state.checkpoint_bytes is not there: no checkpoint sizes.)"
     from twostep.methods import load_config
 
-    L = ["| decoupling | one checkpoint (GiB) | once per run folder (GiB) | before issue 17: checkpoint + model files (GiB) |",
+    L = ["| decoupling | one checkpoint (GiB) | once per run folder (GiB) | previous layout: checkpoint + model files (GiB) |",
          "|---|---:|---:|---:|"]
     for dec in ("full", "shared", "lora"):
         b = checkpoint_bytes(load_config(None, [f"student.decoupling={dec}", "train.frozen_dtype=bf16"]),

@@ -142,7 +142,7 @@ def save_student(student: TwoStepStudent, config: dict, folder: Path, state: dic
     """Write a student folder (stamped weight files, config.json last: io.folders.save_stamped). `state`: the
     student's full state dict, when the module holds FSDP shards (see TwoStepStudent.export_state).
 
-    Small checkpoints (issue 17): `linked`, a checkpoint's `ema/` folder that already holds some of these files
+    Small checkpoints: `linked`, a checkpoint's `ema/` folder that already holds some of these files
     byte for byte (twostep.train.state writes them there): those are hard-linked, not written again. A lora
     student's frozen base (config["base_sha256"]: the hash of the teacher weights it is) is written once per run:
     kept when the folder's base.safetensors already carries that hash, stamped with it instead of the update."""
@@ -281,7 +281,7 @@ def load_checkpoint_generator(run_dir, update: int | None = None,
     `twostep eval --model RUN` evaluates once the run has finished at that update (a run folder's model files are
     its newest checkpoint's ema/ files, twostep.train.state), for budget curves taken from one run
     (benchmarks/run.py --eval-at). The run may be unfinished or already past `update`; the checkpoint must be
-    complete and of the small format (ema/<stem>.safetensors, issue 17); a lora run's frozen base is the run
+    complete and of the small format (ema/<stem>.safetensors); a lora run's frozen base is the run
     folder's base.safetensors (the same for every checkpoint: stamped with the teacher's hash). The generator's
     `folder` is the checkpoint's ema/ folder and its config the run's config.json at that update; its weights are
     read in `dtype` (None: as stored, into fp32 modules)."""

@@ -36,7 +36,7 @@ from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_tracker,
 def prepare_method(cfg: Config, teacher, device, acc=None, fsdp: bool = False):
     """(method, EMA of its student), on `device`, set up with the teacher, after the method's checks of it.
 
-    Built where nothing blows up (issue 17): the student's full / shared copies of the teacher on the meta device
+    Built where nothing blows up: the student's full / shared copies of the teacher on the meta device
     (student.trainable_copies_on_meta), its EMA likewise, FSDP-sharded when `fsdp` (train.mixed_precision bf16:
     bf16 all-gathers, fp32 reduce), then given storage on `device` from the teacher's weights (each process only
     its shards); only then is the frozen teacher moved to `device`, in train.frozen_dtype (bf16 on CUDA), never

@@ -2,7 +2,7 @@
 hyper-parameters on resume, checkpoints (write, load, roll back after non-finite updates) and the usable model.
 
 Checkpoints always hold full tensors, in the same format with or without FSDP (distributed.py gathers and
-shards them). Small checkpoints (issue 17; meta.json "format": 2), each trainable tensor once:
+shards them). Small checkpoints (meta.json "format": 2), each trainable tensor once:
     student.safetensors     the student's trainable tensors (lora: the adapters only; the frozen base is the
                             teacher, which meta.json's `frozen_base` names by its weights hash)
     ema/<stem>.safetensors  the EMA, in the run folder's model-file format (lora: adapters only); the run folder's
@@ -282,8 +282,8 @@ def checkpoint_bytes(cfg, transformer_config: dict | None = None) -> dict[str, i
     Z-Image-Turbo's 6.15 B transformer). Computed on the meta device (no memory) with the selection `checkpoint`
     uses (checkpoint_files) and AdamW's state (exp_avg and exp_avg_sq like each parameter, a float32 `step`).
     Also: `total`; `run_folder_once`, what the run folder adds once per run (a lora student's frozen base, in
-    train.frozen_dtype on CUDA); `previous_layout_total`, what a checkpoint plus its model files cost before
-    issue 17 (every module whole, the run folder's EMA copy rewritten each time)."""
+    train.frozen_dtype on CUDA); `previous_layout_total`, what a checkpoint plus its model files cost in
+    the previous layout (every module whole, the run folder's EMA copy rewritten each time)."""
     def nbytes(sd):
         return sum(v.numel() * v.element_size() for v in sd.values())
 
