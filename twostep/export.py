@@ -305,7 +305,7 @@ def _replace(out: Path, partial: Path) -> None:
 def _export_comfyui(run: Path, out: Path, cfg: dict, merge: bool, dt: str) -> Path:
     """`--format comfyui`: ComfyUI-layout weights (or LoRA files) and the 2-step workflow (twostep/export_comfyui.py),
     written as OUT.partial and renamed when complete, like the diffusers formats."""
-    gen = load_student_generator(run)
+    gen = load_student_generator(run, DTYPES[dt], adapters_as_stored=True)  # as the other formats
     partial = _partial(out)
     if partial.exists():  # left by an interrupted export (checked in _check_out)
         shutil.rmtree(partial)
