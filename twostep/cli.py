@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                     default=default("report:prompt_grid", "per_prompt"),
                     help="images per prompt, one noise seed each (--seeds-per-prompt is the same flag)")
     sp.add_argument("--scale", type=UPSCALE.arg(), default=default("report:prompt_grid", "scale"),
-                    help="nearest-neighbour upscale of the grid PNG")
+                    help="nearest-neighbour upscale of the grid PNG, for images under 256 px only (larger ones are "
+                    "never upscaled, so a 1024² grid stays readable)")
     sp.add_argument("--device", default=default("evaluate:resolve_placement", "device"), help=DEVICE_HELP)
     sp.add_argument("--dtype", default=default("evaluate:resolve_placement", "dtype"), choices=EVAL_DTYPES,
                     help="dtype the transformer(s) (and a ZImagePipeline's text encoder) are read and run in; the "

@@ -12,8 +12,11 @@ diversity (feature space, DIVERSITY_PROMPTS prompts × DIVERSITY_SAMPLES noises)
 
 How it runs (the same path for a 32² benchmark and a 1024² pipeline):
 - Sampling runs on `device` in batches of `batch_size` (the noise of batch k is the slice k of the one noise
-  tensor, drawn on the CPU batch by batch: `noise_batches`); each batch is decoded and reduced to what the
-  metrics need (per-image PSNR and CLIP scores; features and alignment counts), written to the work folder and
+  tensor, drawn on the CPU batch by batch: `noise_batches`); each batch is decoded (a latent model's fp32 VAE
+  decodes 2 latents per call, pipeline_folder.DECODE_BATCH, as the training grids do; the device's peak is the
+  transformer and text encoder in the eval dtype, the VAE, one batch of `batch_size` latents and one 2-latent
+  decode's activations, about 2 x 3.5 GiB at 1024² (1 GiB each at 512²), whatever `batch_size`) and reduced to
+  what the metrics need (per-image PSNR and CLIP scores; features and alignment counts), written to the work folder and
   dropped. A set whose float32 images fit SWD_MAX_BYTES (256 MiB: the embedded 32² benchmarks) keeps its images
   instead: it is embedded as one set, in the extractor's own batches from image 0 (so its features are the bytes
   of the in-memory protocol whatever `batch_size`), and SWD is computed; a larger set is embedded batch by batch,

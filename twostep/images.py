@@ -16,10 +16,22 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+UPSCALE_BELOW = 256            # grids upscale (nearest neighbour) only images whose sides are all below this
+TRACKER_PIXELS = 4_000_000     # what goes to a tracker (TensorBoard, wandb) is downsampled to at most this
+
+
+def grid_scale(scale: int, h: int, w: int) -> int:
+    """The upscale a grid applies to h x w images: `scale` for small ones, 1 (none) once a side is >= 256 px, so
+    that a 1024² grid of 10 columns is 31 MP, not the 284 MP that x3 made it."""
+    return int(scale) if max(h, w) < UPSCALE_BELOW else 1
+
+
 def grid(x: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Tile [N, 3, H, W] images row-major with `nrow` images per row; returns uint8 [H', W', 3]."""
+    """Tile [N, 3, H, W] images row-major with `nrow` images per row; returns uint8 [H', W', 3]. `scale`: the
+    nearest-neighbour upscale of images smaller than 256 px (grid_scale: larger ones are never upscaled)."""
     imgs = to_uint8(x)
     n, h, w, c = imgs.shape
+    scale = grid_scale(scale, h, w)
     ncol = nrow
     nrows = (n + ncol - 1) // ncol
     out = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
@@ -29,6 +41,20 @@ def grid(x: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1) -> np.ndarray
     if scale > 1:
         out = out.repeat(scale, 0).repeat(scale, 1)
     return out
+
+
+def fit_pixels(arr: np.ndarray, max_pixels: int = TRACKER_PIXELS) -> np.ndarray:
+    """uint8 [H, W, 3] downsampled by the smallest integer factor (box filter: PIL's reduce) that brings it to at
+    most `max_pixels`; unchanged when it already fits."""
+    h, w = arr.shape[:2]
+    if h * w <= max_pixels:
+        return arr
+    from PIL import Image
+
+    f = 2
+    while (-(-h // f)) * (-(-w // f)) > max_pixels:
+        f += 1
+    return np.asarray(Image.fromarray(arr).reduce(f))
 
 
 def save_png(arr: np.ndarray, path: Path):

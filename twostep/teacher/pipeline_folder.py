@@ -7,7 +7,9 @@ twostep.io.pipeline_format. Here:
 - Text features are ZImagePipeline's own: diffusers' `ZImagePipeline.encode_prompt` is called (chat template,
   Qwen3 `hidden_states[-2]`, padded to max_sequence_length = 512, valid tokens only), so they are identical
   to what the pipeline feeds its transformer.
-- Images: `decode(latents)` = `vae.decode(latents / scaling_factor + shift_factor)`, clamped to [-1, 1].
+- Images: `decode(latents)` = `vae.decode(latents / scaling_factor + shift_factor)`, clamped to [-1, 1],
+  DECODE_BATCH latents per VAE call whatever the caller's batch (eval, sample, grids, the quick FD): a 1024²
+  fp32 decode holds GBs of activations per latent.
 - What is loaded when: `load_teacher` loads only the transformer; the tokenizer + text encoder load at the
   first `encode`, the VAE at the first `decode`. `twostep distill` (which reads text features and latents from
   the teacher cache) therefore never loads either (a DMD2 run with CFG loads the text encoder once for "").
@@ -23,6 +25,8 @@ import torch
 from ..backbones.zimage import ZImageBackbone
 from ..errors import UserError
 from ..io.pipeline_format import MAX_SEQUENCE_LENGTH, is_pipeline_folder, pipeline_config
+
+DECODE_BATCH = 2   # latents per VAE call (the training grids' rule: twostep.train.viz)
 
 
 def _quiet():
@@ -125,13 +129,14 @@ class PipelineParts:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [N, C, h, w] → images [N, 3, h·f, w·f] in [-1, 1], as ZImagePipeline decodes them."""
+        """Latents [N, C, h, w] → images [N, 3, h·f, w·f] in [-1, 1], as ZImagePipeline decodes them, DECODE_BATCH
+        latents per VAE call."""
         vae = self._vae()
         sf = float(vae.config.scaling_factor)
         sh = float(vae.config.shift_factor or 0.0)
         out = []
-        for i in range(0, latents.shape[0], self.batch_size):
-            z = latents[i:i + self.batch_size].to(vae.dtype) / sf + sh
+        for i in range(0, latents.shape[0], DECODE_BATCH):
+            z = latents[i:i + DECODE_BATCH].to(vae.dtype) / sf + sh
             out.append(vae.decode(z, return_dict=False)[0].float().clamp(-1, 1))
         if not out:
             c = self.config  # image_height/image_width of a non-square model, else the square image_resolution

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..images import grid, save_png
+from ..images import fit_pixels, grid, save_png
 from ..metrics.extractors import load_extractor
 from ..metrics.fd import FeatureStats
 from ..paths import committed_model
@@ -173,8 +173,10 @@ class Trackers:
             self.tracker.log(nums, step=int(rec["update"]))
 
     def image(self, name: str, image, update: int):
+        """A grid to the tracker, downsampled to at most TRACKER_PIXELS (the PNG on disk keeps every pixel)."""
         if self.tracker is None:
             return
+        image = fit_pixels(image)
         if self.kind == "tensorboard":
             self.tracker.log_images({name: image[None]}, step=update, dataformats="NHWC")
         else:
