@@ -169,10 +169,16 @@ def test_cli_cache_distill_sample_eval(pipe_dir, tmp_path, capsys, monkeypatch):
         assert Image.open(png).size == (4 * (2 + 2 * (IMAGE + 2)), 4 * (2 + IMAGE + 2))  # decoded RGB images
     assert set(loads) == {"text_encoder", "vae"}
 
+    from diffusers import AutoencoderKL
+
+    decodes, vae_decode = [], AutoencoderKL.decode   # eval decodes DECODE_BATCH latents per VAE call, not a batch
+    monkeypatch.setattr(AutoencoderKL, "decode", lambda self, z, *a, **k: decodes.append(len(z)) or
+                        vae_decode(self, z, *a, **k))
     js = tmp_path / "eval.json"
     rc, so, err = _run(["eval", "--model", str(run), "--data", "shapes", "--num", "10", "--no-progress",
-                        "--json", str(js)], capsys)
+                        "--batch-size", "5", "--json", str(js)], capsys)
     assert rc == 0, err
+    assert decodes and max(decodes) == P.DECODE_BATCH == 2, decodes
     r = json.loads(js.read_text())  # images decoded at the VAE's 32 px, the shapes feature net's resolution
     assert all(r[k] is not None and r[k] == r[k] for k in ("fd", "swd", "alignment", "diversity", "psnr_vs_teacher"))
     assert r["nfe"] == 2
