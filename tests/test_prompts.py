@@ -12,7 +12,7 @@ import pytest
 from twostep.data import get_captions
 from twostep.data import folder as folder_mod
 from twostep.data.folder import FolderDataset
-from twostep.data.prompts import HOLDOUT, head_prompts, prompt_file_identity, read_prompts
+from twostep.data.prompts import HOLDOUT, describe_draw, draw_prompts, head_prompts, prompt_file_identity, read_prompts
 from twostep.errors import UserError
 
 PROMPTS = [f"prompt number {i}, a photo" for i in range(300)]
@@ -83,10 +83,37 @@ def test_seeds_per_prompt_repeats_each_prompt_in_a_row(tmp_path):
 
 def test_more_rows_than_prompts_uses_every_prompt_evenly(tmp_path):
     f = write(tmp_path / "p.txt", PROMPTS[:7])
-    got = read_prompts(f, 30, seed=0)
+    got = read_prompts(f, 30, seed=0, allow_repeats=True)
     c = Counter(got)
     assert set(c) == set(PROMPTS[:7]) and max(c.values()) - min(c.values()) <= 1
     assert got[:7] != got[7:14]  # a fresh order each round
+
+
+def test_a_draw_larger_than_its_split_is_refused_or_declared(tmp_path):
+    """Issue 27: the split sizes are counted; a draw needing more distinct prompts than its split holds is refused
+    with the count needed and the file size that gives it, or takes them all with repeats it counts."""
+    f = write(tmp_path / "p.txt", PROMPTS)   # 300 prompts
+    held = sum(HOLDOUT.held_out(p) for p in PROMPTS)
+    caps, d = draw_prompts(f, 5, split="test")
+    assert (d["prompts"], d["held_out"], d["train"], d["split_size"]) == (300, held, 300 - held, held)
+    assert (d["needed"], d["distinct"], d["repeats"]) == (5, 5, 0) and len(set(caps)) == 5
+    line = describe_draw(d)
+    assert f"300 prompts ({300 - held} for training, {held} held out)" in line and "no repeats" in line
+    with pytest.raises(UserError) as e:
+        read_prompts(f, held + 1, split="test")
+    msg = str(e.value)
+    assert f"{held} prompts in the held-out split" in msg and f"needs {held + 1} distinct" in msg
+    assert f"about {(held + 1) * 20:,} prompts" in msg and "--allow-repeats" in msg and "\n" not in msg
+    with pytest.raises(UserError, match=f"{300 - held} prompts in the training split, this draw needs 300 "
+                                        r"distinct ones \(--num 600 / --seeds-per-prompt 2\)"):
+        read_prompts(f, 600, split="train", seeds_per_prompt=2)
+    caps, d = draw_prompts(f, held + 3, split="test", allow_repeats=True)
+    assert (d["distinct"], d["repeats"]) == (held, 3) and len(caps) == held + 3 and len(set(caps)) == held
+    assert "3 repeats (--allow-repeats)" in describe_draw(d)
+    small = write(tmp_path / "s.txt", PROMPTS[:7])   # no held-out split: every split is the whole file
+    with pytest.raises(UserError, match="7 prompts in the file .too few for a held-out split., this draw needs 8"):
+        read_prompts(small, 8)
+    assert draw_prompts(small, 7)[1]["repeats"] == 0
 
 
 def test_heldout_split_is_disjoint_by_text_and_stable(tmp_path):
@@ -101,7 +128,7 @@ def test_heldout_split_is_disjoint_by_text_and_stable(tmp_path):
     # the same text is always on the same side, wherever it sits; appending lines moves no other prompt
     g = write(tmp_path / "g.txt", list(reversed(prompts)) + ["new one"] * 3)
     held_g = held | ({"new one"} if HOLDOUT.held_out("new one") else set())
-    assert set(read_prompts(g, 1000, split="test")) == held_g  # more rows than held-out prompts: all of them
+    assert set(read_prompts(g, 1000, split="test", allow_repeats=True)) == held_g  # more rows than held out: all
 
 
 def test_small_file_has_no_heldout_split(tmp_path, capsys):
@@ -183,7 +210,7 @@ def test_skip_bad_counts_and_keeps_the_rest(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped 3 of 5 prompt lines" in err and "1 empty" in err and "first:" in err and "line 2" in err
     only_bad = case(tmp_path, "q.txt", b"\xff\n\xfe\nfine\n")
-    assert read_prompts(only_bad, 3, skip_bad=True) == ["fine"] * 3
+    assert read_prompts(only_bad, 3, skip_bad=True, allow_repeats=True) == ["fine"] * 3
     with pytest.raises(UserError, match="no usable prompts"):
         read_prompts(case(tmp_path, "r.txt", b"\xff\n\xfe\n"), 3, skip_bad=True)
 
@@ -301,3 +328,36 @@ def test_teacher_cache_from_a_prompt_file(teacher, tmp_path, capsys):
     rc, _, err = run_cli(["teacher", "cache", "--teacher", str(teacher), "--prompts", str(f), "--prompt-key",
                           "nope", "--num", "5", "--out", str(tmp_path / "c2"), "--no-progress"], capsys)
     assert rc == 2 and "no column 'nope'" in err and not (tmp_path / "c2").exists()
+
+
+def test_cache_and_eval_print_the_split_and_refuse_a_short_one_before_any_weight(teacher, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Issue 27: `teacher cache` and `eval` print the file's split sizes; a draw larger than the split is refused
+    (exit 2, one line) before the teacher or model is read; --allow-repeats builds it and the manifest counts the
+    repeats."""
+    import twostep.sampling as S
+    import twostep.teacher.cache as C
+
+    f = write(tmp_path / "p.txt", PROMPTS)   # 300 prompts
+    held = sum(HOLDOUT.held_out(p) for p in PROMPTS)
+    real_load = C.load_teacher
+    monkeypatch.setattr(C, "load_teacher", lambda *a, **k: pytest.fail("the teacher was read"))
+    monkeypatch.setattr(S, "load_generator", lambda *a, **k: pytest.fail("the model was read"))
+    argv = ["teacher", "cache", "--teacher", str(teacher), "--prompts", str(f), "--num", "300", "--out",
+            str(tmp_path / "c"), "--no-progress"]
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"{300 - held} prompts in the training split" in err
+    assert "needs 300 distinct" in err and not (tmp_path / "c").exists()
+    rc, out, err = run_cli(["eval", "--model", str(teacher), "--prompts", str(f), "--num", str(held + 5),
+                            "--no-progress"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and f"{held} prompts in the held-out split" in err
+    assert f"needs {held + 5} distinct" in err and f"about {(held + 5) * 20:,} prompts" in err
+
+    monkeypatch.setattr(C, "load_teacher", real_load)
+    rc, out, err = run_cli(argv + ["--allow-repeats"], capsys)
+    assert rc == 0, err
+    assert f"prompts: {f}: 300 prompts ({300 - held} for training, {held} held out); drew 300 from the train " \
+           f"split: {300 - held} distinct, {held} repeats (--allow-repeats)" in out
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert (m["prompt_draw"]["repeats"], m["prompt_draw"]["distinct"]) == (held, 300 - held)
+    assert "--allow-repeats" in m["command"]

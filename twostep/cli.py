@@ -74,10 +74,12 @@ def cmd_teacher_cache(a):
         raise UserError("give either --data (shapes | photos | FOLDER) or --prompts FILE as the prompt source")
     if a.prompt_key is not None and a.prompts is None:
         raise UserError("--prompt-key goes with --prompts FILE")
+    if a.allow_repeats and a.prompts is None:
+        raise UserError("--allow-repeats goes with --prompts FILE")
     out = build_cache(a.teacher, a.data, a.num, a.out, seed=a.seed, shard_size=a.shard_size,
                       batch_size=a.batch_size, progress=not a.no_progress, skip_bad=a.skip_bad, device=a.device,
                       dtype=a.dtype, states=a.states, store_dtype=a.store_dtype, verify=a.verify, prompts=a.prompts,
-                      prompt_key=a.prompt_key, seeds_per_prompt=a.seeds_per_prompt)
+                      prompt_key=a.prompt_key, seeds_per_prompt=a.seeds_per_prompt, allow_repeats=a.allow_repeats)
     print(f"teacher cache written to {out}" + (" (every shard's sha256 verified)" if a.verify else ""))
 
 
@@ -123,12 +125,21 @@ def cmd_eval(a):
         check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features})
     if a.prompt_key is not None and a.prompts is None:
         raise UserError("--prompt-key goes with --prompts FILE")
+    if a.allow_repeats and a.prompts is None:
+        raise UserError("--allow-repeats goes with --prompts FILE")
+    draw = None
+    if a.prompts is not None:  # before any weight is read: the draw needs only the file
+        from .data.prompts import describe_draw  # lazy, as above
+
+        draw = evaluate.draw_eval_prompts(a.prompts, a.num, a.seed, a.prompt_key, a.allow_repeats)
+        print(describe_draw(draw[1]), flush=True)
     _, wdtype = evaluate.resolve_placement(a.device, a.dtype)  # the weights are read in it
     gen = load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype)
     res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
                             teacher_dir=a.teacher, progress=not a.no_progress, prompts=a.prompts,
                             prompt_key=a.prompt_key, extractor=a.extractor, clip=a.clip, work=a.work,
-                            save_images=a.save_images, batch_size=a.batch_size, device=a.device, dtype=a.dtype)
+                            save_images=a.save_images, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
+                            allow_repeats=a.allow_repeats, prompt_draw=draw)
     print(evaluate.format_table([res]))
     if a.json:
         evaluate.write_json(a.json, res)
@@ -206,6 +217,9 @@ def cmd_export(a):
 
 
 FEATURES_HELP = "feature-net folder (default: features-<data> in $TWOSTEP_MODELS, else ./models)"
+ALLOW_REPEATS_HELP = ("with --prompts: when the split holds fewer prompts than the draw needs, reuse them (each as "
+                      "evenly as possible; counted in the record) instead of refusing. The command prints the "
+                      "file's prompt count and both split sizes")
 
 
 @cache
@@ -318,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--store-dtype", dest="store_dtype", default=default("teacher.cache:build_cache", "store_dtype"),
                     choices=["auto", "bf16", "fp32"], help="dtype of the stored samples and text features "
                     "(default auto: bf16 for a ZImagePipeline teacher, fp32 for a pixel teacher)")
+    tc.add_argument("--allow-repeats", dest="allow_repeats", action="store_true", help=ALLOW_REPEATS_HELP)
     tc.add_argument("--verify", action="store_true", help="at the end, read the whole cache back and check every "
                     "shard's sha256 and contents against the manifest (what `distill --verify-cache` checks)")
     tc.add_argument("--no-progress", action="store_true")
@@ -379,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "are held and run in; the sampler's states and Euler updates stay fp32, the VAE fp32 "
                     "(default auto: bf16 on CUDA, fp32 on the CPU; part of the protocol: --work, the teacher "
                     "reference store and the record name it)")
+    ev.add_argument("--allow-repeats", dest="allow_repeats", action="store_true", help=ALLOW_REPEATS_HELP)
     ev.add_argument("--json", default=None, help="write the metrics as JSON here")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(fn=cmd_eval)

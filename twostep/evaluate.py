@@ -55,7 +55,7 @@ from safetensors import safe_open
 from .command_configs import EVAL_NUM  # the range of `num` (and of the CLI's --num)
 from .config import COUNT, GUIDANCES, SEED
 from .data import get_dataset
-from .data.prompts import prompt_file_identity, read_prompts
+from .data.prompts import draw_prompts, prompt_file_identity
 from .errors import UserError
 from .images import save_png, to_uint8
 from .io.files import atomic_save_tensors, atomic_write_text, load_tensors, sha256_files, sha256_text
@@ -312,11 +312,19 @@ def _images_fit(n: int, shape) -> bool:
 
 # -- the eval --------------------------------------------------------------------------------------------
 
+def draw_eval_prompts(prompts, num: int, seed: int = 0, key: str | None = None,
+                      allow_repeats: bool = False) -> tuple[list[str], dict]:
+    """An eval's prompts from a file: `num` of its held-out split (twostep.data.prompts), and the draw's record
+    (split sizes, repeats). Refused when the split holds fewer than `num` prompts, unless `allow_repeats`."""
+    return draw_prompts(prompts, num, seed=seed, split="test", key=key, allow_repeats=allow_repeats)
+
+
 def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: str | None = None,
              features: str | None = None, teacher_dir: Path | None = None, progress: bool = True, *,
              prompts: str | Path | None = None, prompt_key: str | None = None, extractor: str | None = None,
              clip: str | Path | None = None, work: str | Path | None = None, save_images: bool = False,
-             batch_size: int = EVAL_BATCH, device: str = "auto", dtype: str = "auto") -> dict:
+             batch_size: int = EVAL_BATCH, device: str = "auto", dtype: str = "auto", allow_repeats: bool = False,
+             prompt_draw: tuple | None = None) -> dict:
     """The eval record of `gen` (module docstring). `data`: the benchmark (prompts, reference images) — shapes,
     photos or a folder; may be None with `prompts=FILE` (then only the teacher reference). `ref`: data | teacher
     | both (default: data when `data` is given, else teacher). `features` (a feature-net folder) or `extractor`
@@ -324,7 +332,9 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
     `work`: the resumable work folder (else a temporary one); `save_images`: also write every generated image
     as work/images/NNNNNN.png. `batch_size` and `device` (auto | cpu | cuda[:N]) set where and how many images
     are generated at once; `dtype` (auto | bf16 | fp32; auto: bf16 on CUDA, fp32 on the CPU) the weights'
-    dtype (module docstring; `gen` is moved and cast in place). Results are reproducible for a given batch size,
+    dtype (module docstring; `gen` is moved and cast in place). `allow_repeats`: a prompt file whose held-out split
+    holds fewer than `num` prompts reuses them instead of refusing; `prompt_draw`: draw_eval_prompts' result when
+    the caller drew them already (before loading the model). Results are reproducible for a given batch size,
     device and dtype."""
     EVAL_NUM.check(num, "num")
     SEED.check(seed, "seed")
@@ -355,8 +365,9 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
         ds = get_dataset(data, gen.image_resolution)
         if isinstance(ex, FeatureNetExtractor):
             check_data_version(ds, ex.net, gen.config, data)
+    draw = None
     if prompts is not None:
-        captions = read_prompts(prompts, num, seed=seed, split="test", key=prompt_key)
+        captions, draw = prompt_draw or draw_eval_prompts(prompts, num, seed, prompt_key, allow_repeats)
     elif hasattr(ds, "captions_sample"):  # a folder dataset: the same captions as sample(), without image copies
         captions = ds.captions_sample(num, seed=seed, split="test")
     else:
@@ -422,6 +433,7 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
         res["extractor"] = identity["extractor"]
     if prompts is not None:
         res["prompts"] = identity["prompts"]
+        res["prompt_draw"] = draw
     if batch_size != EVAL_BATCH:
         res["batch_size"] = batch_size
     if dev.type != "cpu":

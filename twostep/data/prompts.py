@@ -27,10 +27,13 @@ Rules (decided here, documented for users):
 - The draw: every record gets a priority, a 64-bit mix of (seed, split, its ordinal among the file's records,
   bad ones included, so the same prompts in any of the four formats draw alike); the ceil(num / seeds_per_prompt)
   eligible records of lowest priority are drawn, in priority order (a uniform sample without replacement, in a
-  random order, independent of numpy's version). When the split holds fewer
-  prompts than that, all of them are taken in that order, then again in a fresh order per round ("epoch"), so
-  every prompt is used as evenly as possible. Each drawn prompt is repeated `seeds_per_prompt` times in a row
+  random order, independent of numpy's version). A split holding fewer prompts than that is refused (UserError
+  naming the count needed and the file size that gives it), unless `allow_repeats`: then all of them are taken
+  in that order, then again in a fresh order per round ("epoch"), so every prompt is used as evenly as possible,
+  and the draw's record counts the repeats. Each drawn prompt is repeated `seeds_per_prompt` times in a row
   (the cache gives each row its own noise) and the list is cut to `num`.
+- Every draw counts the file's prompts and both splits (`draw_prompts` returns them; `describe_draw` is the line
+  the commands print, and the cache manifest and eval record keep the counts).
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ MAX_SHOWN = 120                         # characters of an offending value shown
 FORMATS_HELP = ("a .txt (one prompt a line), .jsonl (key text/prompt/caption or --prompt-key), .csv or .parquet "
                 "(column text/prompt/caption or --prompt-key) file")
 
-__all__ = ["FORMATS", "HOLDOUT", "Holdout", "KEYS", "SPLITS", "head_prompts", "prompt_file_identity",
-           "read_prompts", "repeat_prompts"]
+__all__ = ["FORMATS", "HOLDOUT", "Holdout", "KEYS", "SPLITS", "describe_draw", "draw_prompts", "head_prompts",
+           "prompt_file_identity", "read_prompts", "repeat_prompts"]
 
 
 @dataclass(frozen=True)
@@ -394,26 +397,53 @@ def _check_args(num, seeds_per_prompt, split):
 
 
 def read_prompts(path, num: int, seed: int = 0, split: str = "train", key: str | None = None,
-                 seeds_per_prompt: int = 1, skip_bad: bool = False) -> list[str]:
+                 seeds_per_prompt: int = 1, skip_bad: bool = False, allow_repeats: bool = False) -> list[str]:
     """`num` prompts drawn from a prompt file (module docstring: formats, bad records, the held-out split, the
     draw), deterministic for (file, seed, split, key, seeds_per_prompt). Streamed: holds O(num) prompts."""
+    return draw_prompts(path, num, seed, split, key, seeds_per_prompt, skip_bad, allow_repeats)[0]
+
+
+def _split_name(split: str, has_split: bool) -> str:
+    if not has_split:
+        return "file (too few for a held-out split)"
+    return {"train": "training split", "all": "file"}.get(split, "held-out split")
+
+
+def describe_draw(d: dict) -> str:
+    """The line `teacher cache` / `eval` print: what the file holds and what was drawn."""
+    held = f"{d['train']} for training, {d['held_out']} held out" if d["has_split"] else \
+        f"no held-out split (< {HOLDOUT.min_prompts})"
+    drew = f"{d['distinct']} distinct" + (f", {d['repeats']} repeats (--allow-repeats)" if d["repeats"] else
+                                          ", no repeats")
+    rows = f" x {d['seeds_per_prompt']} seeds" if d["seeds_per_prompt"] > 1 else ""
+    return f"prompts: {d['file']}: {d['prompts']} prompts ({held}); drew {d['needed']} from the {d['split']} " \
+        f"split{rows}: {drew}"
+
+
+def draw_prompts(path, num: int, seed: int = 0, split: str = "train", key: str | None = None,
+                 seeds_per_prompt: int = 1, skip_bad: bool = False,
+                 allow_repeats: bool = False) -> tuple[list[str], dict]:
+    """read_prompts, and the draw's record: the file's prompt count, both split sizes, the prompts needed
+    (ceil(num / seeds_per_prompt)), how many distinct ones were drawn and how many draws repeat one."""
     _check_args(num, seeds_per_prompt, split)
     k = math.ceil(num / seeds_per_prompt)
     reader = _Reader(path, key, skip_bad)
     dkey = _draw_key(seed, split, 0)
     heap: list[tuple[int, int, str]] = []   # (-priority, index, text): the k lowest priorities seen
     first: list[tuple[int, str]] = []       # the first HOLDOUT.min_prompts usable prompts (small-file fallback)
-    usable = 0
+    usable = held = 0
     bar = _M64 + 1                          # the k-th lowest priority kept so far (a record must beat it)
     want_held = split in ("test", "ref")
     for idx, text in reader:
         usable += 1
         if usable <= HOLDOUT.min_prompts:
             first.append((idx, text))
+        is_held = HOLDOUT.held_out(text)  # every record: the split sizes are part of the draw's record
+        held += is_held
         pri = _mix64(dkey ^ idx)
-        if pri >= bar:  # cheap test first: only ~k·ln(n/k) records get this far, so few are hashed
+        if pri >= bar:
             continue
-        if split != "all" and HOLDOUT.held_out(text) != want_held:
+        if split != "all" and is_held != want_held:
             continue
         if len(heap) < k:
             heapq.heappush(heap, (-pri, idx, text))
@@ -434,6 +464,20 @@ def read_prompts(path, num: int, seed: int = 0, split: str = "train", key: str |
             raise UserError(f"{reader.path}: none of its {usable} prompts is {side} (the held-out split is "
                             f"{HOLDOUT.fraction:.0%} by a hash of the text); add prompts")
         pool = [(idx, text) for _, idx, text in heap]
+    has_split = usable >= HOLDOUT.min_prompts
+    size = usable if split == "all" or not has_split else (held if want_held else usable - held)
+    record = {"file": str(path), "prompts": usable, "has_split": has_split, "train": usable - held if has_split
+              else usable, "held_out": held if has_split else usable, "split": split, "split_size": size,
+              "seeds_per_prompt": seeds_per_prompt, "needed": k, "distinct": min(k, size),
+              "repeats": max(0, k - size)}
+    if k > size and not allow_repeats:
+        name = _split_name(split, has_split)
+        frac = 1.0 if split == "all" or not has_split else (HOLDOUT.fraction if want_held else 1 - HOLDOUT.fraction)
+        per = f" (--num {num} / --seeds-per-prompt {seeds_per_prompt})" if seeds_per_prompt > 1 else \
+            f" (--num {num})"
+        raise UserError(f"{reader.path}: {size} prompts in the {name}, this draw needs {k} distinct ones{per}; "
+                        f"use a file with about {math.ceil(round(k / frac, 6)):,} prompts, lower --num, or pass "
+                        "--allow-repeats to reuse prompts (counted in the record)")
     if len(pool) >= k:
         pool.sort(key=lambda r: _mix64(dkey ^ r[0]))
         drawn = [t for _, t in pool[:k]]
@@ -444,7 +488,7 @@ def read_prompts(path, num: int, seed: int = 0, split: str = "train", key: str |
             drawn += [t for _, t in sorted(pool, key=lambda r: _mix64(ekey ^ r[0]))]
             epoch += 1
         drawn = drawn[:k]
-    return repeat_prompts(drawn, num, seeds_per_prompt)
+    return repeat_prompts(drawn, num, seeds_per_prompt), record
 
 
 def head_prompts(path, num: int | None = None, key: str | None = None, skip_bad: bool = False) -> list[str]:
