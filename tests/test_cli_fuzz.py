@@ -15,6 +15,11 @@ before it does (a per-case alarm fails a case that runs too long). The kinds are
     after-work    a failure that would come only after the work (unwritable outputs), or a failed start that
                   leaves a half-written folder which a corrected retry then refuses
     fake-resume   --resume of nothing, or of another run
+    overwrites    an output file or folder inside a folder another command wrote, or over a file this command
+                  did not write (issue 28)
+    two-writers   a second command into a folder another one is writing (its lock)
+    edited-config a resume that changes what was trained (against the config recorded in status.json, never the
+                  editable config.yaml)
     config        a model's config.json that disagrees with its weights (or is not a config at all)
     misc          bad input that was already clean, pinned here
 
@@ -588,6 +593,161 @@ def sample_truncated_teacher_weights(e):
     return sample_argv(t, e.new("g.png"))
 
 
+# -------------------------------------------------- 10. overwrites (issue 28): an output file over one it does not own
+
+def _eval_work_folder(e) -> Path:
+    from twostep.io.folders import write_status
+    w = e.inp / "evalwork"
+    w.mkdir()
+    (w / "features-000000.safetensors").write_bytes(b"x" * 16)
+    write_status(w, "eval", {"format": "twostep-eval-work"}, True)
+    return w
+
+
+def _written_by(e, name: str, record: dict) -> Path:
+    p = e.inp / name
+    p.write_text(json.dumps(record))
+    return p
+
+
+def _nothing_complete_in_out(e):
+    """Nothing under the case's outputs that a later command would take as finished (no files at all)."""
+    left = [p for p in e.out.rglob("*") if p.is_file()]
+    assert not left, f"left behind: {left[:3]}"
+
+
+def overwrites(name, argv_fn, needle=None):
+    simple("overwrites", name, argv_fn, needle, after=_nothing_complete_in_out)
+
+
+overwrites("sample_out_is_a_teachers_weights", lambda e: sample_argv(e["teacher"], e.copy("teacher") / "model.safetensors"),
+           "inside a teacher")
+overwrites("sample_out_is_a_caches_manifest", lambda e: sample_argv(e["teacher"], e.copy("cache") / "manifest.json"),
+           "inside a teacher cache")
+overwrites("sample_out_is_a_cache_shard",
+           lambda e: sample_argv(e["teacher"], e.copy("cache") / "shard-00000.safetensors"), "inside a teacher cache")
+overwrites("eval_json_is_a_teachers_config",
+           lambda e: eval_argv(e, e["teacher"], "--json", str(e.copy("teacher") / "config.json")), "inside a teacher")
+overwrites("speed_json_is_a_teachers_config",
+           lambda e: speed_argv(e, e["run"], "--json", str(e.copy("teacher") / "config.json")), "inside a teacher")
+overwrites("eval_json_is_a_feature_nets_config",
+           lambda e: eval_argv(e, e["teacher"], "--json", str(e.copy("features") / "config.json")),
+           "inside a feature net")
+overwrites("speed_json_is_another_runs_config",
+           lambda e: speed_argv(e, e["run"], "--json", str(e.copy("run", "run2") / "config.json")),
+           "belongs to the run folder")
+overwrites("sample_out_is_its_runs_loss_curves",
+           lambda e: sample_argv(e["run"], e.copy("run", "run2") / "loss_curves.png"), "belongs to the run folder")
+overwrites("eval_json_is_its_runs_status", lambda e: eval_argv(e, e.copy("run"), "--json",
+                                                               str(e.copy("run") / "status.json")), "belongs to the run")
+overwrites("eval_json_into_a_runs_checkpoint", lambda e: eval_argv(
+    e, e["teacher"], "--json", str(next((e.copy("run") / "checkpoints").iterdir()) / "meta.json")), "belongs to the run")
+overwrites("sample_out_inside_an_eval_work_folder", lambda e: sample_argv(e["teacher"], _eval_work_folder(e) / "g.png"),
+           "inside an eval work folder")
+overwrites("eval_json_over_a_speed_record", lambda e: eval_argv(e, e["teacher"], "--json", str(_written_by(
+    e, "speed.json", {"cmd": "twostep speed --teacher t --student s", "batch": 1}))), "not a `twostep eval` record")
+overwrites("speed_json_over_an_eval_record", lambda e: speed_argv(e, e["run"], "--json", str(_written_by(
+    e, "eval.json", {"model": "m", "nfe": 2, "sec_per_image": 1.0, "num": 10, "seed": 0}))), "not a `twostep speed`")
+overwrites("sample_out_over_a_text_file", lambda e: sample_argv(e["teacher"], e.copy("file")), "not a PNG image")
+overwrites("eval_json_over_a_users_json", lambda e: eval_argv(e, e["teacher"], "--json", str(_written_by(
+    e, "notes.json", {"todo": ["keep me"]}))), "not a `twostep eval` record")
+
+
+@case("overwrites", "inside a teacher", after=_nothing_complete_in_out)
+def sample_out_is_a_link_to_a_teachers_weights(e):
+    link = e.inp / "grid.png"
+    link.symlink_to(e.copy("teacher") / "model.safetensors")
+    return sample_argv(e["teacher"], link)
+
+
+overwrites("convert_inception_out_is_a_teachers_weights", lambda e: [
+    "metrics", "convert-inception", "--pth", e["file"], "--out", str(e.copy("teacher") / "model.safetensors")],
+    "inside a teacher")
+overwrites("distill_out_inside_a_cache", lambda e: distill_argv(e, None, None, e.copy("cache") / "run"),
+           "inside a teacher cache")
+overwrites("cache_out_inside_a_run", lambda e: cache_argv(e, e.copy("run") / "cache"), "inside a student run")
+overwrites("export_out_inside_a_feature_net", lambda e: ["export", "--model", e["run"], "--out",
+                                                         str(e.copy("features") / "exp")], "inside a feature net")
+overwrites("metrics_train_out_inside_a_cache", lambda e: metrics_train(e.copy("cache") / "feat"),
+           "inside a teacher cache")
+overwrites("eval_work_inside_a_teacher", lambda e: eval_argv(e, e["teacher"], "--work", str(e.copy("teacher") / "w")),
+           "inside")
+
+
+# --------------------------------------------- 11. two-writers (issue 28): a second command into a folder being written
+
+def _locked(folder: Path) -> Path:
+    """`folder` held by another writer (a lock of this process: flock locks conflict between open files)."""
+    from twostep.io.lock import FolderLock
+    HELD.append(FolderLock(folder).acquire())
+    return folder
+
+
+HELD: list = []
+
+
+def _release(e):
+    while HELD:
+        HELD.pop().release()
+    _nothing_complete_in_out(e)
+
+
+def two_writers(name, argv_fn):
+    simple("two-writers", name, argv_fn, f"(pid {os.getpid()} on host", after=_release)
+
+
+two_writers("distill_into_a_run_being_written", lambda e: distill_argv(e, None, None, _locked(e.new("run"))))
+two_writers("distill_resume_of_a_run_being_written",
+            lambda e: distill_argv(e, None, None, _locked(e.copy("stopped")), "--resume"))
+two_writers("cache_into_a_cache_being_written", lambda e: cache_argv(e, _locked(e.new("cache"))))
+two_writers("export_into_an_export_being_written",
+            lambda e: ["export", "--model", e["run"], "--out", str(_locked(e.new("exp")))])
+two_writers("eval_work_being_written", lambda e: eval_argv(e, e["teacher"], "--steps", "2", "--work",
+                                                           str(_locked(e.new("work")))))
+two_writers("teacher_train_into_a_teacher_being_trained", lambda e: teacher_train(_locked(e.new("t"))))
+two_writers("metrics_train_into_a_feature_net_being_trained", lambda e: metrics_train(_locked(e.new("feat"))))
+two_writers("demo_into_a_demo_being_written", lambda e: demo_argv(e, out=_locked(e.new("demo"))))
+
+
+# ---------------------------- 12. edited-config (issue 28): a resume that changes what was trained, or trusts config.yaml
+
+def _stopped_with_edited_yaml(e, old: str, new: str) -> Path:
+    run = e.copy("stopped")
+    y = run / "config.yaml"
+    text = y.read_text()
+    assert old in text, old
+    y.write_text(text.replace(old, new))
+    return run
+
+
+@case("edited-config", "student.sigma_mid 0.75 → 0.5")
+def resume_with_the_edited_config_yaml(e):
+    run = _stopped_with_edited_yaml(e, "sigma_mid: 0.75", "sigma_mid: 0.5")
+    return distill_argv(e, None, None, run, "--config", str(run / "config.yaml"), "--resume")
+
+
+def edited(name, *sets, needle=None):
+    simple("edited-config", name, lambda e: distill_argv(e, None, None, e.copy("stopped"), "--resume",
+                                                         *[x for s in sets for x in ("--set", s)]), needle)
+
+
+edited("resume_sigma_mid_changed", "student.sigma_mid=0.5", needle="student.sigma_mid 0.75 → 0.5")
+edited("resume_seed_changed", "train.seed=7", needle="train.seed 0 → 7")
+edited("resume_batch_changed", "train.batch_size=4", needle="train.batch_size 2 → 4")
+edited("resume_ema_changed", "train.ema=0.5", needle="train.ema")
+edited("resume_disc_hidden_changed", "disc.hidden=8", needle="disc.hidden 64 → 8")
+edited("resume_loss_weight_changed", "loss.adv_weight=0.25", needle="loss.adv_weight")
+edited("resume_mid_noise_changed", "student.mid_noise=fresh", needle="student.mid_noise same → fresh")
+edited("resume_d_updates_changed", "train.d_updates=2", needle="train.d_updates 1 → 2")
+
+
+@case("edited-config", "does not match its hash")
+def resume_with_an_edited_status_config(e):
+    run = e.copy("stopped")
+    edit_json(run / "status.json", lambda s: s["config"]["student"].update(sigma_mid=0.5))
+    return distill_argv(e, None, None, run, "--resume", "--set", "student.sigma_mid=0.5")
+
+
 # ------------------------------------------------------------------------------------------------ the runner
 
 def _on_alarm(signum, frame):
@@ -638,6 +798,8 @@ def test_bad_input_is_refused_cleanly(world, tmp_path, build, kind, needle, afte
     assert "Traceback" not in err
     if needle:
         assert needle in lines[0], lines[0]
+    if kind == "edited-config":  # the reference is what was trained, never the editable file
+        assert "config.yaml" not in lines[0], lines[0]
     after_hash = tree_hash(*inputs)
     changed = sorted(k for k in set(before) | set(after_hash) if before.get(k) != after_hash.get(k))
     assert not changed, f"input folders modified: {changed[:5]}"
@@ -652,7 +814,7 @@ def test_the_table_covers_every_subcommand_and_kind():
     assert len(names) >= 60 and len(set(names)) == len(names)
     kinds = {p.values[1] for p in CASES}
     assert kinds == {"destroys", "garbage", "numbers", "never-stops", "path-leaves", "after-work", "fake-resume",
-                     "config", "misc"}
+                     "config", "misc", "overwrites", "two-writers", "edited-config"}
     text = " ".join(names)
     for cmd in ("teacher_train", "cache_", "tune_guidance", "distill", "dry_run", "resume", "sample", "eval",
                 "speed", "export", "metrics_train", "demo"):

@@ -397,8 +397,8 @@ def test_outputs_are_checked_before_the_work(world, tmp_path, capsys, monkeypatc
     refused(["speed", "--teacher", teacher, "--student", run_dir, "--json", tmp_path / "file" / "x.json"], capsys,
             "is a file, not a folder")
     refused(["sample", "--model", run_dir, "--prompt", "a", "--out", tmp_path / "dir"], capsys, "is a folder")
-    refused(["sample", "--model", run_dir, "--prompt", "a", "--out", run_dir / "x.png"], capsys,
-            "inside the --model folder", untouched=[run_dir])
+    refused(["sample", "--model", run_dir, "--prompt", "a", "--out", run_dir / "loss_curves.png"], capsys,
+            "belongs to the run folder", untouched=[run_dir])  # a new name in the run would be fine
     refused(["demo", "--teacher", teacher, "--out", tmp_path / "file", "--minutes", "1"], capsys, "not a folder")
     refused(["demo", "--teacher", teacher, "--out", teacher / "demo", "--minutes", "1"], capsys,
             "inside the --teacher folder", untouched=[teacher])

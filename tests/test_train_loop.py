@@ -44,7 +44,7 @@ def test_run_folder_contents_and_refusals(tiny_loop):
         assert (run / f).exists(), f
     with pytest.raises(UserError, match="already holds a run"):
         distill(_cfg(2), teacher, cache, run, progress=False)
-    with pytest.raises(UserError, match="different config"):
+    with pytest.raises(UserError, match="would change what the run was trained with \\(student.sigma_mid 0.75 → 0.5"):
         distill(_cfg(4, "student.sigma_mid=0.5"), teacher, cache, run, resume=True, progress=False)
 
 

@@ -46,14 +46,14 @@ def cmd_sample(a):
     # lazy (as in every command): the parser, --help and argument errors stay free of torch
     from . import evaluate, report
     from .data.prompts import head_prompts  # lazy, as above
-    from .io.folders import check_output_path  # lazy, as above
+    from .io.folders import PNG_IMAGE, check_output_path  # lazy, as above
     from .sampling import load_generator  # lazy, as above
 
     if sum(map(bool, (a.prompt, a.eval_prompts, a.prompts))) != 1:
         raise UserError("give one of --prompt (repeatable), --prompts FILE or --eval-prompts DATA")
     if (a.prompt_key is not None or a.skip_bad) and not a.prompts:
         raise UserError("--prompt-key and --skip-bad go with --prompts FILE")
-    check_output_path(a.out, "--out", {"--model": a.model, "--prompts": a.prompts})  # before the work
+    check_output_path(a.out, "--out", {"--model": a.model, "--prompts": a.prompts}, writes=PNG_IMAGE)  # before the work
     prompts = head_prompts(a.prompts, a.rows, key=a.prompt_key, skip_bad=a.skip_bad) if a.prompts else a.prompt
     dev, wdtype = evaluate.resolve_placement(a.device, a.dtype)
     gen = evaluate.place(load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype), dev, wdtype)
@@ -118,11 +118,12 @@ def cmd_distill(a):
 def cmd_eval(a):
     # lazy (as in every command): the parser, --help and argument errors stay free of torch
     from . import evaluate
-    from .io.folders import check_output_path  # lazy, as above
+    from .io.folders import EVAL_RECORD, check_output_path  # lazy, as above
     from .sampling import load_generator  # lazy, as above
 
     if a.json:  # before the work
-        check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features})
+        check_output_path(a.json, "--json", {"--model": a.model, "--teacher": a.teacher, "--features": a.features},
+                          writes=EVAL_RECORD)
     if a.prompt_key is not None and a.prompts is None:
         raise UserError("--prompt-key goes with --prompts FILE")
     if a.allow_repeats and a.prompts is None:
@@ -188,7 +189,7 @@ def cmd_speed(a):
     from .io.folders import check_output_path  # lazy, as above
 
     if a.json:  # before the work
-        check_output_path(a.json, "--json", {"--teacher": a.teacher, "--student": a.student})
+        check_output_path(a.json, "--json", {"--teacher": a.teacher, "--student": a.student}, writes=SPEED_RECORD)
     r = speed.measure_folders(a.teacher, a.student, batch=a.batch, repeats=a.repeats, device=a.device,
                               dtype=a.dtype)
     placed = "".join(f" --{k} {getattr(a, k)}" for k in ("device", "dtype") if getattr(a, k) != "auto")

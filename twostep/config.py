@@ -251,6 +251,57 @@ class TrainConfig:
     )
 
 
+# What `twostep distill --resume` may change: how long a run goes, how often and where it reports, evaluates and
+# saves, how the same updates are computed, and the optimizers' hyper-parameters (learning rates: the remedy a run
+# that gave up after NaN rollbacks names; state.apply_resumed_hparams applies them, betas and weight decays to the
+# resumed optimizers). Every other field (method, student, disc, the
+# method's sections, the rest of train) changes what the updates compute: a resume that changes one is refused and
+# named, against the config recorded (hashed) in the run's status.json, never against its editable config.yaml
+# (train/state.check_run_folder). A field added later is of the second kind until it is listed here.
+RESUMABLE = frozenset({
+    "train.updates", "train.minutes",                                          # how long
+    "train.lr_student", "train.lr_lora", "train.lr_disc",                      # lowered after rollbacks
+    "train.betas", "train.weight_decay", "train.weight_decay_disc",            # applied to the resumed optimizers
+    "train.log_every", "train.grid_every", "train.log_with", "train.validation_prompts",  # reporting
+    "train.eval_every", "train.eval_num", "train.eval_features",               # quick FD (held-out rows: viz.training_rows)
+    "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",  # saving and rollbacks
+    "train.grad_checkpointing", "train.fsdp",                                  # memory, not the updates
+})
+
+
+def flat_fields(d: dict, prefix: str = "") -> dict:
+    """A config dict as {"section.key": value} ("method": its name)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_fields(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def trained_fields(d: dict) -> dict:
+    """The fields of a config dict that define what a run trains (all but RESUMABLE), flat."""
+    return {k: v for k, v in flat_fields(d).items() if k not in RESUMABLE}
+
+
+def trained_sha256(d: dict) -> str:
+    """sha256 of trained_fields(d) (canonical JSON): what a run's status.json records next to its config."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(trained_fields(d), sort_keys=True).encode()).hexdigest()
+
+
+def trained_diff(recorded: dict, now: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(field, recorded value, new value) of every trained field that differs; a field the recorded config lacks
+    (a run from before it existed) counts as its value in `defaults` (a config dict)."""
+    import json
+    rec, new, dft = trained_fields(recorded), trained_fields(now), trained_fields(defaults or {})
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+    return [(k, rec.get(k, dft.get(k)), new.get(k)) for k in sorted(set(rec) | set(new))
+            if not same(rec.get(k, dft.get(k)), new.get(k))]
+
+
 class Config:
     """The type of a distill config. twostep.methods.config_class(method) is a dataclass derived from it, one per
     method, with the sections method, student, disc, the method's own sections (its `sections`), train."""

@@ -19,7 +19,8 @@ from .errors import UserError
 from .evaluate import EVAL_NUM, evaluate, format_table
 from .io.checkpoints import latest_checkpoint
 from .io.files import atomic_write_text
-from .io.folders import check_output_path, read_config
+from .io.folders import LOCK_FILE, check_output_path, read_config
+from .io.lock import holds_lock
 from .methods import REGISTRY, load_config
 from .model import load_teacher
 from .paths import committed_config, committed_model
@@ -40,12 +41,13 @@ def _check_demo_out(out: Path) -> None:
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in DEMO_FILES and not (p.name.startswith("grid_") and p.suffix == ".png"))
+                     if p.name not in (*DEMO_FILES, LOCK_FILE) and not (p.name.startswith("grid_") and p.suffix == ".png"))
     if foreign:
         raise UserError(f"--out {out}: holds {foreign[0]!r}, which a demo does not write (not a previous demo's "
                         "folder); choose a new or empty --out")
 
 
+@holds_lock("out", "--out")  # one demo per folder
 def run_demo(out: Path = Path("out/demo"), data: str = "shapes", teacher_dir: Path | None = None,
              cache_num: int = 1024, minutes: float = 9.0, eval_num: int = 500, seed: int = 0,
              sets: list[str] | None = None, config: Path | None = None) -> dict:

@@ -61,6 +61,7 @@ from .images import save_png, to_uint8
 from .io.files import atomic_save_tensors, atomic_write_text, load_tensors, sha256_files, sha256_text
 from .io.folders import (CONFIG, check_output_path, claim_output, progress as run_progress, read_config,
                          save_teacher_settings, teacher_identity, write_status)
+from .io.lock import holds_lock
 from .io.pipeline_format import SIDECAR
 from .metrics.alignment import alignment_counts
 from .metrics.extractors import CLIPExtractor, CLIPScorer, FeatureNetExtractor, load_extractor
@@ -319,6 +320,7 @@ def draw_eval_prompts(prompts, num: int, seed: int = 0, key: str | None = None,
     return draw_prompts(prompts, num, seed=seed, split="test", key=key, allow_repeats=allow_repeats)
 
 
+@holds_lock("work", "--work", "eval")  # one writer per --work folder (none without one)
 def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: str | None = None,
              features: str | None = None, teacher_dir: Path | None = None, progress: bool = True, *,
              prompts: str | Path | None = None, prompt_key: str | None = None, extractor: str | None = None,
@@ -683,7 +685,7 @@ def tune_guidance(teacher_dir: Path, data: str, grid=(0.0, 1.0, 2.0, 3.0, 4.0), 
     SEED.check(seed, "seed")
     teacher = load_teacher(teacher_dir)
     settings = Path(teacher_dir) / (SIDECAR if teacher.config.get("pipeline") else CONFIG)
-    check_output_path(settings, "--teacher")  # before the work: the settings file can be rewritten
+    check_output_path(settings, "--teacher", own=teacher_dir)  # before the work: its settings can be rewritten
     fds = {}
     for g in grid:
         r = evaluate(TeacherSampler(teacher, guidance=g), data, num=num, seed=seed, progress=False, features=features)

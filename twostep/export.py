@@ -49,7 +49,8 @@ import torch
 from . import export_comfyui, flow, pipeline
 from .errors import UserError
 from .io.files import all_finite
-from .io.folders import STATUS, claim_output, read_config, write_status
+from .io.folders import LOCK_FILE, STATUS, claim_output, read_config, write_status
+from .io.lock import holds_lock
 from .io.pipeline_format import MAX_SEQUENCE_LENGTH, check_pipeline_folder, read_json
 from .model import sample_hw
 from .pipeline import TwoStepZImagePipeline, merged_state_dict
@@ -87,7 +88,7 @@ def _partial(out: Path) -> Path:
 def _check_out(out: Path):
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; pick another --out")
-    if out.is_dir() and any(out.iterdir()) and not _is_previous_export(out):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not _is_previous_export(out):
         raise UserError(f"{out}: folder exists, is not empty and is not a previous export; pick an empty or new --out")
     partial = _partial(out)  # an interrupted export's leftovers are replaced, never a folder of someone else's
     if partial.exists() and (not partial.is_dir() or any(p.name not in OURS for p in partial.iterdir())):
@@ -237,6 +238,7 @@ def _transformer_from_state(config, sd):
     return m.eval().requires_grad_(False)
 
 
+@holds_lock("out", "--out", "export")  # one writer per export folder
 def export_student(run, out, merge: bool = False, dtype: str = "auto", format: str = "auto") -> Path:
     """Write RUN's student as a diffusers pipeline folder OUT (see the module docstring); returns OUT.
     dtype: auto | bf16 | fp32 (resolve_dtype); format: auto | twostep | stock (resolve_format)."""

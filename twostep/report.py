@@ -13,7 +13,7 @@ from .data import get_dataset
 from .evaluate import NOISE_OFFSET, TABLE_COLUMNS, format_cell
 from .images import grid, save_png
 from .io.files import atomic_write_text
-from .io.folders import check_output_path
+from .io.folders import PNG_IMAGE, check_output_path
 
 
 def comparison_grids(gens: dict, captions: list[str], out_dir: Path, seed: int = 0, per_prompt: int = 4) -> list[dict]:
@@ -43,7 +43,7 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
     images eval scores). `device`: where `gen` runs (the noise is drawn on the CPU, as eval's). Returns the
     captions."""
     _check_grid(seed, per_prompt, scale, prompts=prompts)
-    check_output_path(path, "--out")  # before the work
+    check_output_path(path, "--out", writes=PNG_IMAGE)  # before the work
     caps = get_dataset(data, gen.image_resolution).sample(prompts, seed=seed, split="test").captions
     noise = gen.noise(prompts * per_prompt, NOISE_OFFSET + seed)  # noise[j * prompts + i]: prompt i, column j
     order = [j * prompts + i for i in range(prompts) for j in range(per_prompt)]
@@ -71,7 +71,7 @@ def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: 
     """`twostep sample --prompt ...`: one row per prompt, `per_prompt` images each (row j: noise seeded by
     seed + PROMPT_SEED_STRIDE·j, drawn on the CPU); `device`: where `gen` runs. Returns the number of images."""
     _check_grid(seed, per_prompt, scale)
-    check_output_path(path, "--out")  # before the work
+    check_output_path(path, "--out", writes=PNG_IMAGE)  # before the work
     rows = []
     for j, pr in enumerate(prompts):
         text = gen.encode([pr] * per_prompt)

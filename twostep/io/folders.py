@@ -21,6 +21,13 @@ Ownership of folders (who may write where, and whether what is there is finished
 - `check_output_path`: an output file or folder is checked (not a folder where a file is expected, parent
   creatable and writable, outside the input folders) BEFORE the computation starts; `path_inside`: a path
   read from a manifest or record must stay inside its folder (absolute and `../` paths are refused).
+- Ownership of output paths (`check_output_path`, every output flag goes through it): a path inside a twostep
+  folder (`enclosing_folder`: the nearest parent that is a model, run, cache, feature net, export, eval work or
+  ZImagePipeline folder) is refused, except a NEW file of a student run folder whose name the run does not
+  write itself (RUN_NAMES, *.safetensors: e.g. `eval --json RUN/eval.json`); the folder a command writes itself
+  (`own`) is exempt. An existing output FILE is replaced only when it is what the command writes (`writes`, an
+  OutputKind: a `twostep eval` record, a `twostep speed` record, a PNG, a converted Inception file), recognised
+  by its content; any other existing file is refused with one line. One writer per folder: twostep.io.lock.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import shlex
 import tempfile
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import torch
@@ -150,6 +158,7 @@ def check_stamps(folder: Path, stems, config: dict):
 # ---- ownership: who may write into a folder, and whether what is in it is finished (module docstring) ---------
 
 STATUS = "status.json"
+LOCK_FILE = ".twostep.lock"  # one writer per folder (twostep.io.lock); never counted as a folder's content
 STATUS_FORMAT = "twostep-status"
 CACHE_FORMAT = "twostep-teacher-cache"   # a teacher cache's manifest.json (twostep.teacher.cache) is its status
 FEATURES_FORMAT = "twostep-features-v1"  # config.json of a feature net (twostep.metrics.features)
@@ -204,12 +213,13 @@ def read_status(folder: Path) -> dict | None:
 
 
 def write_status(folder: Path, kind: str, identity: dict | None, complete: bool, progress: dict | None = None,
-                 resume: str | None = None) -> dict:
-    """Write `folder/status.json` atomically (see the module docstring); returns what was written."""
+                 resume: str | None = None, **extra) -> dict:
+    """Write `folder/status.json` atomically (see the module docstring); returns what was written. `extra`: more
+    fields of the folder's kind (a run's trained config and its hash, train/state.py)."""
     if kind not in KINDS:
         raise ValueError(f"unknown folder kind {kind!r}")
     s = {"format": STATUS_FORMAT, "kind": kind, "identity": identity, "complete": bool(complete),
-         "progress": progress, "resume": resume}
+         "progress": progress, "resume": resume, **extra}
     atomic_write_text(Path(folder) / STATUS, json.dumps(s, indent=1, sort_keys=True))
     return s
 
@@ -231,7 +241,7 @@ def inspect_folder(folder: Path) -> FolderState:
         return FolderState(p, None)
     if not p.is_dir():
         return FolderState(p, "file")
-    names = sorted(x.name for x in p.iterdir())
+    names = sorted(x.name for x in p.iterdir() if x.name != LOCK_FILE)  # a writer's lock file is no content
     if not names:
         return FolderState(p, None)
     s = read_status(p)
@@ -290,11 +300,112 @@ def _can_create_in(folder: Path) -> bool:
         return False
 
 
-def check_output_path(path: Path, flag: str = "--out", inputs: dict | None = None, folder: bool = False) -> Path:
+class OutputKind(NamedTuple):
+    """What an output-file flag writes: `what` (in messages) and `recognise(path)`, True for a file it wrote (an
+    existing file is replaced only then)."""
+    what: str
+    recognise: Callable[[Path], bool]
+
+
+def _small_json(p: Path, limit: int = 1 << 24):
+    try:
+        return _json_or_none(p) if p.stat().st_size <= limit else None
+    except OSError:
+        return None
+
+
+def _is_eval_record(p: Path) -> bool:
+    j = _small_json(p)  # evaluate.evaluate's record: these fields always
+    return isinstance(j, dict) and {"nfe", "sec_per_image", "num", "seed", "model"} <= set(j)
+
+
+def _is_speed_record(p: Path) -> bool:
+    j = _small_json(p)
+    return isinstance(j, dict) and isinstance(j.get("cmd"), str) and j["cmd"].startswith("twostep speed")
+
+
+def _is_png(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+EVAL_RECORD = OutputKind("a `twostep eval` record", _is_eval_record)
+SPEED_RECORD = OutputKind("a `twostep speed` record", _is_speed_record)
+PNG_IMAGE = OutputKind("a PNG image", _is_png)
+# what a student run folder writes itself (train/loop.py, train/state.py, sampling.save_student): never an output
+# of another command; any *.safetensors too
+RUN_NAMES = frozenset({STATUS, CONFIG, "config.yaml", "log.jsonl", "loss_curves.png", "checkpoints", "grids",
+                       "tensorboard", "ema", LOCK_FILE})
+
+
+def marked_kind(folder: Path) -> str | None:
+    """The twostep folder kind `folder` is by its marker files (status.json, a cache manifest, model_index.json, a
+    model's config.json, a legacy run's config.yaml + checkpoints/), else None. Reads a few small files only."""
+    d = Path(folder)
+    s = _small_json(d / STATUS)
+    if isinstance(s, dict) and s.get("format") == STATUS_FORMAT and s.get("kind") in KINDS:
+        return s["kind"]
+    m = _small_json(d / "manifest.json")
+    if isinstance(m, dict) and m.get("format") == CACHE_FORMAT:
+        return "cache"
+    if (d / "model_index.json").is_file():
+        idx = _small_json(d / "model_index.json")
+        return "export" if isinstance(idx, dict) and idx.get("_class_name") == EXPORT_CLASS else "pipeline"
+    c = _small_json(d / CONFIG)
+    if isinstance(c, dict) and c.get("kind") in ("teacher", "student"):
+        return c["kind"]
+    if isinstance(c, dict) and c.get("format") == FEATURES_FORMAT:
+        return "features"
+    if (d / "train_config.json").is_file():
+        return "teacher"
+    if (d / "config.yaml").is_file() and (d / "checkpoints").is_dir():
+        return "student"
+    return None
+
+
+def enclosing_folder(path: Path) -> tuple[Path, str] | tuple[None, None]:
+    """(folder, kind) of the nearest parent of `path` (resolved) that is a twostep folder (marked_kind)."""
+    for d in _resolved(path).parents:
+        k = marked_kind(d)
+        if k is not None:
+            return d, k
+    return None, None
+
+
+def _check_owner(p: Path, rp: Path, flag: str, folder: bool, writes: OutputKind | None, own) -> None:
+    """The ownership rules of the module docstring for the output `p` (resolved `rp`)."""
+    enc, kind = enclosing_folder(rp)
+    if enc is not None and not (own is not None and _resolved(own) == enc):
+        if kind != "student" or folder:  # in a run folder: new files only (an eval record, a sample grid)
+            raise UserError(f"{flag} {p}: is inside {_a(NAMES[kind])} ({enc}), whose files belong to the command "
+                            f"that wrote it; choose a {flag} outside it")
+        first = rp.relative_to(enc).parts[0]
+        if first in RUN_NAMES or first.endswith((".safetensors", ".tmp")):
+            raise UserError(f"{flag} {p}: {first!r} belongs to the run folder {enc} (the run writes it); choose "
+                            "another name (a new file in a run folder is fine)")
+        if not folder and rp.exists() and (writes is None or not writes.recognise(rp)):
+            what = writes.what if writes else "an earlier output of this command"
+            raise UserError(f"{flag} {p}: exists in the run folder {enc} and is not {what}; choose a new {flag}")
+    if folder or not os.path.lexists(p):
+        return
+    if not rp.is_file():
+        raise UserError(f"{flag} {p}: exists and is not a regular file; choose a new {flag}")
+    if writes is not None and not writes.recognise(rp):
+        raise UserError(f"{flag} {p}: exists and is not {writes.what} (not an earlier output of this command, so "
+                        f"it is left as it is); choose a new {flag} or delete that file")
+
+
+def check_output_path(path: Path, flag: str = "--out", inputs: dict | None = None, folder: bool = False,
+                      writes: OutputKind | None = None, own: Path | None = None) -> Path:
     """Before any work: `path` can be written (a file, or with `folder` a folder): not a folder where a file is
     expected (nor a file where a folder is), the nearest existing parent a writable folder, and neither equal to,
-    inside nor around one of `inputs` ({flag: folder}; None values are skipped). Leaves nothing behind (a probe file
-    is created and removed)."""
+    inside nor around one of `inputs` ({flag: folder}; None values are skipped; a file may go inside an input run
+    folder under the ownership rules), and owned (module docstring: not inside another twostep folder, except a
+    new name in a run folder; an existing file only when `writes` recognises it as this command's; `own`: the
+    folder this command writes itself). Leaves nothing behind (a probe file is created and removed)."""
     p = Path(path)
     if folder and p.exists() and not p.is_dir():
         raise UserError(f"{flag} {p}: exists and is not a folder; choose another {flag}")
@@ -307,10 +418,11 @@ def check_output_path(path: Path, flag: str = "--out", inputs: dict | None = Non
         ri = _resolved(inp)
         if rp == ri:
             raise UserError(f"{flag} {p}: is the {iflag} folder; writing there would overwrite it: choose a new {flag}")
-        if ri in rp.parents:
+        if ri in rp.parents and (folder or marked_kind(ri) != "student"):  # a run: the ownership rules decide
             raise UserError(f"{flag} {p}: is inside the {iflag} folder {inp}; choose a {flag} outside it")
         if rp in ri.parents:
             raise UserError(f"{flag} {p}: contains the {iflag} folder {inp}; choose a {flag} that does not hold it")
+    _check_owner(p, rp, flag, folder, writes, own)
     anc = rp if folder and rp.exists() else rp.parent
     while not anc.exists():
         anc = anc.parent

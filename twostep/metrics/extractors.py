@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..images import as_feature_input
 from ..io.files import atomic_save_tensors, one_line, sha256_file
-from ..io.folders import check_output_path
+from ..io.folders import OutputKind, check_output_path
 
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")   # the same bytes as torch-fidelity's weights-inception-…
@@ -436,9 +436,8 @@ def convert_inception(pth: Path | str, out: Path | str) -> Path:
         raise UserError(f"{pth}: not found; download {INCEPTION_URL} and pass its path")
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: must end in .safetensors")
-    check_output_path(out, "--out", {"--pth": pth})
-    if out.exists() and _file_format(out) != INCEPTION_FORMAT:   # only an earlier conversion is replaced
-        raise UserError(f"--out {out}: exists and is not a converted Inception file; choose a new --out")
+    check_output_path(out, "--out", {"--pth": pth},  # only an earlier conversion is replaced
+                      writes=OutputKind("a converted Inception file", lambda p: _file_format(p) == INCEPTION_FORMAT))
     try:
         sd = torch.load(pth, map_location="cpu", weights_only=True)
     except Exception as e:   # pickle errors of many kinds, a non-weights-only file, a truncated file

@@ -55,8 +55,9 @@ from ..config import add_config_flags, load_flagged_config, to_dict
 from ..data import get_dataset
 from ..errors import NonFiniteWeights, UserError
 from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts, sha256_file
-from ..io.folders import NAMES, claim_output, require_complete, write_status
+from ..io.folders import LOCK_FILE, NAMES, claim_output, require_complete, write_status
 from ..io.folders import progress as run_progress
+from ..io.lock import holds_lock
 
 SHAPES_HEADS = {"shape": 5, "colour": 7, "size": 2}   # per cell
 NUM_BACKGROUNDS = 4
@@ -304,6 +305,7 @@ def _folder_pools(cfg: FeatureTrainConfig, progress: bool):
     return ds, ds.images(train), ds.images(test), info
 
 
+@holds_lock("out", "--out", "features")  # one writer per feature-net folder
 def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True, command: str | None = None) -> dict:
     """Train the feature network of `cfg.data` ('shapes' | 'photos' | a folder dataset) for `cfg.minutes` of wall
     time (data generation not included), evaluate on `cfg.num_test` held-out images (`split="test"`; a folder:
@@ -428,6 +430,7 @@ def train_feature_net(cfg: FeatureTrainConfig, out: Path, progress: bool = True,
         if claim_output(out, "features", inputs=inputs).kind is not None:  # empty (or a half folder of an older version)
             shutil.rmtree(out)
         elif out.exists():
+            (out / LOCK_FILE).unlink(missing_ok=True)  # our own lock (twostep.io.lock): the folder is replaced
             out.rmdir()
         tmp.rename(out)
     except BaseException:

@@ -22,6 +22,7 @@ from ..io.checkpoints import latest_checkpoint, read_checkpoint, write_checkpoin
 from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
 from ..io.folders import claim_output, require_complete, twostep_command, write_status
 from ..io.folders import progress as run_progress
+from ..io.lock import holds_lock
 from ..data import get_dataset
 from ..ema import ema_decay, ema_update
 from ..errors import NonFiniteWeights, UserError
@@ -49,6 +50,7 @@ def model_config(cfg: TeacherTrainConfig, channels: int = 3, cap_dim: int = 384)
     }
 
 
+@holds_lock("out", "--out", "teacher")  # one writer per teacher run
 def train_teacher(cfg: TeacherTrainConfig, out: Path, progress: bool = True) -> Path:
     out = Path(out)
     ckdir = out / "checkpoints"

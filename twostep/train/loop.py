@@ -19,6 +19,7 @@ from ..config import Config, to_dict
 from ..errors import NonFiniteWeights, UserError
 from ..ema import ema_decay, ema_update
 from ..io.files import tensors_sha256
+from ..io.lock import holds_lock
 from ..methods import build_method
 from ..model import load_teacher, num_parameters
 from ..student import deepcopy_sharing_frozen, student_config, trainable_copies_on_meta
@@ -74,6 +75,7 @@ def parameter_counts(cfg, teacher_dir: Path) -> dict[str, int]:
             "student": num_parameters(m.student_parameters()), "critic": num_parameters(m.critic_parameters())}
 
 
+@holds_lock("out", "--out", "student")  # one writer per run folder (rank 0 holds it: twostep/io/lock.py)
 def distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume: bool = False,
             progress: bool = True, verify_cache: bool = False) -> Path:
     """Train; returns the run folder. A SIGTERM / SIGINT while training: a checkpoint of the update in progress,

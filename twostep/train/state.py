@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from ..backbones.zimage import ZImageBackbone
-from ..config import dump_config, to_dict
+from ..config import dump_config, to_dict, trained_diff, trained_sha256
 from ..errors import NonFiniteWeights, UserError
 from ..io.checkpoints import latest_checkpoint, read_checkpoint, rng_state, write_checkpoint
 from ..io.files import atomic_write_text, nonfinite_parts, sha256_text
@@ -49,7 +49,10 @@ def check_run_folder(out: Path, cfg, resume: bool, identity: dict | None = None,
     """(newest complete checkpoint, the run's previous config as a dict) of the run folder `out`, after
     io.folders.claim_output: never an input folder (`inputs`), a file or a folder of another kind or identity.
     Refuses a folder that holds a run (a checkpoint, or a trained student) unless `resume`, a `resume` with
-    nothing to resume from, and a resume whose config differs outside `train`."""
+    nothing to resume from, and a resume that changes what was trained: any field outside config.RESUMABLE that
+    differs from the config recorded in the run's status.json (checked against its hash there; the editable
+    config.yaml is never the reference). A run from before status.json recorded its config: its config.yaml,
+    outside `train`."""
     st = claim_output(out, "student", identity, inputs=inputs, resume=resume, allow_complete=True)
     ck = latest_checkpoint(out / "checkpoints")
     if ck is not None and not resume:
@@ -70,6 +73,18 @@ def check_run_folder(out: Path, cfg, resume: bool, identity: dict | None = None,
             raise UserError(f"{out}: holds a run of another teacher (its transformer config differs); choose "
                             "another --out")
     prev = None
+    recorded = _recorded_config(out) if resume else None
+    if recorded is not None:
+        now = to_dict(cfg)
+        diff = trained_diff(recorded, now, to_dict(type(cfg)()))
+        if diff:
+            k, was, _ = diff[0]
+            changes = ", ".join(f"{f} {_shown(a)} → {_shown(b)}" for f, a, b in diff[:4])
+            raise UserError(f"{out}: --resume would change what the run was trained with ({changes}); resume "
+                            f"with the values it was trained with (e.g. --set {k}={_shown(was)}) or start a new "
+                            "--out (a resume may change the updates, minutes, learning rates and the logging, eval "
+                            "and checkpoint cadence)")
+        return ck, recorded
     if resume and (out / "config.yaml").exists():
         prev = yaml.safe_load((out / "config.yaml").read_text())
         now = to_dict(cfg)
@@ -78,9 +93,26 @@ def check_run_folder(out: Path, cfg, resume: bool, identity: dict | None = None,
         diff = [f"{s}.{k}" for s in now if isinstance(now[s], dict) for k in now[s]
                 if s != "train" and (prev.get(s) or {}).get(k, defaults[s][k]) != now[s][k]]
         if diff:
-            raise UserError(f"{out}: --resume with a different config ({', '.join(diff[:3])}); use the run's "
-                            "config.yaml or another --out")
+            raise UserError(f"{out}: --resume with a different config ({', '.join(diff[:3])}); resume with the "
+                            "run's settings or another --out")
     return ck, prev
+
+
+def _shown(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _recorded_config(out: Path) -> dict | None:
+    """The config a run was started with, as its status.json recorded it (None for a run from before), after
+    checking it against the trained-fields hash recorded beside it."""
+    s = read_status(out)
+    if s is None or s.get("config") is None:
+        return None
+    rec = s["config"]
+    if not isinstance(rec, dict) or trained_sha256(rec) != s.get("config_sha256"):
+        raise UserError(f"{out / 'status.json'}: its recorded config does not match its hash (the file was "
+                        "edited); restore it, or start a new --out")
+    return rec
 
 
 def resume_command(teacher_dir: Path, cache_dir: Path, out: Path) -> str:
@@ -91,11 +123,14 @@ def resume_command(teacher_dir: Path, cache_dir: Path, out: Path) -> str:
 
 def start_run_folder(acc, out: Path, cfg, identity: dict | None = None, resume: str | None = None,
                      update: int = 0) -> None:
-    """The run folder with status.json (unfinished), the resolved config.yaml (written by the main process) and
-    grids/."""
+    """The run folder with status.json (unfinished; it records the resolved config and the hash of its trained
+    fields, the reference of a resume), the resolved config.yaml (a copy to read; written by the main process)
+    and grids/."""
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
-        write_status(out, "student", identity, False, progress(update, cfg.train.updates), resume)
+        c = to_dict(cfg)
+        write_status(out, "student", identity, False, progress(update, cfg.train.updates), resume, config=c,
+                     config_sha256=trained_sha256(c))
         atomic_write_text(out / "config.yaml", dump_config(cfg))
         (out / "grids").mkdir(exist_ok=True)
 
@@ -118,7 +153,8 @@ def mark_run(acc, out: Path, total: int, complete: bool = False, stopped: str | 
     p = progress(done, total)
     if stopped:
         p["stopped"] = stopped
-    write_status(out, "student", s.get("identity"), bool(complete) and saved == done, p, s.get("resume"))
+    write_status(out, "student", s.get("identity"), bool(complete) and saved == done, p, s.get("resume"),
+                 **{k: s[k] for k in ("config", "config_sha256") if k in s})
 
 
 def student_lr(train: dict, decoupling: str) -> float:
