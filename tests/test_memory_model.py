@@ -146,3 +146,41 @@ def test_method_counts_match_the_loaded_model(tiny_teacher):
 
     cfg = load_config(None, ["disc.blocks=[0]", "student.decoupling=lora"])
     assert method_counts(cfg, read_config(tiny_teacher)) == parameter_counts(cfg, tiny_teacher)
+
+
+def test_dry_run_from_the_config_files_alone(tmp_path, capsys):
+    """`distill --dry-run` on a ZImagePipeline folder holding only its JSON files (no weights downloaded yet):
+    GPU memory, host RAM per process, disk per run folder and a FLOP-based wall time marked as an estimate. Without
+    --dry-run the missing weights are one line that names them (not a .bin conversion that does not apply)."""
+    folder = _pipeline_folder_of_configs(tmp_path / "Z-Image-Turbo")
+    for f in folder.glob("*/model.safetensors"):
+        f.unlink()
+    rc = main(["distill", "--dry-run", "--teacher", str(folder), "--config", str(ROOT / PRESETS[0][0]),
+               "--world-size", str(PRESETS[0][1])])
+    out = capsys.readouterr().out
+    assert rc == 0 and "# parameters: teacher 6,154,908,736 (frozen)" in out
+    host = next(ln for ln in out.splitlines() if ln.startswith("# host RAM per process (estimate):"))
+    assert "11.5 GiB" in host   # the frozen bf16 teacher read on the host
+    assert any(ln.startswith("# disk per run folder (estimate):") for ln in out.splitlines())
+    assert any(ln.startswith("# wall time (ESTIMATE from FLOPs, uncalibrated):") for ln in out.splitlines())
+    rc = main(["distill", "--teacher", str(folder), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no weight files (*.safetensors)" in err[0] and ".bin" not in err[0], err
+    (folder / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    rc = main(["distill", "--teacher", str(folder), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    assert rc == 2 and "only .bin (pickle) files" in capsys.readouterr().err
+
+
+def test_host_disk_and_wall_time_scale_as_documented():
+    from twostep.methods import load_config
+    from twostep.train import memory
+
+    lora = load_config(None, ["student.decoupling=lora", "train.mixed_precision=bf16"])
+    full = load_config(None, ["student.decoupling=full", "train.mixed_precision=bf16", "train.fsdp=true"])
+    a, b = memory.host_and_disk(lora, ZIMAGE_TURBO, 1), memory.host_and_disk(full, ZIMAGE_TURBO, 8)
+    assert a["teacher_host"] == b["teacher_host"] == 6_154_908_736 * 2   # bf16 on the host, every process
+    assert b["checkpoint"] > 20 * a["checkpoint"]     # full students: fp32 masters, EMA and AdamW moments
+    assert b["host_writer"] - b["host_process"] == pytest.approx(b["checkpoint"] / 8)   # DCP: each rank its shard
+    t1, t8 = memory.wall_time(full, ZIMAGE_TURBO, 1), memory.wall_time(full, ZIMAGE_TURBO, 8)
+    assert t1["seconds_per_update"] == pytest.approx(8 * t8["seconds_per_update"])
+    assert memory.update_flops(lora, ZIMAGE_TURBO) < memory.update_flops(full, ZIMAGE_TURBO)

@@ -93,7 +93,11 @@ def cmd_distill(a):
     if not a.dry_run and (a.cache is None or a.out is None):
         raise UserError("distill needs --cache CACHE and --out RUN (only --dry-run goes without them)")
     if a.dry_run or a.gpu_memory is not None:  # the estimate reads configs only: no weight is loaded
-        tcfg = read_config(a.teacher)
+        from .io.pipeline_format import is_pipeline_folder, pipeline_config  # lazy, as above
+
+        # --dry-run: a ZImagePipeline folder's config files suffice (check before renting or downloading)
+        tcfg = pipeline_config(a.teacher, weights=False) if a.dry_run and is_pipeline_folder(a.teacher) \
+            else read_config(a.teacher)
         world = a.world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
         est = None
         if a.gpu_memory is not None or cfg.method == "turbopp":
@@ -106,6 +110,8 @@ def cmd_distill(a):
                   f"critic trainable {n['critic']:,}")
             print(memory.format_estimate(est, a.gpu_memory) if est else
                   f"# memory estimate: modelled for method turbopp only, not {cfg.method}")
+            print(memory.format_host_disk_time(memory.host_and_disk(cfg, tcfg, world),
+                                               memory.wall_time(cfg, tcfg, world), world))
         if est is not None:
             memory.check_fits(est, a.gpu_memory)  # does not fit: one line, exit 2, before any work
         if a.dry_run:

@@ -73,9 +73,10 @@ def weight_files(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
-def check_pipeline_folder(folder: Path) -> dict:
+def check_pipeline_folder(folder: Path, weights: bool = True) -> dict:
     """Every component present (listed in model_index.json, its folder with its config, and weights where it has
-    any); returns model_index.json. A missing piece is a UserError naming the component and the fix."""
+    any; `weights=False`: the config files only, as `distill --dry-run` reads them); returns model_index.json. A
+    missing piece is a UserError naming the component and the fix."""
     folder = Path(folder)
     index = read_json(folder / MODEL_INDEX)
     cls = index.get("_class_name", "ZImagePipeline")
@@ -91,8 +92,12 @@ def check_pipeline_folder(folder: Path) -> dict:
             raise _missing(folder, name, f"{d} not found")
         if not any((d / f).is_file() for f in files):
             raise _missing(folder, name, f"{d / files[0]} not found")
-        if weighted and not weight_files(d):
-            raise _missing(folder, name, f"no *.safetensors weights in {d}; .bin (pickle) weights are never loaded: convert them to safetensors")
+        if weights and weighted and not weight_files(d):
+            if any(d.glob("*.bin")):
+                raise _missing(folder, name, f"no *.safetensors weights in {d}, only .bin (pickle) files, which are "
+                               "never loaded: convert them to safetensors")
+            raise _missing(folder, name, f"no weight files (*.safetensors) in {d}: download the component's "
+                           "weights (`distill --dry-run` alone reads the config files only)")
     if index["transformer"][1] != "ZImageTransformer2DModel":
         raise UserError(f"{folder / MODEL_INDEX}: transformer is {index['transformer'][1]}, not a "
                         "ZImageTransformer2DModel; twostep distills Z-Image pipelines only")
@@ -129,10 +134,11 @@ def scheduler_shift(sched: dict, latent_side, path: Path) -> float:
     return float(math.exp(mu) if sched.get("time_shift_type", "exponential") == "exponential" else mu)
 
 
-def pipeline_config(folder: Path) -> dict:
-    """The twostep teacher config of a ZImagePipeline folder (read from its JSON files only; nothing loaded)."""
+def pipeline_config(folder: Path, weights: bool = True) -> dict:
+    """The twostep teacher config of a ZImagePipeline folder (read from its JSON files only; nothing loaded).
+    `weights=False`: the weight files need not be there (check_pipeline_folder)."""
     folder = Path(folder)
-    index = check_pipeline_folder(folder)
+    index = check_pipeline_folder(folder, weights)
     tr = read_json(folder / "transformer" / "config.json")
     vae = read_json(folder / "vae" / "config.json")
     te = read_json(folder / "text_encoder" / "config.json")

@@ -324,3 +324,82 @@ def check_fits(est: dict, gpu_memory_gb: float | None) -> None:
     fixes.append("a preset (configs/zimage-turbo-lora-1gpu.yaml, configs/zimage-turbo-full-fsdp8.yaml)")
     raise UserError(f"the estimated peak of {est['total'] / GiB:.1f} GiB per device ({est['peak_phase']}) does not "
                     f"fit --gpu-memory {gpu_memory_gb:g}; use " + ", or ".join(fixes))
+
+
+# -- host memory, disk and wall time (the dry-run's other lines) ------------------------------------------------
+
+HOST_BASE = 3 * GiB        # per process: Python, torch, the CUDA runtime, tokenizers (assumed, not measured)
+GPU_BF16_FLOPS = 989e12    # dense bf16 peak of an H100 SXM (the wall-time estimate's device)
+ASSUMED_MFU = 0.35         # fraction of that peak the update reaches (assumed until a GPU run calibrates it)
+
+
+def host_and_disk(cfg, teacher_config: dict, world_size: int = 1, device: str = "cuda") -> dict:
+    """Host RAM per process and disk per run folder of `twostep distill`, from the configs alone (bytes).
+
+    Host: every process reads the frozen teacher on the host in train.frozen_dtype before moving it to its device
+    (the trainable copies are built without storage: trainable_copies_on_meta), plus HOST_BASE; the process that
+    writes a checkpoint also gathers its full tensors on the host (state.checkpoint_bytes; with sharded DCP
+    checkpoints, 2+ processes, each holds its 1/N). Disk: train.keep_checkpoints checkpoints plus what the run
+    folder adds once (a lora student's frozen base); the run folder's model files are hard links into the newest
+    checkpoint, and a train.keep_best best/ folder adds one EMA (counted)."""
+    from .dcp import use_dcp
+    from .state import checkpoint_bytes
+
+    t = cfg.train
+    n = max(1, int(world_size))
+    tcfg = {k: v for k, v in teacher_config["transformer"].items() if not k.startswith("_")}
+    fb = _nbytes(resolved_dtypes(cfg, device)["frozen"])
+    teacher = transformer_counts(tcfg, cfg.student.lora_rank, cfg.student.lora_targets, cfg.disc.blocks)["P"] * fb
+    ck = checkpoint_bytes(cfg, tcfg)
+    gathered = ck["total"] / (n if use_dcp(cfg, n) else 1)
+    ema = sum(v for k, v in ck.items() if k.startswith("ema"))
+    best = ema if getattr(t, "keep_best", False) and getattr(t, "eval_every", 0) else 0
+    return {"host_process": HOST_BASE + teacher, "host_writer": HOST_BASE + teacher + gathered,
+            "checkpoint": ck["total"], "disk_run": int(t.keep_checkpoints) * ck["total"] + ck["run_folder_once"] + best,
+            "teacher_host": teacher, "keep_checkpoints": int(t.keep_checkpoints)}
+
+
+def update_flops(cfg, teacher_config: dict, caption_tokens: int | None = None) -> float:
+    """FLOPs of one update of the global batch (matmuls: 2 per multiply-add; attention's T² terms included).
+    Student: two passes (σ = 1, σm), forward + backward = 3 forward costs each (lora: the frozen base's weight
+    gradients are not computed, 2 forward costs); the discriminator passes through the frozen teacher's first
+    max(disc.blocks) + 1 blocks, each with a gradient to its input (2 forward costs) in the student update and
+    once more without (real and fake) in the critic update."""
+    tcfg = {k: v for k, v in teacher_config["transformer"].items() if not k.startswith("_")}
+    c = transformer_counts(tcfg, cfg.student.lora_rank, cfg.student.lora_targets, cfg.disc.blocks)
+    L, d = c["n_layers"], c["dim"]
+    img = sample_tokens(teacher_config)
+    cap = _pad(caption_tokens or default_caption_tokens(teacher_config))
+    T = img + cap
+    R, B = c["n_refiner"], c["block"]
+
+    def fwd(tokens: int) -> float:   # one block's forward on one sample of `tokens` tokens
+        return 2 * B * tokens + 4 * tokens * tokens * d
+
+    refiners = R * (fwd(img) + fwd(cap))                      # noise refiner on image, context refiner on caption
+    student_fwd = L * fwd(T) + refiners
+    disc_fwd = (max(cfg.disc.blocks) + 1) * fwd(T) + refiners
+    passes = _disc_passes(cfg)
+    s_mult = (2 if cfg.student.decoupling == "lora" else 3) + bool(cfg.train.grad_checkpointing)   # + recompute
+    per_sample = 2 * s_mult * student_fwd + passes * 2 * disc_fwd + 2 * disc_fwd
+    return float(per_sample * cfg.train.batch_size)
+
+
+def wall_time(cfg, teacher_config: dict, world_size: int = 1, caption_tokens: int | None = None) -> dict:
+    """An ESTIMATE of the seconds per update and the hours of train.updates on `world_size` H100s: update_flops /
+    (GPU_BF16_FLOPS x ASSUMED_MFU x world_size). Uncalibrated: no GPU run has measured it."""
+    f = update_flops(cfg, teacher_config, caption_tokens)
+    s = f / (GPU_BF16_FLOPS * ASSUMED_MFU * max(1, int(world_size)))
+    return {"flops": f, "seconds_per_update": s, "hours": s * int(cfg.train.updates) / 3600}
+
+
+def format_host_disk_time(hd: dict, wt: dict, world_size: int) -> str:
+    g = lambda b: f"{b / GiB:,.1f} GiB"
+    return "\n".join([
+        f"# host RAM per process (estimate): {g(hd['host_process'])} (the frozen teacher read on the host, "
+        f"{g(hd['teacher_host'])}, + {g(HOST_BASE)} runtime); the checkpoint writer {g(hd['host_writer'])}",
+        f"# disk per run folder (estimate): {g(hd['disk_run'])} ({hd['keep_checkpoints']} checkpoint(s) of "
+        f"{g(hd['checkpoint'])} + the model files)",
+        f"# wall time (ESTIMATE from FLOPs, uncalibrated): {wt['flops'] / 1e12:,.0f} TFLOP per update = "
+        f"{wt['seconds_per_update']:.2f} s on {world_size} H100(s) at an assumed {ASSUMED_MFU:.0%} of bf16 peak; "
+        f"{wt['hours']:.1f} h for train.updates"])
