@@ -79,7 +79,6 @@ from ..errors import UserError
 from ..io.files import atomic_write_bytes, atomic_write_text, nonfinite_parts, one_line, sha256_file, sha256_text
 from ..io.lock import holds_lock
 from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity, twostep_command
-from ..io.lock import holds_lock
 from ..model import COMPUTE_DTYPES, compute_dtype, dtype_name, load_teacher, place_weights
 
 FORMAT = CACHE_FORMAT  # "twostep-teacher-cache"
@@ -370,7 +369,6 @@ def _command(teacher_folder, data, prompts, prompt_key, num, seed, shard_size, s
     return twostep_command(*argv, *(["--allow-repeats"] if allow_repeats else []), "--out", out)
 
 
-@holds_lock("out", "--out", "cache")  # one writer per cache (rank 0 holds it for all)
 @holds_lock("out", "--out", "cache")  # one writer per cache (rank 0 holds it for all)
 def build_cache(teacher_folder: Path, data: str | None = None, num: int | None = None, out: Path | None = None,
                 seed: int = 0, shard_size: int = 256, batch_size: int = 64, progress: bool = True,
