@@ -1,6 +1,6 @@
-"""The teacher cache at scale (issue 16 §2, §3): byte-identical shards from 1 or 2 processes (torchrun, gloo) with
-a per-shard resume; the lean format (noise as its seed, chosen states, bf16 storage, per-sample noise of a
-ZImagePipeline teacher); the lazy loader (rows of a shard are read only when asked for); the compute and
+"""The teacher cache at scale (issue 16 §2, §3): byte-identical shards from 1 or 2 processes (twostep launch,
+gloo) with a per-shard resume; the lean format (noise as its seed, chosen states, bf16 storage, per-sample noise
+of a ZImagePipeline teacher); the lazy loader (rows of a shard are read only when asked for); the compute and
 storage flags; cheap vs full (sha256) checks; format-1 caches still load."""
 
 import hashlib
@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,14 +67,11 @@ def test_two_processes_resume_one_and_give_the_same_bytes(world, tmp_path, monke
     with pytest.raises(Killed):
         build(teacher, out)
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.json", "shard-00000.safetensors"]
-    argv = ["--threads", "1", "teacher", "cache", "--teacher", str(teacher), "--data", "shapes", "--num", str(NUM),
-            "--shard-size", str(SHARD), "--out", str(out), "--device", "cpu", "--no-progress"]
-    # (a script reading its argv from the environment: torchrun's own parser takes `--num` for --numa-binding)
-    script = tmp_path / "run_cli.py"
-    script.write_text("import json, os, sys\nfrom twostep.cli import main\nsys.exit(main(json.loads(os.environ["
-                      "'TWOSTEP_ARGV'])))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TWOSTEP_ARGV": json.dumps(argv)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    argv = ["teacher", "cache", "--teacher", str(teacher), "--data", "shapes", "--num", str(NUM),
+            "--shard-size", str(SHARD), "--out", str(out), "--device", "cpu", "--no-progress"]  # 1 thread: the env
+    # the launcher the README prints (twostep launch; torchrun's parser would take --num for --numa-binding)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [str(Path(sys.executable).parent / "twostep"), "launch", "--processes", "2", *argv]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert shas(out) == shas(ref) and len(shas(ref)) == 3

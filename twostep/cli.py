@@ -80,7 +80,8 @@ def cmd_teacher_cache(a):
                       batch_size=a.batch_size, progress=not a.no_progress, skip_bad=a.skip_bad, device=a.device,
                       dtype=a.dtype, states=a.states, store_dtype=a.store_dtype, verify=a.verify, prompts=a.prompts,
                       prompt_key=a.prompt_key, seeds_per_prompt=a.seeds_per_prompt, allow_repeats=a.allow_repeats)
-    print(f"teacher cache written to {out}" + (" (every shard's sha256 verified)" if a.verify else ""))
+    if _rank0():  # once, not once per process
+        print(f"teacher cache written to {out}" + (" (every shard's sha256 verified)" if a.verify else ""))
 
 
 def cmd_distill(a):
@@ -118,7 +119,8 @@ def cmd_distill(a):
             return
     out = distill(cfg, a.teacher, a.cache, a.out, resume=a.resume, progress=not a.no_progress,
                   verify_cache=a.verify_cache)
-    print(f"student written to {out}")
+    if _rank0():
+        print(f"student written to {out}")
 
 
 def cmd_eval(a):
@@ -187,6 +189,12 @@ def cmd_demo(a):
     demo.run_demo(a.out, data=a.data, teacher_dir=a.teacher, cache_num=a.cache_num, minutes=a.minutes,
                   eval_num=a.eval_num, seed=a.seed, sets=a.set,
                   config=config_file(a.config) if a.config else None)
+
+
+def cmd_launch(a):
+    from .launch import launch  # lazy, as above
+
+    return launch(a.processes, a.command)
 
 
 def cmd_speed(a):
@@ -301,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Per (prompt, seed): the teacher's final sample, its text features and the states "
                          "chosen with --states (the noise is its seed, regenerated bitwise). Sharded safetensors + "
                          "manifest with sizes and sha256s; re-running completes missing or corrupt shards and never "
-                         "duplicates. Under torchrun / accelerate launch each process builds shards k = rank (mod "
+                         "duplicates. Under twostep launch / accelerate launch each process builds shards k = rank (mod "
                          "world size); the shards are byte-identical whatever the number of processes.")
     tc.add_argument("--teacher", required=True, help="teacher folder, or a diffusers ZImagePipeline folder "
                     "(latents + its own text features are cached)")
@@ -476,6 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     dm.set_defaults(fn=cmd_demo)
 
+    la = sub.add_parser("launch", help="run a twostep command in N processes (one per GPU) on this machine",
+                        allow_abbrev=False,
+                        description="Runs `python -m twostep COMMAND ...` in --processes processes through torch's "
+                        "elastic launcher (what torchrun --standalone and accelerate launch use). COMMAND is passed "
+                        "through untouched (torchrun's parser abbreviates and takes --num for its --numa-binding). "
+                        "Bad input: rank 0's one `error: ...` line and exit 2, before any weight is read; another "
+                        "failure: the launcher's report, exit 1. accelerate launch works as well.")
+    la.add_argument("--processes", type=COUNT.arg(), required=True, metavar="N",
+                    help="processes to start (one per GPU)")
+    la.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                    help="the twostep command and its flags, e.g. teacher cache --teacher T ... --num 20000")
+    la.set_defaults(fn=cmd_launch)
+
     spd = sub.add_parser("speed", help="teacher vs student images/sec, interleaved in one process",
                          description="Times the teacher (default steps and CFG) and the student (2 steps) "
                          "interleaved after warm-up; prints images/sec, NFE and the ratio to the NFE limit.")
@@ -566,10 +587,10 @@ def main(argv=None) -> int:
     from .train.preempt import Preempted  # lazy, as above
     ok = False
     try:
-        a.fn(a)
+        rc = a.fn(a)
         ok = True
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error_line(f"error: {e}")
         return 2
     except Preempted as e:  # SIGTERM / SIGINT: checkpointed on every rank, unfinished (twostep/train/preempt.py)
         print(f"stopped: {e}", file=sys.stderr)
@@ -580,4 +601,26 @@ def main(argv=None) -> int:
         return 130
     finally:
         close_processes(ok)
-    return 0
+    return rc if isinstance(rc, int) else 0
+
+
+LATE_RANK_S = 5.0  # a rank > 0 waits this long before printing its error line (see _error_line)
+
+
+def _rank0() -> bool:
+    """This process is rank 0 of a launcher's processes, or the only one."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _error_line(line: str) -> None:
+    """A bad-input line, printed once under a launcher: the commands check their input on every rank, so rank 0
+    prints it and exits, and the launcher stops the other ranks. A rank > 0 prints its line only if it is still
+    running LATE_RANK_S later (an error of that rank alone), naming the rank."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not _rank0() and world.isdigit() and int(world) > 1:  # (a bad WORLD_SIZE is itself the error here)
+        import time
+
+        sys.stderr.flush()
+        time.sleep(LATE_RANK_S)
+        line = f"{line} (rank {os.environ['RANK']})"
+    print(line, file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ benchmarks/scale_data.py measures it.
 
 Building: the teacher, the text encoder (never the VAE: no state is decoded) run on `device` (auto: the
 accelerator's) in `dtype` (auto: bf16 on CUDA, fp32 on CPU); the transformer in that dtype on fp32 states, as
-ZImagePipeline runs it. Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1), rank r builds the shards
+ZImagePipeline runs it. Under `twostep launch` / `accelerate launch` (WORLD_SIZE > 1), rank r builds the shards
 k ≡ r (mod W), with the same batches as one process would, so the shards are byte-identical whatever the
 number of processes (tests/test_cache_scale.py). The captions are drawn from `--data` (a dataset's train split,
 images never decoded) or `--prompts FILE` (twostep.data.prompts), each repeated `seeds_per_prompt` times.

@@ -30,8 +30,8 @@ from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_st
                     resume_command, rollback, run_identity, saved_modules, start_run_folder)
 from .preempt import Preempted, Stop
 from .steps import critic_step, enable_grad_checkpointing, lr_scale, split_batch, student_step
-from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_tracker, eval_extractor, grid_inputs,
-                  log_record, quick_eval, training_rows, write_grid)
+from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_eval_features, check_tracker, eval_extractor,
+                  grid_inputs, log_record, quick_eval, training_rows, write_grid)
 
 
 def prepare_method(cfg: Config, teacher, device, acc=None, fsdp: bool = False):
@@ -88,6 +88,8 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
              verify_cache: bool, stop: Stop) -> Path:
     out, t = Path(out), cfg.train
     check_tracker(t.log_with)  # train.log_with's package (wandb is not a dependency), before any work
+    if t.eval_every:  # from the cache's manifest: before any weight is read
+        check_eval_features(t.eval_features, cache_dir)
     acc = accelerator(cfg)
     fsdp = use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
     if t.batch_size % acc.num_processes:  # before anything is written (BatchSource would refuse it at update 1)

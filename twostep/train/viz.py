@@ -301,15 +301,32 @@ def training_rows(num_rows: int, train, prev: dict | None = None) -> int:
     return num_rows - train.eval_num
 
 
+def _default_features(data) -> None:
+    if data not in ("shapes", "photos"):
+        raise UserError(f"train.eval_every: this cache's prompts ({data or 'a prompt file'}) have no committed "
+                        "feature net; set train.eval_features (a feature-net folder from `twostep metrics "
+                        "train`, inception, inception:FILE.safetensors, clip:DIR or dinov2:DIR)")
+
+
+def check_eval_features(spec: str, cache_dir) -> None:
+    """train.eval_every's extractor checked from the cache's manifest alone, before any weight is read: the default
+    ('') exists only for a shapes / photos cache. An unreadable manifest is left to the cache loader's error."""
+    if spec:
+        return
+    try:
+        manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return
+    if isinstance(manifest, dict):
+        _default_features(manifest.get("data"))
+
+
 def eval_extractor(spec: str, cache, device="cpu"):
     """The quick FD's feature extractor: train.eval_features (twostep.metrics.extractors spec), or '' = the
     committed feature net of the cache's benchmark (features-shapes / features-photos under $TWOSTEP_MODELS)."""
     if not spec:
         data = (cache.manifest or {}).get("data")
-        if data not in ("shapes", "photos"):
-            raise UserError(f"train.eval_every: this cache's prompts ({data or 'a prompt file'}) have no committed "
-                            "feature net; set train.eval_features (a feature-net folder from `twostep metrics "
-                            "train`, inception, inception:FILE.safetensors, clip:DIR or dinov2:DIR)")
+        _default_features(data)
         spec = str(committed_model(f"features-{data}", "train.eval_features"))
     try:
         return load_extractor(spec, device)
