@@ -283,7 +283,7 @@ def _g(b) -> str:
 
 def six_b_table() -> str:
     from twostep.methods import load_config
-    from twostep.train.memory import estimate, transformer_counts
+    from twostep.train.memory import estimate, host_and_disk, transformer_counts
 
     rows = [("lora, 1 GPU, checkpointing, bf16, 4/GPU", "student.decoupling=lora", 1, 4, True),
             ("lora, 1 GPU, checkpointing, bf16, 1/GPU", "student.decoupling=lora", 1, 1, True),
@@ -294,7 +294,8 @@ def six_b_table() -> str:
             ("full, 1 GPU (no FSDP), checkpointing, bf16, 1/GPU", "student.decoupling=full", 1, 1, True)]
     counts = {}
     L = ["| configuration (1024², 512 caption tokens, Turbo++ defaults otherwise) | weights + optimizer + EMA | "
-         "peak phase | peak | + reserve | total | fits 80 GB |", "|---|---:|---|---:|---:|---:|---|"]
+         "peak phase | peak | + reserve | total | fits 80 GB | host RAM / process (checkpoint writer) | "
+         "disk / run folder |", "|---|---:|---|---:|---:|---:|---|---:|---:|"]
     for label, dec, ws, batch, ck in rows:
         sets = [dec, "train.mixed_precision=bf16", f"train.batch_size={batch}",
                 f"train.grad_checkpointing={'true' if ck else 'false'}", f"train.fsdp={'true' if ws > 1 else 'false'}"]
@@ -307,8 +308,10 @@ def six_b_table() -> str:
         static = sum(v for k, v in e["parts"].items() if not k.startswith(("activations", "student gradients",
                                                                             "autocast", "FSDP", "AdamW foreach",
                                                                             "critic update")))
+        hd = host_and_disk(cfg, ZIMAGE_TURBO, ws)
         L.append(f"| {label} | {_g(static)} | {e['peak_phase']} | {_g(e['peak'])} | {_g(e['reserve'])} | "
-                 f"**{_g(e['total'])}** | {'yes' if e['total'] <= 80 * GiB else 'no'} |")
+                 f"**{_g(e['total'])}** | {'yes' if e['total'] <= 80 * GiB else 'no'} | {_g(hd['host_process'])} "
+                 f"({_g(hd['host_writer'])}) | {_g(hd['disk_run'])} |")
     return "\n".join(L)
 
 
