@@ -29,8 +29,9 @@ def shown(s: str, n: int = 60) -> str:
         raw = s.encode("utf-8", "surrogateescape")  # undecodable bytes back to bytes, shown as \xNN
     except UnicodeEncodeError:
         raw = s.encode("utf-8", "backslashreplace")  # a lone surrogate (not an escaped byte) as \udNNN
-    t = ascii(raw.decode("utf-8", "backslashreplace"))
-    return t if len(t) <= n else t[: n - 3] + "..."
+    t = raw.decode("utf-8", "backslashreplace").encode("ascii", "backslashreplace").decode("ascii")
+    t = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in t)
+    return repr(t)[0] + (t if len(t) <= n else t[: n - 3] + "...") + repr(t)[0]
 
 
 EMPTY_OK = ("--prompt",)  # flags whose value may be empty ("" is the unconditional caption)

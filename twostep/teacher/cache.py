@@ -76,7 +76,7 @@ from ..config import COUNT, SEED
 from ..data import get_captions, prompt_file_identity, repeat_prompts, shapes
 from ..data.prompts import describe_draw, draw_prompts
 from ..errors import UserError
-from ..io.files import atomic_write_bytes, atomic_write_text, nonfinite_parts, one_line, sha256_file, sha256_text
+from ..io.files import atomic_write_bytes, atomic_write_text, cause, nonfinite_parts, one_line, sha256_file, sha256_text
 from ..io.lock import holds_lock
 from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity, twostep_command
 from ..model import COMPUTE_DTYPES, compute_dtype, dtype_name, load_teacher, place_weights
@@ -877,7 +877,9 @@ def load_cache(folder: Path, expect_teacher: Path | None = None, verify: bool = 
                 else:
                     ok = ok and int(info["start"]) == start and all(
                         f.get_slice(nm).get_shape() == [n, *shape] for nm in names.values())
-        except Exception as ex:  # a shard that is not what we wrote (header, metadata or tensors)
+        except Exception as ex:  # a shard that is not what we wrote (header, metadata or tensors); memory, permissions:
+            if cause(ex) is not None:  # said as what they are
+                raise UserError(f"{p}: cannot be read: {cause(ex)}") from None
             raise UserError(f"{p}: unreadable shard ({type(ex).__name__}); {hint} to regenerate it")
         if not ok or int(e.get("start", start)) != start:
             raise UserError(f"{p}: shard contents disagree with {MANIFEST}; {hint} to regenerate it")
