@@ -202,7 +202,7 @@ def test_documented_commands_run_as_printed(tmp_path, monkeypatch, capsys):
 
 # ---- bad input under the launcher --------------------------------------------------------------------------------
 
-def test_bad_input_under_the_launcher_is_one_line_before_any_weight(tmp_path):
+def test_bad_input_under_the_launcher_is_one_line_before_any_weight(tmp_path, capsys, monkeypatch):
     """The README's watch flag (`--set train.eval_every=N`) on a prompt-file cache without train.eval_features,
     started in 2 processes by `twostep launch`: one `error:` line (rank 0's), exit 2, no launcher report, and
     before any weight is read (the teacher's transformer weights here are garbage: reading them fails otherwise)."""
@@ -225,6 +225,13 @@ def test_bad_input_under_the_launcher_is_one_line_before_any_weight(tmp_path):
     assert err[0].startswith("error: train.eval_every: this cache's prompts (a prompt file) have no committed "
                              "feature net; set train.eval_features") and "rank" not in err[0]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    # in one process, the config's other checks against the teacher's config files come before its weights too
+    from twostep.cli import main
+
+    monkeypatch.setenv("TWOSTEP_CACHE", str(tmp_path / "tc"))
+    rc = main(["distill", "--teacher", str(pipe), "--cache", str(cache), "--out", str(tmp_path / "run"),
+               "--set", "disc.blocks=[0, 5]", "--no-progress"])
+    assert rc == 2 and "disc.blocks=[0, 5]: block 5 is out of range" in capsys.readouterr().err
 
 
 # ---- help texts that state a rule: pinned against the code -----------------------------------------------------

@@ -19,8 +19,9 @@ from ..config import Config, to_dict
 from ..errors import NonFiniteWeights, UserError
 from ..ema import ema_decay, ema_update
 from ..io.files import tensors_sha256
+from ..io.folders import read_config
 from ..io.lock import holds_lock
-from ..methods import build_method
+from ..methods import REGISTRY, build_method
 from ..model import load_teacher, num_parameters
 from ..student import deepcopy_sharing_frozen, student_config, trainable_copies_on_meta
 from .batches import BatchSource, load_inputs, real_images
@@ -90,6 +91,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
     check_tracker(t.log_with)  # train.log_with's package (wandb is not a dependency), before any work
     if t.eval_every:  # from the cache's manifest: before any weight is read
         check_eval_features(t.eval_features, cache_dir)
+    REGISTRY[cfg.method].check_blocks(cfg, int(read_config(teacher_dir)["transformer"]["n_layers"]))  # as well
     acc = accelerator(cfg)
     fsdp = use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
     if t.batch_size % acc.num_processes:  # before anything is written (BatchSource would refuse it at update 1)
