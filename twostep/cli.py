@@ -200,7 +200,7 @@ def cmd_launch(a):
 def cmd_speed(a):
     # lazy (as in every command): the parser, --help and argument errors stay free of torch
     from . import evaluate, speed
-    from .io.folders import check_output_path  # lazy, as above
+    from .io.folders import SPEED_RECORD, check_output_path  # lazy, as above
 
     if a.json:  # before the work
         check_output_path(a.json, "--json", {"--teacher": a.teacher, "--student": a.student}, writes=SPEED_RECORD)
