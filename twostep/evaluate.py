@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import plan
 from .command_configs import EVAL_NUM  # the range of `num` (and of the CLI's --num)
 from .config import COUNT, GUIDANCES, SEED
 from .data import get_dataset
@@ -76,6 +77,7 @@ from .text import default_cache_dir
 DIVERSITY_PROMPTS, DIVERSITY_SAMPLES = 25, 4
 NOISE_OFFSET = 777_000  # eval noise seeds live apart from training seeds
 EVAL_BATCH = 250        # generation batch: the one the committed eval numbers were made with
+PLAN_BYTES_PER_IMAGE = 4096  # features, caption, records per image (the plan's estimate, besides the pixels)
 ENCODE_CHUNK = 1000     # prompts encoded per call (>= the default num: the embedded benchmarks encode as before)
 SWD_MAX_BYTES = 256 << 20  # SWD holds both image sets in float32: only where each fits (32² x 1000 = 12 MiB)
 REF_CHUNK = 512         # data reference images embedded per call (as DistributionMetrics fed torchmetrics)
@@ -126,7 +128,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """`auto` → cuda when available, else cpu; `cpu`, `cuda`, `cuda:N` as given (checked to exist)."""
     if isinstance(device, torch.device):
         device = str(device)
-    if device in (None, "", "auto"):
+    if device in (None, "auto"):  # "" is not auto: refused below
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UserError(f"--device {device!r}: use {DEVICE_HELP}")
@@ -350,12 +352,16 @@ def evaluate(gen, data: str | None = None, num: int = 1000, seed: int = 0, ref: 
     if data is None and ref != "teacher":
         raise UserError(f"--ref {ref} compares with data images: pass --data (a folder or benchmark), or use "
                         "--ref teacher with --prompts alone")
-    if features and extractor:
+    if features is not None and extractor is not None:
         raise UserError("give either --features DIR or --extractor SPEC (a feature-net folder is also an --extractor)")
     if save_images and work is None:
         raise UserError("--save-images writes into the work folder: pass --work DIR")
+    ih, iw = gen.image_height, gen.image_width  # plan before work (twostep/plan.py): the reference images, the
+    plan.check("--num", num, f"{num:,} images of {ih}x{iw}",  # kept images, features and captions are held whole
+               memory=num * (2 * 3 * ih * iw * 4 + PLAN_BYTES_PER_IMAGE), disk=num * 3 * ih * iw if save_images else 0,
+               disk_at=work)
     dev, wdtype = resolve_placement(device, dtype)
-    spec = extractor or str(features_dir_for(data, features))
+    spec = extractor if extractor is not None else str(features_dir_for(data, features))  # "" is refused
     ex = load_extractor(spec, device=dev)
     early = teacher_dir or (gen.config.get("teacher") if gen.config.get("kind") == "student" else None)
     if early is not None and Path(early).exists():  # before any sampling: a mismatched teacher is bad input

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import plan
 from .config import COUNT, SEED, UPSCALE
 from .data import get_dataset
 from .evaluate import NOISE_OFFSET, TABLE_COLUMNS, format_cell
@@ -43,6 +44,7 @@ def protocol_grid(gen, data: str, path: Path, seed: int = 0, prompts: int = GRID
     images eval scores). `device`: where `gen` runs (the noise is drawn on the CPU, as eval's). Returns the
     captions."""
     _check_grid(seed, per_prompt, scale, prompts=prompts)
+    plan_grid(gen, prompts, per_prompt, scale)
     check_output_path(path, "--out", writes=PNG_IMAGE)  # before the work
     caps = get_dataset(data, gen.image_resolution).sample(prompts, seed=seed, split="test").captions
     noise = gen.noise(prompts * per_prompt, NOISE_OFFSET + seed)  # noise[j * prompts + i]: prompt i, column j
@@ -66,11 +68,21 @@ def _check_grid(seed, per_prompt, scale, **counts) -> None:
         COUNT.check(v, name)
 
 
+def plan_grid(gen, rows: int, per_prompt: int, scale: int) -> None:
+    """Plan before work (twostep/plan.py): a grid of `rows` x `per_prompt` images is held whole (float images,
+    their noise and states, the upscaled uint8 grid): refused before any sampling when it cannot fit in memory."""
+    h, w = gen.image_height, gen.image_width
+    plan.check("--num (--seeds-per-prompt)", per_prompt, f"a grid of {rows:,} x {per_prompt:,} images of {h}x{w} "
+               f"(x{scale})", memory=rows * per_prompt * 3 * h * w * (3 * 4 + scale * scale),
+               fix="lower --num / --seeds-per-prompt (or --rows, --scale)")
+
+
 def prompt_grid(gen, prompts: list[str], path: Path, seed: int = 0, per_prompt: int = 8, scale: int = 4,
                 device="cpu") -> int:
     """`twostep sample --prompt ...`: one row per prompt, `per_prompt` images each (row j: noise seeded by
     seed + PROMPT_SEED_STRIDE·j, drawn on the CPU); `device`: where `gen` runs. Returns the number of images."""
     _check_grid(seed, per_prompt, scale)
+    plan_grid(gen, len(prompts), per_prompt, scale)
     check_output_path(path, "--out", writes=PNG_IMAGE)  # before the work
     rows = []
     for j, pr in enumerate(prompts):

@@ -573,14 +573,16 @@ def _hf_load(cls_name: str, model_type: str, folder: Path, spec: str):
                         "save_pretrained(safe_serialization=True)")
     import transformers   # lazy: seconds of import time
     from transformers.utils import logging as hf_logging
-    bars = hf_logging.is_progress_bar_enabled()
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()   # no "Loading weights" bar on every eval
+    hf_logging.set_verbosity_error()    # no load report (a table of missing keys): what is wrong is said below
     try:
         model, info = getattr(transformers, cls_name).from_pretrained(str(folder), local_files_only=True,
                                                                        use_safetensors=True, output_loading_info=True)
     except Exception as e:   # shape mismatches, truncated files, ...
         raise UserError(f"{folder}: cannot load it as a {cls_name} ({type(e).__name__}: {one_line(e)[:100]})") from None
     finally:
+        hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
     # transformers fills missing or mis-shaped tensors with a random init and only warns: refuse that here
