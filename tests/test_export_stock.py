@@ -233,3 +233,36 @@ def test_our_class_loads_without_remote_code_and_reads_old_lora_layout(latent, t
     y = TwoStepZImagePipeline.from_pretrained(str(old))("p", latents=torch.ones(1, 16, 16, 16),
                                                         output_type="latent").images
     assert (x - y).abs().max().item() == 0
+
+
+def test_stock_export_loads_as_saved_without_warnings(latent, tmp_path, capsys):
+    """The hint `twostep export` prints for a bf16 stock export, executed as printed, loads the pipeline in bf16 (it
+    passes the dtype), and stock diffusers says nothing about the folder (no "verify your model_index.json")."""
+    import logging
+
+    from diffusers.utils import logging as dlog
+
+    root, _, runs = latent
+    out = tmp_path / "exp"
+    capsys.readouterr()
+    assert main(["export", "--model", str(runs["shared"]), "--out", str(out)]) == 0   # auto: stock, bf16
+    hint = capsys.readouterr().out.split("load it with:\n", 1)[1]
+    code = "\n".join(ln[2:].split("  # ")[0] for ln in hint.splitlines())
+    assert "dtype=torch.bfloat16" in code
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    level, handler = dlog.get_verbosity(), Keep(logging.WARNING)
+    dlog.set_verbosity_warning()
+    dlog.get_logger("diffusers").addHandler(handler)
+    try:
+        ns = {}
+        exec(compile(code, "twostep export's hint", "exec"), ns)
+    finally:
+        dlog.get_logger("diffusers").removeHandler(handler)
+        dlog.set_verbosity(level)
+    assert ns["pipe"].transformer.dtype == torch.bfloat16
+    assert not [m for m in seen if "verify your" in m or "not expected" in m], seen

@@ -225,10 +225,11 @@ def cmd_export(a):
         return
     stock = json.loads((out / "model_index.json").read_text()).get("_class_name") == "ZImagePipeline"
     cls, mod = ("ZImagePipeline", "diffusers") if stock else ("TwoStepZImagePipeline", "twostep.pipeline")
-    print(f"diffusers pipeline written to {out}; load it with:\n"
+    bf16 = json.loads((out / "twostep_export.json").read_text()).get("dtype") == "bf16"  # diffusers' default: fp32
+    print(f"diffusers pipeline written to {out}; load it with:\n" + ("  import torch\n" if bf16 else "") +
           f"  from {mod} import {cls}\n"
-          f"  pipe = {cls}.from_pretrained({str(out)!r})" + ("  # then pipe(prompt, height=..., width=..., "
-                                                           "num_inference_steps=2, guidance_scale=0)" if stock else ""))
+          f"  pipe = {cls}.from_pretrained({str(out)!r}" + (", dtype=torch.bfloat16" if bf16 else "") + ")" +
+          ("  # then pipe(prompt, height=..., width=..., num_inference_steps=2, guidance_scale=0)" if stock else ""))
 
 
 FEATURES_HELP = "feature-net folder (default: features-<data> in $TWOSTEP_MODELS, else ./models)"
