@@ -5,9 +5,9 @@
 Recipes (each runs from the repository root and stops at the first failing command; --dry-run prints the
 commands without running anything):
   after-shapes-teacher SRC    adopt a newly trained shapes teacher (copy it to models/teacher-shapes), tune its
-                              CFG by FD, the teacher-gap rows, the demo and the README tables
-  after-teachers              once both teachers are trained: CFG tuning by FD, the teacher-gap table, README
-  commit-student DATA         copy out/turbopp-DATA to models/turbopp-DATA, then the records the README's results
+                              CFG by FD, the teacher-gap rows, the demo and the docs/benchmarks.md tables
+  after-teachers              once both teachers are trained: CFG tuning by FD, the teacher-gap table, docs/benchmarks.md
+  commit-student DATA         copy out/turbopp-DATA to models/turbopp-DATA, then the records docs/benchmarks.md's results
                               table reads: `twostep eval --num 1000` at seeds 0 1 2 and `twostep speed` at batch 32
                               (benchmarks/results/students/, tabulated by benchmarks/students_table.py)
   turbopp-shapes              the committed shapes student: the demo's config and teacher cache (configs/demo.yaml,

@@ -1,10 +1,12 @@
-"""Copy the benchmark-produced markdown tables into README.md between <!-- BEGIN name --> / <!-- END name -->
-markers, so the README's numbers are never typed by hand.   .venv/bin/python benchmarks/update_readme.py"""
+"""Copy the benchmark-produced markdown tables into docs/benchmarks.md between <!-- BEGIN name --> / <!-- END name -->
+markers, so the numbers there are never typed by hand.   .venv/bin/python benchmarks/update_readme.py"""
 
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = "docs/benchmarks.md"          # the file with the markers
+LINK = "../benchmarks/results"      # benchmarks/results/ as a link from DOC
 TABLES = {"teacher_gap": "benchmarks/results/teacher_gap.md", "demo": "benchmarks/results/demo.md",
           "teacher_guidance": "benchmarks/results/teacher_guidance.md", "runs": "benchmarks/results/runs.md",
           "memory": "benchmarks/results/memory_summary.md", "students": "benchmarks/results/students.md",
@@ -87,11 +89,11 @@ def runs_links() -> str:
     lines = []
     if (res / "comparison.html").exists():
         lines.append("Sample grids side by side (same prompts and noise for every method), this table and the plots: "
-                     "[benchmarks/results/comparison.html](benchmarks/results/comparison.html).")
+                     f"[benchmarks/results/comparison.html]({LINK}/comparison.html).")
     benches = sorted({f.stem.split("_", 3)[-1] for f in res.glob("fd_vs_nfe_*.png")} |
                      {f.stem[len("ablations_"):] for f in res.glob("ablations_*.png")})
     for b in benches:
-        imgs = [f"![{title}, {b}](benchmarks/results/{name}_{b}.png)"
+        imgs = [f"![{title}, {b}]({LINK}/{name}_{b}.png)"
                 for name, title in (("fd_vs_nfe", "FD vs NFE"), ("ablations", "Turbo++ ablations"))
                 if (res / f"{name}_{b}.png").exists()]
         lines.append(" ".join(imgs))
@@ -101,7 +103,7 @@ def runs_links() -> str:
 def curves_links() -> str:
     """The budget-curve plots (FD vs updates and vs training seconds) that run.py --eval-at wrote beside its table."""
     d = ROOT / "benchmarks" / "results" / "budget_curves"
-    return " ".join(f"![budget curves, {f.stem[len('budget_curves_'):]}](benchmarks/results/budget_curves/{f.name})"
+    return " ".join(f"![budget curves, {f.stem[len('budget_curves_'):]}]({LINK}/budget_curves/{f.name})"
                     for f in sorted(d.glob("budget_curves_*.png")))
 
 
@@ -109,8 +111,8 @@ def main():
     teacher_guidance_table()
     demo_table()
     memory_table()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    doc = ROOT / DOC
+    text = doc.read_text()
     for name, rel in TABLES.items():
         f = ROOT / rel
         if not f.exists():
@@ -122,7 +124,7 @@ def main():
             body += "\n\n" + curves_links()
         pat = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    readme.write_text(text)
+    doc.write_text(text)
 
 
 if __name__ == "__main__":

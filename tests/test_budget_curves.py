@@ -167,12 +167,13 @@ def test_readme_block_gets_the_curves_table_and_plots(tmp_path, monkeypatch):
     d.mkdir(parents=True)
     (d / "budget_curves.md").write_text(so.curves_table([_pt("shapes", "turbopp", 0, 100, 12.0)], {}))
     (d / "budget_curves_shapes.png").write_bytes(b"")
-    (tmp_path / "README.md").write_text("x\n<!-- BEGIN budget_curves -->\nold\n<!-- END budget_curves -->\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("x\n<!-- BEGIN budget_curves -->\nold\n<!-- END budget_curves -->\n")
     monkeypatch.setattr(update_readme, "ROOT", tmp_path)
     update_readme.main()
-    block = (tmp_path / "README.md").read_text().split("<!-- BEGIN budget_curves -->")[1]
+    block = (tmp_path / "docs" / "benchmarks.md").read_text().split("<!-- BEGIN budget_curves -->")[1]
     assert "old" not in block and "| turbopp | 1 | 12 |" in block
-    assert "(benchmarks/results/budget_curves/budget_curves_shapes.png)" in block
+    assert "(../benchmarks/results/budget_curves/budget_curves_shapes.png)" in block  # a link from docs/
 
 
 def test_curves_table_shows_alignment_only_where_measured():

@@ -127,3 +127,42 @@ def test_config_presets_found_by_name(capsys, monkeypatch, tmp_path):
     assert outs[0] == outs[1] and "decoupling: lora" in outs[0]
     assert main(["distill", "--dry-run", "--teacher", teacher, "--config", "zimage-turbo-lora"]) == 2
     assert "no preset of that name" in capsys.readouterr().err
+
+
+PROCESS_WORDS = re.compile(
+    r"\b[Ss]essions?[ -]?\d"                                  # session 4, session-4, sessions 3–5
+    r"|\b(?:[Tt]his|[Tt]hat|later|earlier|next|previous|last|end of) session\b"
+    r"|\b[Ss]prints?\b"
+    r"|\b[Ss]tatus \(\d{4}-\d\d"                               # a dated status block
+    r"|\b[Ii]ssues? #?\d+")                                    # a work item's number
+
+
+def test_product_files_do_not_speak_of_how_they_were_developed():
+    """README, docs and the package describe the product as it is; its history is CHANGELOG.md and git's."""
+    for s in ("## Status (2026-12-01, session 11)", "the session-4 default", "(issue 18)", "sprint 3", "this session"):
+        assert PROCESS_WORDS.search(s), s
+    for s in ("runs_session4_default/", "an InferenceSession", "status (see docs)", "tissue 3"):
+        assert not PROCESS_WORDS.search(s), s
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "twostep").rglob("*.py")),
+             *sorted((ROOT / "twostep").rglob("*.yaml"))]
+    hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()[:120]}" for f in files
+            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if PROCESS_WORDS.search(line)]
+    assert not hits, "development-process words in product files:\n" + "\n".join(hits)
+
+
+def test_readme_is_a_product_page():
+    """≤ 250 lines, with its picture (a committed file), the real-job section and links that resolve; the study
+    tables live in docs/benchmarks.md (benchmarks/update_readme.py writes them there)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    assert "## Distil your own Z-Image-Turbo" in text and "<!-- BEGIN" not in text
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert "benchmarks/results/readme_picture.png" in links
+    missing = [link for link in links if "://" not in link and not (ROOT / link).exists()]
+    assert not missing, missing
+    bench = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    for name in ("teacher_gap", "students", "runs", "budget_curves", "demo", "memory", "teacher_guidance"):
+        assert f"<!-- BEGIN {name} -->" in bench and f"<!-- END {name} -->" in bench, name
+    for f in sorted((ROOT / "docs").glob("*.md")):
+        for link in re.findall(r"\]\(([^)#]+)\)", f.read_text(encoding="utf-8")):
+            assert "://" in link or (f.parent / link).exists(), f"{f.name}: {link}"

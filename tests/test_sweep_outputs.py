@@ -160,18 +160,19 @@ def test_run_summary_only_and_readme_links(sweep, tmp_path, monkeypatch):
     res = sweep[0]
     run.main(["--summary-only", "--out", str(res), "--data", "shapes"])
     assert "3.1 ± 0.1" in (res / "runs.md").read_text() and (res / "fd_vs_nfe_shapes.png").exists()
-    # README's runs block: the table, then links to the page and the plots that exist
+    # docs/benchmarks.md's runs block: the table, then links (from docs/) to the page and the plots that exist
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
     (root / "benchmarks" / "results").symlink_to(res)
-    (root / "README.md").write_text("x\n<!-- BEGIN runs -->\nold\n<!-- END runs -->\ny\n")
+    (root / "docs").mkdir()
+    (root / "docs" / "benchmarks.md").write_text("x\n<!-- BEGIN runs -->\nold\n<!-- END runs -->\ny\n")
     monkeypatch.setattr(update_readme, "ROOT", root)
     update_readme.main()
-    block = (root / "README.md").read_text().split("<!-- BEGIN runs -->")[1].split("<!-- END runs -->")[0]
+    block = (root / "docs" / "benchmarks.md").read_text().split("<!-- BEGIN runs -->")[1].split("<!-- END runs -->")[0]
     assert "old" not in block and "| shapes | turbopp | 3 |" in block
-    assert "(benchmarks/results/comparison.html)" in block
+    assert "(../benchmarks/results/comparison.html)" in block
     for f in ("fd_vs_nfe_shapes.png", "ablations_shapes.png", "fd_vs_nfe_photos.png", "ablations_photos.png"):
-        assert f"(benchmarks/results/{f})" in block
+        assert f"(../benchmarks/results/{f})" in block
 
 
 def test_sample_eval_prompts_grid_is_the_eval_protocol(tiny_teacher, tmp_path, capsys):
