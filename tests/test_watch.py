@@ -204,7 +204,7 @@ def test_watched_run_trackers_eval_grid_and_live_curves(watch_loop, tmp_path, mo
 
     q = viz.QuickFD(load_teacher(teacher), load_cache(cache), range(10, 20), viz.eval_extractor("", load_cache(cache)),
                     batch=4)
-    assert q(load_student_generator(run).student)["eval_fd"] == pytest.approx(evals[-1]["eval_fd"], abs=1e-5)
+    assert q(load_student_generator(run, weights="last").student)["eval_fd"] == pytest.approx(evals[-1]["eval_fd"], abs=1e-5)
 
     ea = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
@@ -256,3 +256,40 @@ def test_fd_on_the_main_process_alone_does_not_wait_for_the_others(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     vals = [o[0].split()[-1] for o in outs]
     assert vals[0] == vals[1] and float(vals[0]) > 0.5
+
+
+def test_keep_best_keeps_the_peak_through_a_resume_and_export_sample_eval_take_it(watch_loop, tmp_path, monkeypatch):
+    """train.keep_best (on by default with eval_every): a run whose quick FD is best at update 2 of 4 (scripted FDs
+    5, 3, 4, 6; stopped at 2 and resumed) keeps the EMA of update 2 in RUN/best/, and the run folder's default
+    weights are those; --weights last gives the last EMA."""
+    from twostep.sampling import load_checkpoint_generator, load_student_generator, resolve_student
+    from twostep.train import loop
+    from twostep.train.best import best_record
+
+    root, teacher, cache = watch_loop
+    fds, calls = [5.0, 3.0, 4.0, 6.0], []
+
+    def scripted(acc, quick, ema):  # the quick FD of the k-th evaluation (k = update, one per update)
+        calls.append(1)
+        return {"eval_fd": fds[len(calls) - 1] if len(calls) <= len(fds) else 1.0, "eval_num": 10, "eval_sec": 0.0}
+
+    monkeypatch.setattr(loop, "quick_eval", scripted)
+    cfg = RUN + ["train.eval_every=1", "train.eval_num=10"]
+    run = distill(load_config(None, cfg + ["train.updates=2"]), teacher, cache, tmp_path / "run", progress=False)
+    assert best_record(run) == {"update": 2, "eval_fd": 3.0}
+    distill(load_config(None, cfg + ["train.updates=4"]), teacher, cache, run, resume=True, progress=False)
+    assert best_record(run) == {"update": 2, "eval_fd": 3.0}          # 4.0 and 6.0 after the resume do not replace it
+    assert len(calls) == 4, calls
+    assert [(r["update"], r.get("best")) for r in _log(run) if "eval_fd" in r] == [(1, 1), (2, 1), (3, 0), (4, 0)]
+    assert resolve_student(run) == run / "best" and resolve_student(run, "last") == run
+
+    def weights(gen):
+        return {k: v.clone() for k, v in gen.student.state_dict().items()}
+
+    best, last = weights(load_student_generator(run)), weights(load_student_generator(run, weights="last"))
+    at2, at4 = weights(load_checkpoint_generator(run, 2)), weights(load_checkpoint_generator(run, 4))
+    assert all(torch.equal(best[k], at2[k]) for k in at2) and all(torch.equal(last[k], at4[k]) for k in at4)
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    off = distill(load_config(None, cfg + ["train.updates=1", "train.keep_best=false"]), teacher, cache,
+                  tmp_path / "off", progress=False)
+    assert not (off / "best").exists() and resolve_student(off) == off

@@ -56,7 +56,8 @@ def cmd_sample(a):
     check_output_path(a.out, "--out", {"--model": a.model, "--prompts": a.prompts}, writes=PNG_IMAGE)  # before the work
     prompts = head_prompts(a.prompts, a.rows, key=a.prompt_key, skip_bad=a.skip_bad) if a.prompts else a.prompt
     dev, wdtype = evaluate.resolve_placement(a.device, a.dtype)
-    gen = evaluate.place(load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype), dev, wdtype)
+    gen = evaluate.place(load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype,
+                                        weights=a.weights), dev, wdtype)
     if a.eval_prompts:
         caps = report.protocol_grid(gen, a.eval_prompts, a.out, seed=a.seed, prompts=a.rows, per_prompt=a.num,
                                     scale=a.scale, device=dev)
@@ -143,7 +144,7 @@ def cmd_eval(a):
         draw = evaluate.draw_eval_prompts(a.prompts, a.num, a.seed, a.prompt_key, a.allow_repeats)
         print(describe_draw(draw[1]), flush=True)
     _, wdtype = evaluate.resolve_placement(a.device, a.dtype)  # the weights are read in it
-    gen = load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype)
+    gen = load_generator(a.model, steps=a.steps, guidance=a.guidance, dtype=wdtype, weights=a.weights)
     res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, features=a.features,
                             teacher_dir=a.teacher, progress=not a.no_progress, prompts=a.prompts,
                             prompt_key=a.prompt_key, extractor=a.extractor, clip=a.clip, work=a.work,
@@ -218,7 +219,7 @@ def cmd_export(a):
     from .export import export_student  # lazy: it imports diffusers' pipeline classes (seconds of start-up)
 
     given = {k: getattr(a, k) for k in ("dtype", "format") if getattr(a, k) is not None}  # else the library's
-    out = export_student(a.model, a.out, merge=a.merge, **given)
+    out = export_student(a.model, a.out, merge=a.merge, weights=a.weights, **given)
     if (out / "comfyui_workflow.json").is_file():  # --format comfyui (twostep/export_comfyui.py)
         print(f"ComfyUI files written to {out}: copy its diffusion_models/ or loras/ into ComfyUI's models/ folder "
               "and open comfyui_workflow.json in ComfyUI (docs/export.md)")
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pile up in memory, and re-running with the same --work resumes. Deterministic at a fixed "
                         "seed, batch size and device.")
     ev.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
+    ev.add_argument("--weights", choices=["best", "last"], default="best",
+                    help="a student run trained with train.keep_best: its best EMA (lowest quick FD, RUN/best/; the default) "
+                    "or its last one (default %(default)s)")
     ev.add_argument("--data", default=None, help="shapes | photos | folder with captions.jsonl: prompts and "
                     "reference images (a folder needs --extractor or --features); optional with --prompts")
     ev.add_argument("--prompts", default=None, help=f"prompt file instead of the data's captions: {PROMPT_FILES_HELP}; "
@@ -518,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "A teacher samples with its default steps/guidance unless --steps/--guidance are given; "
                         "a student run knows its own step count and σ grid.")
     sp.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
+    sp.add_argument("--weights", choices=["best", "last"], default="best",
+                    help="a student run trained with train.keep_best: its best EMA (lowest quick FD, RUN/best/; the default) "
+                    "or its last one (default %(default)s)")
     sp.add_argument("--prompt", action="append", help="caption (repeat for several rows)")
     sp.add_argument("--prompts", default=None, metavar="FILE", help="instead of --prompt: the first --rows prompts "
                     f"of FILE, in file order, one row each (the same images as --prompt with those prompts); "
@@ -561,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/export.md has the stock-diffusers recipe for full/lora students. "
                         "Written to DIR.partial and renamed when complete; a previous export in DIR is replaced.")
     ex.add_argument("--model", required=True, help="student run folder (the --out of `twostep distill`)")
+    ex.add_argument("--weights", choices=["best", "last"], default="best",
+                    help="a student run trained with train.keep_best: its best EMA (lowest quick FD, RUN/best/; the default) "
+                    "or its last one (default %(default)s)")
     ex.add_argument("--out", required=True, help="pipeline folder to write (new, empty, or a previous export)")
     ex.add_argument("--merge", action="store_true", help="lora students: merge each step's adapter into its own "
                     "transformer copy (transformer + transformer_2) instead of shipping base + adapters")

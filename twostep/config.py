@@ -240,6 +240,8 @@ class TrainConfig:
     eval_features: str = opt("", "feature extractor of the quick FD (twostep.metrics.extractors spec: a feature-net "
                              "folder, inception[:FILE], clip:DIR, dinov2:DIR); '' = the committed feature net of the "
                              "cache's benchmark (shapes / photos)")
+    keep_best: bool = opt(True, "with train.eval_every > 0: keep the EMA student of the lowest quick FD in RUN/best/ "
+                          "(export, sample and eval of the run take it; --weights last takes the last)")
     checkpoint_every: int = opt(250, "updates between checkpoints (0 = only the final one)", range=NON_NEGATIVE_INT)
     keep_checkpoints: int = opt(2, "complete checkpoints kept", range=COUNT)
     max_nonfinite: int = opt(5, "non-finite losses in a row before rolling back to the last checkpoint "

@@ -239,9 +239,11 @@ def _transformer_from_state(config, sd):
 
 
 @holds_lock("out", "--out", "export")  # one writer per export folder
-def export_student(run, out, merge: bool = False, dtype: str = "auto", format: str = "auto") -> Path:
+def export_student(run, out, merge: bool = False, dtype: str = "auto", format: str = "auto",
+                   weights: str = "best") -> Path:
     """Write RUN's student as a diffusers pipeline folder OUT (see the module docstring); returns OUT.
-    dtype: auto | bf16 | fp32 (resolve_dtype); format: auto | twostep | stock (resolve_format)."""
+    dtype: auto | bf16 | fp32 (resolve_dtype); format: auto | twostep | stock (resolve_format); weights: best | last
+    (sampling.resolve_student: a train.keep_best run's best EMA by default)."""
     run, out = Path(run), Path(out)
     if _is_previous_export(run):
         raise UserError(f"{run}: is an exported pipeline, not a student run folder; pass the --out folder of "
@@ -259,11 +261,11 @@ def export_student(run, out, merge: bool = False, dtype: str = "auto", format: s
                                         "pipeline": cfg.get("pipeline")}, allow_complete=True)
     _check_out(out)
     if fmt == "comfyui":
-        return _export_comfyui(run, out, cfg, merge, dt)
+        return _export_comfyui(run, out, cfg, merge, dt, weights)
     side = _caption_side(cfg)
     # read in the export dtype (a bf16 base never upcast, a full student never held in fp32 whole); a lora
     # student's small adapters as saved, so that --merge adds them in fp32 (merged_state_dict)
-    gen = load_student_generator(run, DTYPES[dt], adapters_as_stored=True)
+    gen = load_student_generator(run, DTYPES[dt], weights=weights, adapters_as_stored=True)
     if fmt == "stock":
         pipe = build_stock_pipeline(gen.student, side)
     else:
@@ -304,10 +306,10 @@ def _replace(out: Path, partial: Path) -> None:
         partial.replace(out)
 
 
-def _export_comfyui(run: Path, out: Path, cfg: dict, merge: bool, dt: str) -> Path:
+def _export_comfyui(run: Path, out: Path, cfg: dict, merge: bool, dt: str, weights: str = "best") -> Path:
     """`--format comfyui`: ComfyUI-layout weights (or LoRA files) and the 2-step workflow (twostep/export_comfyui.py),
     written as OUT.partial and renamed when complete, like the diffusers formats."""
-    gen = load_student_generator(run, DTYPES[dt], adapters_as_stored=True)  # as the other formats
+    gen = load_student_generator(run, DTYPES[dt], weights=weights, adapters_as_stored=True)  # as the other formats
     partial = _partial(out)
     if partial.exists():  # left by an interrupted export (checked in _check_out)
         shutil.rmtree(partial)

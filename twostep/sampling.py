@@ -199,12 +199,25 @@ def check_student_config(c, folder: Path) -> None:
 WHOLE_TRANSFORMER = {"full": ["step1", "step2"], "shared": ["model"], "lora": ["base"]}
 
 
-def load_student_generator(folder, dtype: torch.dtype | None = None,
-                           adapters_as_stored: bool = False) -> StudentGenerator:
-    """A student folder (checked: config, stamps, frozen base, weights) as a generator, its weights in `dtype`.
-    `adapters_as_stored`: a lora student's adapter files are read as saved (fp32), only its whole transformers in
-    `dtype` (export merges them in fp32)."""
+def resolve_student(folder, weights: str = "best") -> Path:
+    """The student folder that `folder` stands for: a run trained with train.keep_best holds its lowest-quick-FD EMA
+    in folder/best/ (twostep.train.best), which `weights="best"` (the default of export, sample and eval) takes;
+    `weights="last"`, or a run without one, the folder itself (the last EMA)."""
     folder = Path(folder)
+    if weights not in ("best", "last"):
+        raise UserError(f"--weights {weights!r}: expected best or last")
+    best = folder / "best"
+    if weights == "best" and (best / CONFIG).is_file():
+        return best
+    return folder
+
+
+def load_student_generator(folder, dtype: torch.dtype | None = None, weights: str = "best",
+                           adapters_as_stored: bool = False) -> StudentGenerator:
+    """A student folder (checked: config, stamps, frozen base, weights) as a generator, its weights in `dtype`;
+    a run's best EMA unless `weights="last"` (resolve_student). `adapters_as_stored`: a lora student's adapter
+    files are read as saved (fp32), only its whole transformers in `dtype` (export merges them in fp32)."""
+    folder = resolve_student(folder, weights)
     c = read_config(folder)
     check_student_config(c, folder)
     stems = STUDENT_FILES[c["decoupling"]]
@@ -312,7 +325,7 @@ def load_checkpoint_generator(run_dir, update: int | None = None,
 
 
 def load_generator(folder, steps: int | None = None, guidance: float | None = None,
-                   dtype: torch.dtype | None = None) -> Generator:
+                   dtype: torch.dtype | None = None, weights: str = "best") -> Generator:
     """A teacher folder (at `steps` / `guidance`, default: its own) or a student folder as a Generator, its
     transformer weights read in `dtype` (None: as always, fp32)."""
     cfg = read_config(Path(folder))
@@ -322,5 +335,5 @@ def load_generator(folder, steps: int | None = None, guidance: float | None = No
     if kind == "student":
         if steps is not None or guidance is not None:
             raise UserError(f"{folder}: a student knows its own steps and runs without CFG; drop --steps/--guidance")
-        return load_student_generator(folder, dtype)
+        return load_student_generator(folder, dtype, weights)
     raise UserError(f"{folder}/config.json: unknown model kind {kind!r}; expected 'teacher' or 'student'")

@@ -25,6 +25,7 @@ from ..methods import REGISTRY, build_method
 from ..model import load_teacher, num_parameters
 from ..student import deepcopy_sharing_frozen, student_config, trainable_copies_on_meta
 from .batches import BatchSource, load_inputs, real_images
+from .best import keep_best
 from .distributed import (accelerator, all_ranks, check_ranks_in_sync, frozen_dtype, materialize, mean_over_ranks,
                           rank_seed, shard_student, use_fsdp)
 from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, mark_run, optimizers,
@@ -239,7 +240,10 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
             if image is not None:
                 log.image("grid", image, update)
         if t.eval_every and (update % t.eval_every == 0 or update == t.updates):
-            log.add(log_record(update, quick_eval(acc, quick, ema)))
+            q = quick_eval(acc, quick, ema)
+            if t.keep_best and q["eval_num"]:  # train.keep_best: the EMA of the lowest quick FD in RUN/best/
+                q["best"] = int(keep_best(acc, out, ema, update, q["eval_fd"], scfg, fsdp))
+            log.add(log_record(update, q))
         if t.checkpoint_every and update % t.checkpoint_every == 0 and update < t.updates:
             try:
                 checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
