@@ -361,3 +361,12 @@ def test_cache_and_eval_print_the_split_and_refuse_a_short_one_before_any_weight
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert (m["prompt_draw"]["repeats"], m["prompt_draw"]["distinct"]) == (held, 300 - held)
     assert "--allow-repeats" in m["command"]
+
+
+def test_skip_bad_summary_is_said_once_under_a_launcher(tmp_path, capsys, monkeypatch):
+    """Every rank of a launcher reads the prompt file; only rank 0 prints the skipped-lines warning."""
+    p = case(tmp_path, "p.jsonl", b'{"text": "a"}\nnot json\n{"text": "b"}\n')
+    monkeypatch.setenv("RANK", "1")
+    assert head_prompts(p, skip_bad=True) == ["a", "b"] and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert head_prompts(p, skip_bad=True) == ["a", "b"] and "skipped 1 of 3" in capsys.readouterr().err

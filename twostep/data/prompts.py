@@ -43,6 +43,7 @@ import hashlib
 import heapq
 import json
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -186,6 +187,8 @@ class _Reader:
         if not self.bad or len(self.bad) == self.records:  # nothing usable: no_prompts() says it in one line
             return
         what = ", ".join(f"{v} {k}" for k, v in self.kinds.most_common())
+        if os.environ.get("RANK", "0") not in ("", "0"):  # under a launcher every rank reads the file: said once
+            return
         print(f"warning: {self.path}: skipped {len(self.bad)} of {self.records} prompt {self.unit}s ({what}); "
               f"first: {self.bad[0]}", file=sys.stderr)
 
