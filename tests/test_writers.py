@@ -4,8 +4,8 @@
   the holder's pid and host, and the finished run is bit-identical to a run alone (student safetensors bytes).
 - The lock: released on every exit path, a stale lock of a killed process taken over, ranks other than 0 never
   lock, no lock put into a folder the command refuses.
-- A resume against the config recorded in status.json: resuming with the original flags works after the
-  run's config.yaml was edited (and config.yaml is rewritten to what was trained).
+- A resume against the config recorded in status.json: resuming the run alone with its original flags works
+  after its config.yaml was edited (and config.yaml is rewritten to what was trained).
 The refusals themselves are cases of tests/test_cli_fuzz.py (kinds overwrites, two-writers, edited-config).
 """
 
@@ -70,6 +70,30 @@ def test_two_distills_into_one_folder_one_runs_and_matches_a_run_alone(tiny):
     assert inspect_folder(both).complete and not (both / LOCK_FILE).exists()
     got, want = _student_bytes(both), _student_bytes(alone)
     assert got and got == want, sorted(got)
+    _resume_checks_the_recorded_config_not_the_edited_yaml(teacher, cache, alone)
+
+
+def _resume_checks_the_recorded_config_not_the_edited_yaml(teacher, cache, run):
+    """The recorded config decides: an edited config.yaml does not stop a resume with the original flags, and
+    config.yaml is rewritten to what was trained. (Resuming with the edited file is fuzz edited-config:*; this
+    part reuses the run above, so no other run is trained for it.)"""
+    from twostep.cli import main
+
+    y = run / "config.yaml"
+    y.write_text(y.read_text().replace("sigma_mid: 0.75", "sigma_mid: 0.5"))
+    status = json.loads((run / "status.json").read_text())
+    assert status["config"]["student"]["sigma_mid"] == 0.75 and len(status["config_sha256"]) == 64
+    argv = ["--threads", "1", "distill", "--teacher", str(teacher), "--cache", str(cache), "--out", str(run),
+            "--no-progress", *[x for s in SETTINGS for x in ("--set", s)], "--set", "train.updates=13", "--resume"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "sigma_mid: 0.75" in y.read_text()
+    assert json.loads((run / "config.json").read_text())["sigma_mid"] == 0.75
+    s = json.loads((run / "status.json").read_text())
+    assert s["complete"] and s["progress"]["done"] == 13
 
 
 def test_the_lock_is_released_on_every_exit_path(tmp_path):
@@ -96,8 +120,9 @@ def test_the_lock_is_released_on_every_exit_path(tmp_path):
 def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
     d = tmp_path / "run"
     d.mkdir()
-    code = ("import sys, time; from twostep.io.lock import FolderLock; FolderLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(120)")
+    code = ("import fcntl, json, os, socket, sys, time; f = open(sys.argv[1] + '/.twostep.lock', 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); json.dump({'pid': os.getpid(), 'host': "
+            "socket.gethostname(), 'since': time.time()}, f); f.flush(); print('held', flush=True); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code, str(d)], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
@@ -114,10 +139,16 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
 
 def test_only_rank_0_locks_and_refused_folders_get_no_lock(tmp_path, monkeypatch):
     d = tmp_path / "run"
-    with FolderLock(d):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    with FolderLock(d):  # rank 0 of job-a
         monkeypatch.setenv("RANK", "1")
-        with folder_lock(d) as lock:  # rank 1 of a run whose rank 0 holds the lock
+        with folder_lock(d) as lock:  # rank 1 of the same job: no lock of its own
             assert lock is None
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # rank 1 of a double-submitted job: refused too
+        with pytest.raises(UserError, match=f"pid {os.getpid()} on host"):
+            with folder_lock(d):
+                pass
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(UserError):
             with folder_lock(d):
@@ -129,30 +160,3 @@ def test_only_rank_0_locks_and_refused_folders_get_no_lock(tmp_path, monkeypatch
         assert lock is None and not (t / LOCK_FILE).exists()
     with folder_lock(t / "sub") as lock:  # inside another twostep folder: likewise
         assert lock is None and not (t / "sub").exists()
-
-
-def test_resume_checks_the_recorded_config_not_the_edited_yaml(tiny, capsys):
-    """The recorded config decides: an edited config.yaml does not stop a resume with the original flags, and
-    config.yaml is rewritten to what was trained. (Resuming with the edited file is fuzz edited-config:*.)"""
-    from twostep.cli import main
-
-    root, teacher, cache = tiny
-    run = root / "edited"
-    sets = [x for s in ["train.updates=2", "train.d_warmup=0", "train.batch_size=2", "train.grid_every=0",
-                        "train.checkpoint_every=1", "train.keep_checkpoints=1", "student.decoupling=shared", BLOCKS_1]
-            for x in ("--set", s)]
-    base = ["--threads", "1", "distill", "--teacher", str(teacher), "--cache", str(cache), "--out", str(run),
-            "--no-progress", *sets]
-    threads = torch.get_num_threads()
-    try:
-        assert main(base) == 0
-        y = run / "config.yaml"
-        y.write_text(y.read_text().replace("sigma_mid: 0.75", "sigma_mid: 0.5"))
-        status = json.loads((run / "status.json").read_text())
-        assert status["config"]["student"]["sigma_mid"] == 0.75 and len(status["config_sha256"]) == 64
-        assert main([*base, "--set", "train.updates=3", "--resume"]) == 0, capsys.readouterr().err
-    finally:
-        torch.set_num_threads(threads)
-    assert "sigma_mid: 0.75" in y.read_text()
-    assert json.loads((run / "config.json").read_text())["sigma_mid"] == 0.75
-    assert json.loads((run / "status.json").read_text())["complete"]

@@ -8,8 +8,10 @@ a killed process's lock is released by the kernel).
   next writer takes it over and says whose lock it took over.
 - The lock file is removed when the lock is released (an inode check makes a writer that opened a file just
   removed retry), and a folder the lock created is removed again when nothing else was written into it.
-- Distributed runs: the process of rank 0 (RANK, as torchrun / accelerate launch set it) holds the lock for all
-  ranks; the others never touch it. When rank 0 is refused it exits 2, and the launcher stops the other ranks.
+- Distributed runs: the process of rank 0 (RANK, as torchrun / accelerate launch / twostep launch set it) holds
+  the lock for all ranks (a multi-process teacher cache: rank 0 locks, every rank writes its shards). The other
+  ranks never lock; they read the lock file and refuse a folder held by a live process of another job on this
+  host (its `job`: TORCHELASTIC_RUN_ID), so a double-submitted job stops on every rank with the same line.
 
 `holds_lock("out")` decorates a function whose argument `out` is the folder it writes (distill, teacher cache,
 export, teacher train, metrics train); `folder_lock(folder)` is the context manager (eval's --work folder).
@@ -39,6 +41,33 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
         return 0
+
+
+def _job() -> str | None:
+    """The distributed job this process belongs to (the same for all its ranks), None for one process."""
+    ws = os.environ.get("WORLD_SIZE", "1")
+    if not ws.isdigit() or int(ws) <= 1:
+        return None
+    return os.environ.get("TORCHELASTIC_RUN_ID") or \
+        f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _other_job_holds(folder: Path, flag: str) -> None:
+    """A rank other than 0 never locks (rank 0 holds the lock for its job), but it refuses a folder whose lock is
+    held by a live process of ANOTHER job on this host, so that every rank of a double-submitted job exits 2 with
+    the same line instead of running on until the launcher stops it. Reads the lock file only (never locks it)."""
+    try:
+        h = json.loads((folder / LOCK_FILE).read_text() or "{}")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return
+    if not isinstance(h, dict) or h.get("job") == _job() or h.get("host") != socket.gethostname():
+        return
+    try:
+        os.kill(int(h.get("pid")), 0)
+    except (OSError, TypeError, ValueError):
+        return  # gone: a stale lock file, which rank 0 takes over
+    raise UserError(f"{folder}: another twostep command is writing this folder ({_describe(h)}); wait for it to "
+                    f"finish (or stop it), or choose another {flag}")
 
 
 def _holder(fd: int) -> dict:
@@ -93,7 +122,7 @@ class FolderLock:
         if old.get("pid") is not None:
             self.took_over = old
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-              "command": ("twostep " + " ".join(sys.argv[1:])).strip()[:160]}
+              "command": ("twostep " + " ".join(sys.argv[1:])).strip()[:160], "job": _job()}
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(me).encode())
@@ -131,6 +160,8 @@ def folder_lock(folder, flag: str = "--out", kind: str | None = None):
     """Hold `folder`'s lock for the block (module docstring). Not taken by ranks other than 0, nor for a path that
     is a file or holds a folder of another kind than `kind` (the command refuses it with its own message before
     writing anything, so no lock file is ever put into a folder it does not own)."""
+    if folder is not None and _rank() != 0:
+        _other_job_holds(Path(folder), flag)
     if folder is None or _rank() != 0 or not _lockable(Path(folder), kind, flag):
         yield None
         return
