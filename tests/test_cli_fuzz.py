@@ -110,6 +110,18 @@ def world(tmp_path_factory):
             "file": root / "a_file"}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_environment():
+    """Cases may set environment variables (WORLD_SIZE, TWOSTEP_CACHE, ...) or drop the process-wide text encoder:
+    both are restored after each case."""
+    import twostep.text as text_mod
+    saved, encoder = dict(os.environ), text_mod._DEFAULT
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    text_mod._DEFAULT = encoder
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 
 def tree_hash(*roots: Path) -> dict[str, str]:
@@ -748,6 +760,240 @@ def resume_with_an_edited_status_config(e):
     return distill_argv(e, None, None, run, "--resume", "--set", "student.sigma_mid=0.5")
 
 
+# ------------------------------------- 13. untrusted-bytes (issue 28): what twostep reads back from disk is checked
+
+def _text_cache(e, tensor=None, name: str = "poison.safetensors", raw: bytes | None = None) -> Path:
+    """$TWOSTEP_CACHE for this case (outside the hashed inputs: a command may add entries for other prompts) with
+    one entry for the "" caption (CFG's negative branch, encoded by sample, teacher cache and distill's grids);
+    the process-wide encoder is dropped so that the entry is read from disk (_fresh_environment restores both)."""
+    import twostep.text as text_mod
+    root = e.tmp / "tc"
+    (root / "text").mkdir(parents=True, exist_ok=True)
+    f = root / "text" / name
+    if raw is not None:
+        f.write_bytes(raw)
+    elif tensor is not None:
+        save_file({text_mod._key(""): tensor}, str(f))
+    os.environ["TWOSTEP_CACHE"] = str(root)
+    text_mod._DEFAULT = None
+    return f
+
+
+NAN_CAPTION = torch.full((2, 384), float("nan"))
+
+
+def _nothing_complete(e):
+    """No output a later command would take as finished: no loadable cache, no complete run, no image."""
+    from twostep.io.folders import read_status
+    from twostep.teacher.cache import load_cache
+    for d in [p for p in e.out.rglob("*") if p.is_dir()] + [e.out]:
+        st = read_status(d) if (d / "status.json").exists() else None
+        assert not (st or {}).get("complete"), f"{d} is marked complete"
+        if (d / "manifest.json").exists():
+            with pytest.raises(Exception):
+                load_cache(d)
+    assert not [p for p in e.out.rglob("*.png") if p.parent == e.out], "an image was written"
+
+
+def untrusted(name, argv_fn, needle=None):
+    simple("untrusted-bytes", name, argv_fn, needle, after=_nothing_complete)
+
+
+untrusted("sample_with_a_nan_text_cache_entry",
+          lambda e: (_text_cache(e, NAN_CAPTION), sample_argv(e["teacher"], e.new("g.png")))[1], "poison.safetensors")
+untrusted("teacher_cache_with_a_nan_text_cache_entry",
+          lambda e: (_text_cache(e, NAN_CAPTION), cache_argv(e, e.new("c")))[1], "poison.safetensors")
+untrusted("distill_grids_with_a_nan_text_cache_entry",
+          lambda e: (_text_cache(e, NAN_CAPTION), distill_argv(e, None, None, None, "--set", "train.grid_every=1",
+                                                               "--set", "train.validation_prompts=['a red circle']"))[1],
+          "poison.safetensors")
+untrusted("sample_with_a_wrongly_shaped_text_cache_entry",
+          lambda e: (_text_cache(e, torch.zeros(3, 100)), sample_argv(e["teacher"], e.new("g.png")))[1], "[3, 100]")
+untrusted("sample_with_an_fp16_text_cache_entry",
+          lambda e: (_text_cache(e, torch.zeros(2, 384, dtype=torch.float16)), sample_argv(e["teacher"],
+                                                                                           e.new("g.png")))[1],
+          "torch.float16")
+untrusted("sample_with_a_truncated_text_cache_file",
+          lambda e: (_text_cache(e, raw=b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"), sample_argv(e["teacher"],
+                                                                                              e.new("g.png")))[1],
+          "truncated or corrupt")
+
+
+@case("untrusted-bytes", "not a regular file", after=_nothing_complete)
+def sample_with_a_text_cache_entry_that_is_a_folder(e):
+    _text_cache(e, NAN_CAPTION)
+    (e.tmp / "tc" / "text" / "0000.safetensors").mkdir()
+    return sample_argv(e["teacher"], e.new("g.png"))
+
+
+def _cache_with(e, fn) -> Path:
+    """A copy of the cache whose shard 0 is rewritten by fn(tensors) and re-recorded (sha256, bytes) in the
+    manifest: bytes that are what the manifest says, with NaN inside (a cache built from bad inputs)."""
+    from safetensors import safe_open
+    from twostep.io.files import sha256_file
+    c = e.copy("cache")
+    p = c / "shard-00000.safetensors"
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(p))
+    fn(sd)
+    save_file(sd, str(p), metadata=meta)
+
+    def rec(m):
+        m["shards"][0].update(sha256=sha256_file(p), bytes=p.stat().st_size)
+    edit_json(c / "manifest.json", rec)
+    return c
+
+
+untrusted("distill_a_cache_with_nan_samples",
+          lambda e: distill_argv(e, None, _cache_with(e, lambda sd: sd["final"].fill_(float("nan")))), "NaN")
+untrusted("distill_a_cache_with_nan_caption_features",
+          lambda e: distill_argv(e, None, _cache_with(e, lambda sd: sd["text"].fill_(float("nan")))), "NaN")
+untrusted("distill_verify_cache_finds_an_inf_state",
+          lambda e: distill_argv(e, None, _cache_with(e, lambda sd: next(v for k, v in sd.items() if k.startswith(
+              "state")).fill_(float("inf"))), None, "--verify-cache"), "NaN/inf")
+
+
+# ------------------------------------------------ 14. sizes (issue 28): counts planned against memory and disk first
+
+def sizes(name, argv_fn, needle="1,000,000,000"):
+    simple("sizes", name, argv_fn, needle, after=_nothing_complete)
+
+
+def _fifo(e, name: str) -> Path:
+    p = e.inp / name
+    os.mkfifo(p)
+    return p
+
+
+sizes("teacher_cache_num_a_billion", lambda e: [a if a != "4" else "1000000000" for a in cache_argv(e, e.new("c"))])
+sizes("eval_num_a_billion", lambda e: eval_argv(e, e["teacher"], "--num", "1000000000"))
+sizes("sample_seeds_per_prompt_a_billion",
+      lambda e: sample_argv(e["teacher"], e.new("g.png"), "--seeds-per-prompt", "1000000000"))
+sizes("sample_eval_prompts_a_million_rows",
+      lambda e: ["sample", "--model", e["teacher"], "--eval-prompts", "shapes", "--rows", "1000000", "--num",
+                 "1000", "--out", str(e.new("g.png"))], "1,000,000 x 1,000")
+sizes("teacher_cache_prompts_file_num_a_billion",
+      lambda e: ["teacher", "cache", "--teacher", e["teacher"], "--prompts", str(_prompt_file(e, "p.txt")), "--num",
+                 "1000000000", "--out", str(e.new("c")), "--no-progress"])
+sizes("sample_prompts_is_a_fifo", lambda e: ["sample", "--model", e["teacher"], "--prompts",
+                                             str(_fifo(e, "p.txt")), "--out", str(e.new("g.png"))], "FIFO")
+sizes("teacher_cache_prompts_is_a_fifo",
+      lambda e: ["teacher", "cache", "--teacher", e["teacher"], "--prompts", str(_fifo(e, "p.jsonl")), "--num", "4",
+                 "--out", str(e.new("c")), "--no-progress"], "FIFO")
+sizes("eval_prompts_is_a_fifo", lambda e: ["eval", "--model", e["teacher"], "--prompts", str(_fifo(e, "p.csv")),
+                                           "--num", "10", "--extractor", e["features"], "--no-progress"], "FIFO")
+sizes("distill_config_is_a_fifo", lambda e: distill_argv(e, None, None, None, "--config",
+                                                         str(_fifo(e, "c.yaml"))), "not a regular file")
+sizes("sample_prompts_is_a_device", lambda e: ["sample", "--model", e["teacher"], "--prompts", "/dev/null.txt"
+                                               if os.path.exists("/dev/null.txt") else "/dev/null", "--out",
+                                               str(e.new("g.png"))], "/dev/null")
+
+
+def _prompt_file(e, name: str, text: str = "a red circle\na blue square\n") -> Path:
+    p = e.inp / name
+    p.write_text(text)
+    return p
+
+
+# ----------------------------------- 15. traceback (issue 28): decoding, nesting, environment, third-party errors
+
+def traceback_case(name, argv_fn, needle=None):
+    simple("traceback", name, argv_fn, needle, after=_nothing_complete)
+
+
+def _yaml(e, name: str, text: str) -> Path:
+    p = e.inp / name
+    p.write_text(text)
+    return p
+
+
+def _env(**kv):
+    os.environ.update(kv)  # restored by _fresh_environment
+
+
+traceback_case("sample_prompt_with_invalid_utf8",
+               lambda e: sample_argv(e["teacher"], e.new("g.png"))[:4] + ["a red \udcff circle"]
+               + sample_argv(e["teacher"], e.new("g.png"))[5:], "0xff")
+traceback_case("sample_prompt_with_a_lone_surrogate",
+               lambda e: sample_argv(e["teacher"], e.new("g.png"))[:4] + ["a red \ud800 circle"]
+               + sample_argv(e["teacher"], e.new("g.png"))[5:], "U+D800")
+traceback_case("teacher_train_data_with_invalid_utf8", lambda e: teacher_train(e.new("t"), "--data", "sh\udce9pes"),
+               "0xe9")
+traceback_case("distill_yaml_alias_bomb_under_known_keys", lambda e: distill_argv(e, None, None, None, "--config", str(
+    _yaml(e, "bomb.yaml", "train:\n  validation_prompts: &a [x, x, x, x, x, x, x, x, x]\n"
+                          "student:\n  lora_targets: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                          "disc:\n  blocks: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"))), "aliases")
+traceback_case("distill_yaml_100000_deep_file", lambda e: distill_argv(e, None, None, None, "--config", str(
+    _yaml(e, "deep.yaml", "train: " + "[" * 100000 + "]" * 100000 + "\n"))), "nested deeper")
+traceback_case("distill_set_100000_deep",
+               lambda e: distill_argv(e, None, None, None, "--set", "train.updates=" + "[" * 100000 + "]" * 100000))
+traceback_case("teacher_train_yaml_deep_mapping", lambda e: teacher_train(e.new("t"), "--config", str(
+    _yaml(e, "deep.yaml", "lr: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n"))), "nested deeper")
+traceback_case("teacher_train_config_is_a_folder", lambda e: teacher_train(e.new("t"), "--config", str(e.empty("cfg"))),
+               "not a regular file")
+traceback_case("distill_lora_targets_match_nothing",
+               lambda e: distill_argv(e, None, None, None, "--set", "student.decoupling=lora", "--set",
+                                      "student.lora_targets=[no_such_layer]"), "no_such_layer")
+traceback_case("distill_world_size_abc", lambda e: (_env(WORLD_SIZE="abc"), distill_argv(e))[1], "WORLD_SIZE")
+traceback_case("distill_world_size_2_without_a_launcher", lambda e: (_env(WORLD_SIZE="2"), distill_argv(e))[1],
+               "launcher")
+traceback_case("teacher_cache_rank_out_of_range",
+               lambda e: (_env(WORLD_SIZE="2", RANK="5", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+                          cache_argv(e, e.new("c")))[1], "RANK=5")
+traceback_case("sample_twostep_cache_is_a_file",
+               lambda e: (_env(TWOSTEP_CACHE=e["file"]), sample_argv(e["teacher"], e.new("g.png")))[1], "TWOSTEP_CACHE")
+traceback_case("eval_twostep_models_is_empty",
+               lambda e: (_env(TWOSTEP_MODELS=""), eval_argv(e, e["teacher"]))[1], "TWOSTEP_MODELS")
+
+
+@case("traceback", "nested too deeply", after=_nothing_complete)
+def distill_cache_manifest_200000_deep(e):
+    c = e.copy("cache")
+    (c / "manifest.json").write_text("[" * 200000 + "]" * 200000)
+    return distill_argv(e, None, c)
+
+
+@case("traceback", "2 columns are named 'text'", after=_nothing_complete)
+def sample_prompts_parquet_with_duplicate_columns(e):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    p = e.inp / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["c", "d"])], names=["text", "text"]), p)
+    return ["sample", "--model", e["teacher"], "--prompts", str(p), "--out", str(e.new("g.png"))]
+
+
+@case("traceback", "lone surrogate", after=_nothing_complete)
+def teacher_cache_prompts_jsonl_with_a_surrogate_escape(e):
+    p = _prompt_file(e, "p.jsonl", '{"text": "a red circle"}\n{"text": "bad \\ud800 escape"}\n')
+    return ["teacher", "cache", "--teacher", e["teacher"], "--prompts", str(p), "--num", "4", "--out",
+            str(e.new("c")), "--no-progress"]
+
+
+# ------------------------------------ 16. accepted-wrong (issue 28): inputs that were taken for something else
+
+def accepted(name, argv_fn, needle=None):
+    simple("accepted-wrong", name, argv_fn, needle, after=_nothing_complete)
+
+
+accepted("speed_student_is_a_teacher", lambda e: speed_argv(e, e["teacher"]), "not a student run")
+accepted("speed_student_is_another_teacher", lambda e: speed_argv(e, e["other_teacher"]), "not a student run")
+accepted("sample_device_empty", lambda e: sample_argv(e["teacher"], e.new("g.png"), "--device", ""), "--device")
+accepted("teacher_cache_device_blank", lambda e: cache_argv(e, e.new("c"), "--device", "  "), "--device")
+accepted("eval_extractor_empty", lambda e: ["eval", "--model", e["teacher"], "--data", "shapes", "--num", "10",
+                                            "--extractor=", "--no-progress"], "--extractor")
+accepted("eval_json_empty", lambda e: eval_argv(e, e["teacher"], "--json", ""), "--json")
+accepted("distill_dry_run_cache_is_a_file",
+         lambda e: ["distill", "--teacher", e["teacher"], "--cache", e["file"], "--dry-run", "--set", "disc.blocks=[0]"],
+         "not a teacher cache")
+accepted("distill_dry_run_cache_is_missing",
+         lambda e: ["distill", "--teacher", e["teacher"], "--cache", str(e.new("none")), "--dry-run", "--set",
+                    "disc.blocks=[0]"], "not a teacher cache")
+accepted("distill_dry_run_cache_empty",
+         lambda e: ["distill", "--teacher", e["teacher"], "--cache", "", "--dry-run", "--set", "disc.blocks=[0]"],
+         "--cache")
+
+
 # ------------------------------------------------------------------------------------------------ the runner
 
 def _on_alarm(signum, frame):
@@ -814,7 +1060,8 @@ def test_the_table_covers_every_subcommand_and_kind():
     assert len(names) >= 60 and len(set(names)) == len(names)
     kinds = {p.values[1] for p in CASES}
     assert kinds == {"destroys", "garbage", "numbers", "never-stops", "path-leaves", "after-work", "fake-resume",
-                     "config", "misc", "overwrites", "two-writers", "edited-config"}
+                     "config", "misc", "overwrites", "two-writers", "edited-config", "untrusted-bytes", "sizes",
+                     "traceback", "accepted-wrong"}
     text = " ".join(names)
     for cmd in ("teacher_train", "cache_", "tune_guidance", "distill", "dry_run", "resume", "sample", "eval",
                 "speed", "export", "metrics_train", "demo"):

@@ -104,7 +104,7 @@ def cmd_distill(a):
         est = None
         if a.gpu_memory is not None or cfg.method == "turbopp":
             est = memory.estimate(cfg, tcfg, world, caption_tokens=memory.cache_caption_tokens(a.cache)
-                                  if a.cache else None)
+                                  if a.cache is not None else None)
         if a.dry_run:
             print(dump_config(cfg), end="")
             n = memory.method_counts(cfg, tcfg)
@@ -590,18 +590,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .environment import check_argv, check_environment
+
     p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        check_argv(argv)  # undecodable bytes, lone surrogates: before argparse (twostep/environment.py)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     a = p.parse_args(argv)
+    try:
+        check_environment()  # WORLD_SIZE / RANK / TWOSTEP_*: said at once, on every process (it is not launched right)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _threads(a.threads)
     # lazy: after parsing, so --help and argument errors never import torch
     from .train.distributed import close_processes
     from .train.preempt import Preempted  # lazy, as above
+    from .io.files import cause  # lazy, as above
+
     ok = False
     try:
         rc = a.fn(a)
         ok = True
     except UserError as e:
         _error_line(f"error: {e}")
+        return 2
+    except (MemoryError, OSError) as e:  # classified by cause (out of memory, a full disk, a permission), or raised
+        if cause(e) is None:
+            raise
+        _error_line(f"error: {e.filename + ': ' if getattr(e, 'filename', None) else ''}{cause(e)}")
         return 2
     except Preempted as e:  # SIGTERM / SIGINT: checkpointed on every rank, unfinished (twostep/train/preempt.py)
         print(f"stopped: {e}", file=sys.stderr)

@@ -411,10 +411,42 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+YAML_DEPTH = 32  # nesting a config can have (sections, lists of lists); deeper is not a twostep config
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases and with a nesting limit: a config never needs `*name` (an alias bomb
+    expands to billions of values when shown or checked) nor 100 000 nested brackets (a RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a twostep config; "
+                                              "write the value out", self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            if self.depth > YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {YAML_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml(text: str):
+    """A config's YAML (a file's text or a --set value): safe, no aliases, at most YAML_DEPTH levels. Raises
+    yaml.YAMLError (or ValueError: an integer of too many digits for Python's int())."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # the scanner's own recursion on absurd input
+        raise yaml.YAMLError(f"nested deeper than {YAML_DEPTH} levels") from None
+
+
 def parse_value(text: str):
     """`--set` values are YAML scalars/lists: 0.75, true, [1, 2], fresh."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of too many digits for Python's int()
         raise UserError(f"--set value {shown(text)} is not valid YAML ({e.__class__.__name__}); quote it or fix it")
 
@@ -444,10 +476,15 @@ def read_sections(path: Path | None = None, sets: list[str] | None = None) -> di
         path = Path(path)
         if not path.exists():
             raise UserError(f"{path}: config file not found")
+        if not path.is_file():  # os.stat: a folder, a FIFO (which would block), a device
+            raise UserError(f"{path}: not a regular file; --config takes a YAML file")
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = load_yaml(path.read_text()) or {}
         except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of too many digits for Python's int()
             raise UserError(f"{path}: invalid YAML ({(str(e).splitlines() or [type(e).__name__])[0]}); fix the file")
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]}); save it "
+                            "as a UTF-8 YAML file") from None
         if not isinstance(d, dict):
             raise UserError(f"{path}: top level must be a mapping of sections (e.g. student, disc, train)")
     return apply_overrides(d, sets or [])

@@ -140,6 +140,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
     log = RunLog(out / "log.jsonl", records, acc.is_main_process,  # + train.log_with, loss_curves.png
                  Trackers(t.log_with, out, to_dict(cfg), acc.is_main_process), method.log_keys)
     skipped = in_a_row = rollbacks = 0  # rollbacks: at most train.max_nonfinite, then the run gives up (state.rollback)
+    applied = 0  # student updates applied (not skipped) by this process: none at all is not a trained student
     warned_chance = False
     stopped = None  # why the run stopped before train.updates (a time budget: the run is complete)
 
@@ -218,6 +219,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
                 continue
         else:
             in_a_row = 0
+            applied += 1
         update += 1
         faults.point("update")
         ema_update(ema, method.student, ema_decay(update, t.ema))
@@ -259,6 +261,10 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
     log.close()  # the final loss_curves.png; the tracker finishes
     if signalled and update == start:  # no update done by this process: nothing new to save
         raise Preempted(signalled, update, None)
+    if update > start and applied == 0:  # every update skipped: an untrained student is never marked complete
+        raise UserError(f"{out}: all {update - start} student updates were skipped (a non-finite loss or gradient "
+                        "each time): the student is untrained and the run stays unfinished; check the cache with "
+                        "`twostep distill --verify-cache` (NaN inputs) or lower the learning rates, then re-run")
     checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
     check_ranks_in_sync(acc, out, list(saved_modules(method, ema).values()))
     if tensors_sha256([teacher.backbone.state_dict()]) != teacher_hash:  # the teacher never changes
