@@ -26,7 +26,8 @@ UPDATES = 4
 SETTINGS = [f"train.updates={UPDATES}", "train.d_warmup=0", "train.batch_size=4", "train.log_every=1", "train.checkpoint_every=2",
             "train.keep_checkpoints=2", "train.grid_every=4", "train.grad_clip=0.05", "train.lr_student=1e-3",
             "student.decoupling=full", "loss.adv_weight=0.0", "loss.paired_weight=1.0", "loss.step1_loss=traj", BLOCKS_1]
-FSDP = ["train.fsdp=true", "train.grad_checkpointing=true"]
+FSDP = ["train.fsdp=true", "train.grad_checkpointing=true",
+        "train.checkpoint_format=files"]  # the gathered full-tensor layout (DCP, the default here: test_cluster.py)
 TOL = 1e-5
 
 

@@ -244,6 +244,10 @@ class TrainConfig:
                           "(export, sample and eval of the run take it; --weights last takes the last)")
     checkpoint_every: int = opt(250, "updates between checkpoints (0 = only the final one)", range=NON_NEGATIVE_INT)
     keep_checkpoints: int = opt(2, "complete checkpoints kept", range=COUNT)
+    checkpoint_format: str = choice("auto", ["auto", "files", "dcp"], "checkpoint layout: files = full tensors "
+                                    "(rank 0 gathers them under FSDP); dcp = torch.distributed.checkpoint shards, "
+                                    "each rank its own, resumable under any number of processes; auto = dcp when "
+                                    "several processes train, files for one (twostep/train/dcp.py)")
     max_nonfinite: int = opt(5, "non-finite losses in a row before rolling back to the last checkpoint "
                              "with half the learning rates", range=COUNT)
 

@@ -20,7 +20,6 @@ What defines it, and where it happens here:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +32,7 @@ from ..config import NON_NEGATIVE, SIGMA, Rule, opt
 from ..discriminator import Discriminator, accuracy, d_loss, g_loss
 from ..errors import UserError
 from ..text import get_encoder
+from ..student import _trainable_copy
 from .base import Method
 
 
@@ -57,7 +57,10 @@ class DMD2Critic(nn.Module):
 
     def __init__(self, teacher, d):
         super().__init__()
-        self.fake = copy.deepcopy(teacher).float().requires_grad_(True).train()  # fp32 master weights
+        # fp32 master weights; inside student.trainable_copies_on_meta (the training loop) on the meta device like
+        # the student's copies, filled from the teacher by the loop (under FSDP: each process only its shards,
+        # train.distributed.shard_critic)
+        self.fake = _trainable_copy(teacher)
         # Discriminator keeps its extractor unregistered; here the extractor is `self.fake` (registered above),
         # so state_dict/parameters hold the fake score once and the heads once.
         self.gan = Discriminator.from_config(self.fake, d)

@@ -47,6 +47,8 @@ def sync_grads(acc, params):
     if world_size(acc) == 1:
         return
     for p in params:
+        if is_dtensor(p):  # an FSDP shard: its gradient was reduce-scattered (averaged) in the backward
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         p.grad = acc.reduce(p.grad, reduction="mean")
@@ -162,14 +164,65 @@ def shard_student(acc, *students, mixed_precision: str = "no") -> int:
     return n
 
 
+def critic_copies(method) -> list:
+    """The critic's trainable copies of the teacher (ZImageBackbone modules of `method.critic`: DMD2's fake score),
+    built on the meta device like the student's (student.trainable_copies_on_meta)."""
+    from ..backbones.zimage import ZImageBackbone
+
+    c = getattr(method, "critic", None)
+    return [] if c is None else [m for m in c.modules() if isinstance(m, ZImageBackbone)
+                                 and m is not getattr(method, "teacher", None)
+                                 and any(p.requires_grad for p in m.parameters())]
+
+
+def shard_critic(acc, method, mixed_precision: str = "no") -> int:
+    """FSDP2 for a critic that holds copies of the teacher (critic_copies; none: the critic stays replicated, its
+    gradients all-reduced): each copy's blocks and transformer like the student's (shard_student), then every
+    other child of the critic with parameters (DMD2's GAN heads) as one unit, so all its parameters are DTensor
+    shards (one gradient norm, one optimizer over them). Returns the number of units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    copies = critic_copies(method)
+    if not copies:
+        return 0
+    mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    n = sum(_shard_backbone(bb, mesh, mp) for bb in copies)
+    for child in method.critic.children():
+        if child not in copies and any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+            n += 1
+    return n
+
+
+def _shard_backbone(bb, mesh, mp) -> int:
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+    from torch.distributed.fsdp import fully_shard
+
+    n = 0
+    for m in bb.transformer.modules():
+        if isinstance(m, ZImageTransformerBlock):
+            fully_shard(m, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+            n += 1
+    fully_shard(bb.transformer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    return n + 1
+
+
 def materialize(student, teacher, device) -> int:
     """Storage on `device` for the trainable transformers a student (or its EMA) holds on the meta device
     (student.trainable_copies_on_meta), filled with the frozen teacher's weights (a ZImageBackbone, read where it
     is, one tensor at a time). Sharded (after shard_student): each process allocates and fills only its own shards.
     Returns how many transformers were filled (0: nothing was on meta)."""
+    return materialize_backbones(student.transformers().values(), teacher, device)
+
+
+def materialize_backbones(backbones, teacher, device) -> int:
+    """materialize for any ZImageBackbone copies of the teacher (a student's, or critic_copies)."""
     sd = teacher.transformer.state_dict()
     n = 0
-    for bb in student.transformers().values():
+    for bb in backbones:
         if not any(p.device.type == "meta" for p in bb.parameters()):
             continue
         bb.to_empty(device=device)

@@ -26,10 +26,11 @@ from ..model import load_teacher, num_parameters
 from ..student import deepcopy_sharing_frozen, student_config, trainable_copies_on_meta
 from .batches import BatchSource, load_inputs, real_images
 from .best import keep_best
-from .distributed import (accelerator, all_ranks, check_ranks_in_sync, frozen_dtype, materialize, mean_over_ranks,
-                          rank_seed, shard_student, use_fsdp)
+from .distributed import (accelerator, all_ranks, check_ranks_in_sync, critic_copies, frozen_dtype, materialize,
+                          materialize_backbones, mean_over_ranks, rank_seed, shard_critic, shard_student, use_fsdp)
 from .state import (apply_resumed_hparams, check_run_folder, checkpoint, load_state, mark_run, optimizers,
                     resume_command, rollback, run_identity, saved_modules, start_run_folder)
+from .dcp import use_dcp
 from .preempt import Preempted, Stop
 from .steps import critic_step, enable_grad_checkpointing, lr_scale, split_batch, student_step
 from .viz import (Progress, QuickFD, RunLog, Trackers, at_chance, check_eval_features, check_tracker, eval_extractor,
@@ -52,8 +53,12 @@ def prepare_method(cfg: Config, teacher, device, acc=None, fsdp: bool = False):
         acc.print(f"FSDP2: student and EMA sharded over {acc.num_processes} processes ({units} units)" +
                   ("; parameters all-gathered in bf16, gradients reduced in fp32"
                    if cfg.train.mixed_precision == "bf16" else ""))
+        cu = shard_critic(acc, method, cfg.train.mixed_precision)  # DMD2's fake score: sharded like the student
+        if cu:
+            acc.print(f"FSDP2: the critic's copy of the teacher sharded too ({cu} units)")
     for m in (method.student, ema):
         materialize(m, teacher.backbone, device)
+    materialize_backbones(critic_copies(method), teacher.backbone, device)
     teacher.backbone.to(device=device, dtype=frozen_dtype(cfg, device))
     shared = {p.data_ptr() for p in teacher.backbone.parameters()}
     if any(p.data_ptr() not in shared for n, p in method.student.named_parameters()
@@ -95,6 +100,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
     REGISTRY[cfg.method].check_blocks(cfg, int(read_config(teacher_dir)["transformer"]["n_layers"]))  # as well
     acc = accelerator(cfg)
     fsdp = use_fsdp(acc, cfg)  # docs/sizing.md: what is and is not verified
+    sharded = use_dcp(cfg, acc.num_processes)  # checkpoints through torch.distributed.checkpoint (train/dcp.py)
     if t.batch_size % acc.num_processes:  # before anything is written (BatchSource would refuse it at update 1)
         raise UserError(f"train.batch_size={t.batch_size} is the global batch (of each micro-batch, with "
                         f"train.grad_accum) and must be divisible by the {acc.num_processes} processes")
@@ -138,7 +144,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
     bar = Progress(progress and acc.is_main_process, t, f"distill[{cfg.method}]", update, method.log_keys, acc.print)
     t_start = time.time()
     log = RunLog(out / "log.jsonl", records, acc.is_main_process,  # + train.log_with, loss_curves.png
-                 Trackers(t.log_with, out, to_dict(cfg), acc.is_main_process), method.log_keys)
+                 Trackers(t.log_with, out, to_dict(cfg), acc.is_main_process, resumed_at=update), method.log_keys)
     skipped = in_a_row = rollbacks = 0  # rollbacks: at most train.max_nonfinite, then the run gives up (state.rollback)
     applied = 0  # student updates applied (not skipped) by this process: none at all is not a trained student
     warned_chance = False
@@ -248,7 +254,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
             log.add(log_record(update, q))
         if t.checkpoint_every and update % t.checkpoint_every == 0 and update < t.updates:
             try:
-                checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
+                checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp, sharded)
             except NonFiniteWeights as e:  # nothing was saved: back to the newest checkpoint, like NaN losses
                 rollbacks += 1
                 update, log.records = rollback(acc, out, method, ema, opts, fsdp, f"NaN/inf weights in "
@@ -265,7 +271,7 @@ def _distill(cfg: Config, teacher_dir: Path, cache_dir: Path, out: Path, resume:
         raise UserError(f"{out}: all {update - start} student updates were skipped (a non-finite loss or gradient "
                         "each time): the student is untrained and the run stays unfinished; check the cache with "
                         "`twostep distill --verify-cache` (NaN inputs) or lower the learning rates, then re-run")
-    checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp)
+    checkpoint(acc, out, method, ema, opts, update, log.records, t.keep_checkpoints, scfg, fsdp, sharded)
     check_ranks_in_sync(acc, out, list(saved_modules(method, ema).values()))
     if tensors_sha256([teacher.backbone.state_dict()]) != teacher_hash:  # the teacher never changes
         raise RuntimeError("teacher weights changed during distillation: this is a bug in the method")

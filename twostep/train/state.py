@@ -1,8 +1,9 @@
 """What a run keeps between processes: the run folder (refusals, its config.yaml), the optimizers and their
 hyper-parameters on resume, checkpoints (write, load, roll back after non-finite updates) and the usable model.
 
-Checkpoints always hold full tensors, in the same format with or without FSDP (distributed.py gathers and
-shards them). Small checkpoints (meta.json "format": 2), each trainable tensor once:
+Checkpoints of one process hold full tensors (the files layout below); with several processes they are DCP shards
+by default (train.checkpoint_format; dcp.py: each rank writes its own, resumable under any process count). The
+files layout is the same with or without FSDP (distributed.py gathers and shards its tensors). Small checkpoints (meta.json "format": 2), each trainable tensor once:
     student.safetensors     the student's trainable tensors (lora: the adapters only; the frozen base is the
                             teacher, which meta.json's `frozen_base` names by its weights hash)
     ema/<stem>.safetensors  the EMA, in the run folder's model-file format (lora: adapters only); the run folder's
@@ -30,6 +31,7 @@ from ..io.folders import CONFIG, IDENTITY_KEYS, claim_output, progress, read_sta
 from ..methods import build_method
 from ..sampling import save_student
 from ..student import deepcopy_sharing_frozen
+from . import dcp, launched
 from .distributed import all_ranks, full_optim_state, full_state, load_module, optim_transform
 
 CKPT_FORMAT = 2  # meta.json "format" of the small checkpoints (module docstring)
@@ -116,9 +118,9 @@ def _recorded_config(out: Path) -> dict | None:
 
 
 def resume_command(teacher_dir: Path, cache_dir: Path, out: Path) -> str:
-    """The command that continues the run in `out` (status.json's `resume`)."""
-    return twostep_command("distill", "--teacher", teacher_dir, "--cache", cache_dir, "--config",
-                           Path(out) / "config.yaml", "--out", out, "--resume")
+    """The command that continues the run in `out` (status.json's `resume`), with its launcher and the flags a
+    resume keeps (train/launched.py)."""
+    return launched.resume_command(teacher_dir, cache_dir, out)
 
 
 def start_run_folder(acc, out: Path, cfg, identity: dict | None = None, resume: str | None = None,
@@ -128,6 +130,7 @@ def start_run_folder(acc, out: Path, cfg, identity: dict | None = None, resume: 
     and grids/."""
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
+        launched.record(out, acc.num_processes, resume, acc.print)  # launch.json: launcher, processes, flags
         c = to_dict(cfg)
         write_status(out, "student", identity, False, progress(update, cfg.train.updates), resume, config=c,
                      config_sha256=trained_sha256(c))
@@ -238,6 +241,8 @@ def load_state(ck: Path, method, ema, opts, fsdp: bool, base_sha256: str | None 
                             f"{base[:12]}…) that is not this run's teacher ({base_sha256[:12]}…, in its "
                             "train.frozen_dtype); resume with the run's --teacher and train.frozen_dtype")
         st = method.student
+        if dcp.is_dcp(ck):  # sharded (twostep/train/dcp.py): under any number of processes
+            return dcp.load(ck, method, ema, opts, mods)
         want = set(st.trainable_state(st.state_dict()))
         got = set(load_module(st, ck / "student.safetensors", fsdp, strict=False))
         got_ema = set()
@@ -251,7 +256,7 @@ def load_state(ck: Path, method, ema, opts, fsdp: bool, base_sha256: str | None 
         for name, m in mods.items():
             if name not in ("student", "ema"):
                 load_module(m, ck / f"{name}.safetensors", fsdp)
-    tfs = {"student": optim_transform(opts["student"])} if fsdp else None
+    tfs = {k: optim_transform(o) for k, o in opts.items()} if fsdp else None  # a sharded critic's too (DMD2)
     return read_checkpoint(ck, opts, tfs)
 
 
@@ -280,18 +285,33 @@ def rollback(acc, out: Path, method, ema, opts, fsdp: bool = False, reason: str 
     return meta["step"], meta.get("log", [])
 
 
-def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: int, scfg: dict, fsdp: bool = False):
+def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: int, scfg: dict, fsdp: bool = False,
+               sharded: bool = False):
     """Rank 0 writes a checkpoint and the run folder's model files, always full tensors (under FSDP every rank
     takes part in gathering them first), in the same format with or without FSDP (module docstring: each
     trainable tensor once; the run folder's model files linked to the checkpoint's EMA; a lora run's base by the
     hash `scfg["base_sha256"]`). Everything saved must be finite (student, EMA, critic: each state dict that is
-    written, io.files.nonfinite_parts); otherwise nothing is written and every rank raises NonFiniteWeights."""
+    written, io.files.nonfinite_parts); otherwise nothing is written and every rank raises NonFiniteWeights.
+    `sharded`: DCP instead (train.checkpoint_format, twostep/train/dcp.py): each rank writes its shards."""
     acc.wait_for_everyone()
+    if sharded:
+        mods = saved_modules(method, ema)
+        bad = dcp.nonfinite(method, ema, mods)
+        if not all_ranks(acc, not bad):
+            raise _nonfinite(out, update, bad)
+        st = method.student
+        stems = [s for s in ema.export_state() if s not in st.FROZEN_STEMS[st.decoupling]]
+        meta = {"step": update, "log": log,
+                **({"frozen_base": {"sha256": scfg["base_sha256"]}} if scfg.get("base_sha256") else {})}
+        ck = dcp.save(acc, out / "checkpoints", update, method, ema, opts, mods, meta, keep, stems)
+        if acc.is_main_process:  # the usable model: links to the checkpoint's consolidated EMA files
+            save_student(ema, {**scfg, "updates": update}, out, linked=ck / "ema")
+        return
     main = acc.is_main_process
     mods = saved_modules(method, ema)
     if fsdp:
         states = {k: full_state(m, main) for k, m in mods.items()}
-        opt_state = {**opts, "student": full_optim_state(opts["student"], main)}
+        opt_state = {k: full_optim_state(o, main) for k, o in opts.items()}  # a sharded critic's too (DMD2)
     elif main:
         states, opt_state = {k: m.state_dict() for k, m in mods.items()}, opts
     if main:
@@ -300,9 +320,7 @@ def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: 
                           {"ema": {f"{k}/{n}": t for k, sd in files.items() if k.startswith("ema/")
                                    for n, t in sd.items()}}) if main else []
     if not all_ranks(acc, not bad):  # every rank takes the same branch (no rank left waiting in a collective)
-        raise NonFiniteWeights(f"{out}: update {update}: NaN/inf weights in {', '.join(bad) or 'a module'}; not "
-                               "saved (the run stays unfinished): lower train.lr_student / train.lr_disc or check "
-                               "train.ema, then resume with --resume", bad)
+        raise _nonfinite(out, update, bad)
     if not main:
         return
     meta = {"step": update, "log": log, "format": CKPT_FORMAT,
@@ -310,6 +328,12 @@ def checkpoint(acc, out: Path, method, ema, opts, update: int, log: list, keep: 
     ck = write_checkpoint(out / "checkpoints", files, meta, keep=keep, optimizers=opt_state, metadata=file_meta)
     # the usable model: the EMA (linked to the checkpoint's files) + config
     save_student(ema, {**scfg, "updates": update}, out, state=states["ema"], linked=ck / "ema")
+
+
+def _nonfinite(out: Path, update: int, bad: list) -> NonFiniteWeights:
+    return NonFiniteWeights(f"{out}: update {update}: NaN/inf weights in {', '.join(bad) or 'a module'}; not "
+                            "saved (the run stays unfinished): lower train.lr_student / train.lr_disc or check "
+                            "train.ema, then resume with --resume", bad)
 
 
 def checkpoint_bytes(cfg, transformer_config: dict | None = None) -> dict[str, int]:

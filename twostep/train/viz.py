@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..io.files import atomic_write_text
 from ..images import fit_pixels, grid, save_png
 from ..metrics.extractors import load_extractor
 from ..metrics.fd import FeatureStats
@@ -81,6 +82,8 @@ class RunLog:
     def __init__(self, path: Path, records: list[dict], write: bool, trackers: Trackers | None = None,
                  curve_keys=()):
         self.records = records
+        if write:  # the file holds exactly `records` (a resume: the checkpoint's), never lines past them twice
+            atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
         self.file = open(path, "a") if write else None
         self.trackers = trackers
         self.curve_keys, self.curves_path = tuple(curve_keys), Path(path).with_name("loss_curves.png")
@@ -149,7 +152,9 @@ class Trackers:
     name, files under `out/wandb/` (WANDB_MODE and the other WANDB_* variables apply; a resumed run is a new W&B
     run of the same name)."""
 
-    def __init__(self, kind: str, out: Path, config: dict, enabled: bool = True):
+    def __init__(self, kind: str, out: Path, config: dict, enabled: bool = True, resumed_at: int = 0):
+        """resumed_at: the checkpoint's update on a resume; tensorboard hides the earlier run's events past it
+        (SummaryWriter's purge_step), so no update shows twice."""
         self.kind, self.tracker = kind, None
         if kind == "none" or not enabled:
             return
@@ -158,7 +163,8 @@ class Trackers:
 
         out = Path(out)
         if kind == "tensorboard":
-            self.tracker = TensorBoardTracker("", os.fspath(out / "tensorboard"))
+            self.tracker = TensorBoardTracker("", os.fspath(out / "tensorboard"),
+                                              **({"purge_step": resumed_at + 1} if resumed_at else {}))
         else:
             self.tracker = WandBTracker("twostep", name=out.name, dir=os.fspath(out))
         self.tracker.start()
