@@ -252,7 +252,7 @@ def load_state(ck: Path, method, ema, opts, fsdp: bool, base_sha256: str | None 
             if have != want:
                 raise UserError(f"{ck / what}: holds {len(have & want)} of the {len(want)} trainable tensors of "
                                 "this run's student; the checkpoint is incomplete or of another configuration "
-                                "(resume with the run's config.yaml, or remove this checkpoint)")
+                                "(resume with the settings its status.json records, or remove this checkpoint)")
         for name, m in mods.items():
             if name not in ("student", "ema"):
                 load_module(m, ck / f"{name}.safetensors", fsdp)

@@ -297,8 +297,8 @@ def training_rows(num_rows: int, train, prev: dict | None = None) -> int:
         was, now = (p.get("eval_num", 64) if p.get("eval_every") else 0), (train.eval_num if train.eval_every else 0)
         if was != now:
             raise UserError(f"--resume: the run held out {was} cache rows for train.eval_every (now {now}); "
-                            "resume with its train.eval_every on/off and train.eval_num (its config.yaml), or "
-                            "start a new --out")
+                            "resume with its train.eval_every on/off and train.eval_num (as its status.json "
+                            "records them), or start a new --out")
     if not train.eval_every:
         return num_rows
     if train.eval_num > num_rows // 2:
