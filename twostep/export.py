@@ -178,6 +178,12 @@ def resolve_dtype(dtype: str, cfg: dict) -> str:
     return dtype
 
 
+def _read_dtype(dt: str) -> torch.dtype | None:
+    """The dtype a student is read in for an export in `dt`: bf16 as bf16 (never an fp32 copy of the model); fp32
+    as stored into fp32 modules (the path that made every fp32 export so far)."""
+    return None if dt == "fp32" else DTYPES[dt]
+
+
 def _cast(pipe, dtype: str):
     """The pipeline's transformers in `dtype`; weights that do not fit (inf/NaN after the cast) are a UserError."""
     from diffusers.utils import logging as dlog
@@ -265,7 +271,7 @@ def export_student(run, out, merge: bool = False, dtype: str = "auto", format: s
     side = _caption_side(cfg)
     # read in the export dtype (a bf16 base never upcast, a full student never held in fp32 whole); a lora
     # student's small adapters as saved, so that --merge adds them in fp32 (merged_state_dict)
-    gen = load_student_generator(run, DTYPES[dt], weights=weights, adapters_as_stored=True)
+    gen = load_student_generator(run, _read_dtype(dt), weights=weights, adapters_as_stored=True)
     if fmt == "stock":
         pipe = build_stock_pipeline(gen.student, side)
     else:
@@ -309,7 +315,7 @@ def _replace(out: Path, partial: Path) -> None:
 def _export_comfyui(run: Path, out: Path, cfg: dict, merge: bool, dt: str, weights: str = "best") -> Path:
     """`--format comfyui`: ComfyUI-layout weights (or LoRA files) and the 2-step workflow (twostep/export_comfyui.py),
     written as OUT.partial and renamed when complete, like the diffusers formats."""
-    gen = load_student_generator(run, DTYPES[dt], weights=weights, adapters_as_stored=True)  # as the other formats
+    gen = load_student_generator(run, _read_dtype(dt), weights=weights, adapters_as_stored=True)  # as the others
     partial = _partial(out)
     if partial.exists():  # left by an interrupted export (checked in _check_out)
         shutil.rmtree(partial)

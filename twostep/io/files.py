@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -165,12 +168,68 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def sha256_files(paths) -> str:
-    """One sha256 over a set of files: each file's name and sha256, in the order given."""
+def sha256_files(paths, cached: bool = False) -> str:
+    """One sha256 over a set of files: each file's name and sha256, in the order given (`cached`: each file's
+    through weights_sha256, for large weight files that do not change)."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(f"{Path(p).name}:{sha256_file(p)}\n".encode())
+        h.update(f"{Path(p).name}:{weights_sha256(p) if cached else sha256_file(p)}\n".encode())
     return h.hexdigest()
+
+
+# -- identity without re-reading 12 GB: a weights file's sha256, computed once ------------------------------------
+
+HASH_RECORD = "weights_sha256.json"   # under $TWOSTEP_CACHE (default ~/.cache/twostep)
+_VERIFY_HASHES: ContextVar[bool] = ContextVar("twostep_verify_hashes", default=False)
+
+
+def hash_record_path() -> Path:
+    return Path(os.environ.get("TWOSTEP_CACHE", Path.home() / ".cache" / "twostep")) / HASH_RECORD
+
+
+@contextmanager
+def verify_hashes(on: bool = True):
+    """Inside, weights_sha256 reads every file again and corrects the record (`--verify`, `--verify-cache`)."""
+    token = _VERIFY_HASHES.set(bool(on) or _VERIFY_HASHES.get())
+    try:
+        yield
+    finally:
+        _VERIFY_HASHES.reset(token)
+
+
+def _hash_key(path: Path) -> tuple[str, dict]:
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def weights_sha256(path) -> str:
+    """sha256 of a weights file (sha256_file's value), read once: kept in a small record ($TWOSTEP_CACHE/
+    weights_sha256.json) keyed by the file's resolved path, size and mtime, and reused while all three are
+    unchanged, so a 12 GB teacher is not re-read by every cache, distill and eval on every process. Under
+    verify_hashes() the file is read again and a record that disagrees is replaced. An unreadable or unwritable
+    record only costs the reuse."""
+    path = Path(path)
+    key, stamp = _hash_key(path)
+    rec_path = hash_record_path()
+    try:
+        record = json.loads(rec_path.read_text())
+        record = record if isinstance(record, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        record = {}
+    old = record.get(key)
+    if not _VERIFY_HASHES.get() and isinstance(old, dict) and {k: old.get(k) for k in stamp} == stamp \
+            and isinstance(old.get("sha256"), str):
+        return old["sha256"]
+    digest = sha256_file(path)
+    if _hash_key(path)[1] == stamp:   # not rewritten while it was read
+        record = {k: v for k, v in record.items() if os.path.exists(k)}   # files gone: their entries too
+        record[key] = {**stamp, "sha256": digest}
+        try:
+            rec_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(rec_path, json.dumps(record, indent=0, sort_keys=True))
+        except (OSError, UserError):   # a read-only or full cache folder, another process's rename in between
+            pass
+    return digest
 
 
 def tensors_sha256(state_dicts) -> str:

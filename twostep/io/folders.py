@@ -44,7 +44,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from .files import atomic_save_tensors, atomic_write_text, sha256_file, unreadable
+from .files import atomic_save_tensors, atomic_write_text, unreadable, weights_sha256
 from .pipeline_format import is_pipeline_folder, pipeline_config, save_sidecar, transformer_weights_sha256
 
 CONFIG = "config.json"
@@ -112,7 +112,7 @@ def teacher_identity(folder: Path, config: dict | None = None) -> dict:
         raise UserError(f"{w}: missing; the teacher folder is incomplete (train it again or copy the whole folder)")
     if "transformer" not in cfg:
         raise UserError(f"{folder / CONFIG}: has no 'transformer' section; not a twostep teacher folder")
-    return {"weights_sha256": sha256_file(w), "transformer": cfg["transformer"],
+    return {"weights_sha256": weights_sha256(w), "transformer": cfg["transformer"],
             "resolution": cfg.get("resolution"), "text_encoder": cfg.get("text_encoder"),
             "sampling": cfg.get("sampling"), **{k: cfg[k] for k in SIZE_IDENTITY if k in cfg}}
 

@@ -105,8 +105,9 @@ def check_pipeline_folder(folder: Path, weights: bool = True) -> dict:
 
 
 def transformer_weights_sha256(folder: Path) -> str:
-    """One sha256 over the transformer's weight files (name + content, sorted by name)."""
-    return sha256_files(weight_files(Path(folder) / "transformer"))
+    """One sha256 over the transformer's weight files (name + content, sorted by name); each file's hash is read
+    once and reused while its size and mtime stay (io.files.weights_sha256)."""
+    return sha256_files(weight_files(Path(folder) / "transformer"), cached=True)
 
 
 def _init_kwargs(cfg: dict) -> dict:

@@ -76,7 +76,8 @@ from ..config import COUNT, SEED
 from ..data import get_captions, prompt_file_identity, repeat_prompts, shapes
 from ..data.prompts import describe_draw, draw_prompts
 from ..errors import UserError
-from ..io.files import atomic_write_bytes, atomic_write_text, cause, nonfinite_parts, one_line, sha256_file, sha256_text
+from ..io.files import (atomic_write_bytes, atomic_write_text, cause, nonfinite_parts, one_line, sha256_file,
+                        sha256_text, verify_hashes)
 from ..io.lock import holds_lock
 from ..io.folders import CACHE_FORMAT, claim_output, identity_diff, path_inside, teacher_identity, twostep_command
 from ..model import COMPUTE_DTYPES, compute_dtype, dtype_name, load_teacher, place_weights
@@ -412,8 +413,10 @@ def build_cache(teacher_folder: Path, data: str | None = None, num: int | None =
         if procs.rank == 0:
             print(describe_draw(draw), flush=True)
     cdtype = compute_dtype(dtype, dev)
-    teacher = load_teacher(teacher_folder, cdtype)  # read in the compute dtype: no fp32 copy of a bf16 teacher
-    ident = teacher_identity(teacher_folder, teacher.config)
+    # read in the compute dtype (no fp32 copy of a bf16 teacher); fp32 as always (bitwise the caches built before)
+    teacher = load_teacher(teacher_folder, None if cdtype == torch.float32 else cdtype)
+    with verify_hashes(verify):  # the weights' hash is reused (io.files.weights_sha256); --verify reads them again
+        ident = teacher_identity(teacher_folder, teacher.config)
     pipeline = bool(teacher.config.get("pipeline"))
     store = store_dtype if store_dtype != "auto" else ("bf16" if pipeline else "fp32")
     sdtype = STORE_DTYPES[store]
@@ -840,7 +843,8 @@ def load_cache(folder: Path, expect_teacher: Path | None = None, verify: bool = 
         raise UserError(f"{folder}: incomplete teacher cache ({len(entries)} of {n_shards} shards); {hint} "
                         "to finish it")
     if expect_teacher is not None:
-        ident = teacher_identity(expect_teacher)
+        with verify_hashes(verify):  # --verify-cache reads the teacher's weights again too
+            ident = teacher_identity(expect_teacher)
         diff = identity_diff(m.get("teacher", {}), ident)
         if diff:
             raise UserError(f"{folder}: built for a different teacher than {expect_teacher} (differs in: "
