@@ -71,7 +71,9 @@ def test_contents_match_teacher(built):
     # the noise is regenerable shard by shard
     assert torch.equal(cache.noise[4:8], teacher.noise(4, C.shard_noise_seed(0, 1)))
     # final and every state equal (bitwise: fp32 on the CPU) a fresh teacher.sample from the same noise and prompt
-    idx = [1, 5, 9]
+    # (the rows of one of the builder's batches, in its order: CPU kernels may round differently for another
+    # batch composition, e.g. on AMD EPYC, so bitwise equality is asked of the same batch)
+    idx = [4, 5, 6]
     r = teacher.sample([cache.text[i] for i in idx], cache.noise[idx], return_trajectory=True)
     assert torch.equal(cache.final[idx], r.x0)
     for i, s in enumerate(cache.sigmas.tolist()):
