@@ -270,6 +270,7 @@ RESUMABLE = frozenset({
     "train.betas", "train.weight_decay", "train.weight_decay_disc",            # applied to the resumed optimizers
     "train.log_every", "train.grid_every", "train.log_with", "train.validation_prompts",  # reporting
     "train.eval_every", "train.eval_num", "train.eval_features",               # quick FD (held-out rows: viz.training_rows)
+    "train.keep_best",                                                         # which EMA is kept, not the updates
     "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite",  # saving and rollbacks
     "train.grad_checkpointing", "train.fsdp",                                  # memory, not the updates
 })
