@@ -45,6 +45,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -480,6 +481,10 @@ def _run(gen, ex, dev, dtype, captions, labels, ds, seed, num, ref, slices, wdir
     keep_images = _images_fit(num, img_shape)   # SWD needs the whole sets
     need_tref = tdir is not None
     tstore = _teacher_store(tid, captions, seed, slices[0].stop, dev, dtype) if need_tref else None
+    if progress and tstore is not None and not tstore.folder.exists():  # never a silent GB under ~/.cache
+        mb = num * 4 * gen.noise(1, 0).numel() / 2 ** 20   # fp32 samples of the generator's shape
+        print(f"eval: the teacher's samples (PSNR reference) are kept in {tstore.folder} (~{mb:,.0f} MiB; reused "
+              "by every eval of these prompts and noise; delete the folder to free the space)", file=sys.stderr)
     place_text(gen, dev, dtype)  # every text chunk from the encoder where and as the model runs it (CUDA / bf16)
     # a set that fits SWD_MAX_BYTES keeps its images and is embedded (and read for alignment) as one set at the
     # end, in the extractor's own batches from image 0: the bytes of the in-memory protocol whatever batch_size;
