@@ -518,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     spd.set_defaults(fn=cmd_speed)
 
     sp = sub.add_parser("sample", help="sample a teacher or student model to a PNG grid",
-                        description="One row per --prompt, --num images per row (seeds seed, seed+1, ...). "
+                        description="One row per prompt, --num images per row. Seeds: row j (counting from 0) "
+                        f"draws its --num noises in one batch from a generator seeded --seed + {static('report', 'PROMPT_SEED_STRIDE')}·j "
+                        "(so a row's images do not depend on the other rows); with --eval-prompts, eval's own noise "
+                        "instead (column 0 = the noise `twostep eval --seed` gives that prompt). "
                         "A teacher samples with its default steps/guidance unless --steps/--guidance are given; "
                         "a student run knows its own step count and σ grid.")
     sp.add_argument("--model", required=True, help="teacher folder, ZImagePipeline folder or student run folder")
@@ -543,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=SEED.arg(), default=default("report:prompt_grid", "seed"))
     sp.add_argument("--num", "--seeds-per-prompt", dest="num", type=COUNT.arg(),
                     default=default("report:prompt_grid", "per_prompt"),
-                    help="images per prompt, one noise seed each (--seeds-per-prompt is the same flag)")
+                    help="images per prompt (columns; --seeds-per-prompt is the same flag)")
     sp.add_argument("--scale", type=UPSCALE.arg(), default=default("report:prompt_grid", "scale"),
                     help="nearest-neighbour upscale of the grid PNG, for images under 256 px only (larger ones are "
                     "never upscaled, so a 1024² grid stays readable)")
