@@ -593,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .environment import check_argv, check_environment
+    from .environment import check_argv, check_environment  # lazy, as every import here: --help stays free of torch
 
     p = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)

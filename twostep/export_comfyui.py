@@ -270,10 +270,10 @@ def write(student, cfg: dict, partial: Path, out: Path, merge: bool, dtype: torc
     export marker."""
     from safetensors.torch import save_file
 
-    from .io.files import all_finite
-    from .model import image_hw
-    from .pipeline import base_state_dict, merged_state_dict
-    from .student import STEP_NAMES
+    from .io.files import all_finite  # lazy: torch-heavy, only when a ComfyUI export runs
+    from .model import image_hw  # lazy: torch-heavy, only when a ComfyUI export runs
+    from .pipeline import base_state_dict, merged_state_dict  # lazy: torch-heavy, only when a ComfyUI export runs
+    from .student import STEP_NAMES  # lazy: torch-heavy, only when a ComfyUI export runs
 
     stem, d = _stem(out), student.decoupling
     transformers = [bb.transformer for bb in student.transformers().values()]

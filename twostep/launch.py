@@ -32,7 +32,7 @@ def launch(processes: int, command: list[str]) -> int:
         raise UserError("twostep launch: give the command to run, e.g. twostep launch --processes 8 teacher cache ...")
     if command[0] == "launch":
         raise UserError("twostep launch: the command cannot be another launch")
-    from .cli import build_parser
+    from .cli import build_parser  # lazy: the parser only checks COMMAND
 
     build_parser().parse_args(command)  # a bad flag: argparse's message once, here, exit 2 (not once per process)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -118,7 +118,7 @@ class MiniLMEncoder:
     def _load_disk(self, prompts: list[str]):
         from safetensors import safe_open
 
-        from .io.files import cause
+        from .io.files import cause  # lazy, like safetensors above: only when the disk cache is used
 
         if not self.cache_dir.is_dir():
             if self.cache_dir.exists():
@@ -147,7 +147,7 @@ class MiniLMEncoder:
     def _save_disk(self, new: dict[str, torch.Tensor]):
         from safetensors.torch import save_file
 
-        from .io.files import unwritable
+        from .io.files import unwritable  # lazy, like safetensors above: only when the disk cache is used
 
         name = hashlib.sha1("".join(sorted(new)).encode()).hexdigest()[:16]
         tmp = self.cache_dir / f"{name}.safetensors.tmp"

@@ -33,6 +33,7 @@ from .. import faults
 from ..errors import UserError
 from ..io.checkpoints import link_file, rng_state, set_rng_state
 from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
+from .distributed import is_dtensor
 
 FORMAT = 3  # meta.json "format" of a DCP checkpoint
 FILE_BYTES = 1 << 30  # the tensors of one shard-file index, in all ranks together (each rank writes ≈ 1/W of it)
@@ -57,8 +58,6 @@ def is_dcp(ck: Path) -> bool:
 
 
 def _local(t):
-    from .distributed import is_dtensor
-
     return t.to_local() if is_dtensor(t) else t
 
 
@@ -324,8 +323,8 @@ def host_peaks(cfg, world: int, transformer_config: dict | None = None) -> dict[
         part of at most FILE_BYTES, plus a copy of shards that are views; rank 0 then assembles the EMA's files
         (read_full: 256 MiB at a time, or the largest tensor);
       dcp, load: each rank reads the slices its shards need, one shard file tensor at a time."""
-    from ..backbones.zimage import ZImageBackbone
-    from .state import checkpoint_bytes
+    from ..backbones.zimage import ZImageBackbone  # lazy: only the size estimate builds a model
+    from .state import checkpoint_bytes  # lazy: state imports dcp (a cycle at the top)
 
     b = checkpoint_bytes(cfg, transformer_config)
     total = sum(v for k, v in b.items() if k not in ("total", "run_folder_once", "previous_layout_total"))

@@ -167,7 +167,7 @@ def shard_student(acc, *students, mixed_precision: str = "no") -> int:
 def critic_copies(method) -> list:
     """The critic's trainable copies of the teacher (ZImageBackbone modules of `method.critic`: DMD2's fake score),
     built on the meta device like the student's (student.trainable_copies_on_meta)."""
-    from ..backbones.zimage import ZImageBackbone
+    from ..backbones.zimage import ZImageBackbone  # lazy: the backbone is needed only with a critic copy
 
     c = getattr(method, "critic", None)
     return [] if c is None else [m for m in c.modules() if isinstance(m, ZImageBackbone)

@@ -342,8 +342,8 @@ def host_and_disk(cfg, teacher_config: dict, world_size: int = 1, device: str = 
     checkpoints, 2+ processes, each holds its 1/N). Disk: train.keep_checkpoints checkpoints plus what the run
     folder adds once (a lora student's frozen base); the run folder's model files are hard links into the newest
     checkpoint, and a train.keep_best best/ folder adds one EMA (counted)."""
-    from .dcp import use_dcp
-    from .state import checkpoint_bytes
+    from .dcp import use_dcp  # lazy: the estimate alone needs no training state
+    from .state import checkpoint_bytes  # lazy: the estimate alone needs no training state
 
     t = cfg.train
     n = max(1, int(world_size))
