@@ -134,7 +134,10 @@ def test_gpu_memory_refuses_a_run_before_any_work(tmp_path, capsys):
     folder = _pipeline_folder_of_configs(tmp_path / "Z-Image-Turbo")
     out = tmp_path / "run"
     rc = main(["distill", "--teacher", str(folder), "--cache", str(tmp_path / "no-cache"), "--out", str(out),
-               "--gpu-memory", "80"])
+               "--gpu-memory", "80"])  # the estimate reads the cache's caption lengths: a missing cache is named
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--cache" in err and "not a teacher cache" in err and not out.exists()
+    rc = main(["distill", "--dry-run", "--teacher", str(folder), "--gpu-memory", "80"])
     assert rc == 2 and "does not fit --gpu-memory 80" in capsys.readouterr().err and not out.exists()
     rc = main(["distill", "--teacher", str(folder), "--out", str(out)])
     assert rc == 2 and "distill needs --cache CACHE and --out RUN" in capsys.readouterr().err
