@@ -44,7 +44,9 @@ def test_grad_accum_is_the_update_of_one_big_batch(tiny_loop):
     for f in ("step1.safetensors", "step2.safetensors"):
         a, b = load_file(str(big / f)), load_file(str(acc / f))
         assert max((a[k] - t0[k]).abs().max().item() for k in a) > 1e-3  # trained: the comparison is not vacuous
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, f
+        # float rounding only (summation order differs; AdamW's normalised step can scale it up): 4.3e-6 on an
+        # AMD EPYC, under 1e-6 on the machine that first recorded it; the updates move weights by > 1e-3 (above)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-5, f
     la, lb = ([json.loads(x) for x in (r / "log.jsonl").read_text().splitlines()] for r in (big, acc))
     for ra, rb in zip(la, lb):  # the logged losses: the mean over the micro-batches is the big batch's mean
         for k in ("step1", "paired", "mse_vs_teacher"):
