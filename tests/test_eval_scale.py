@@ -184,7 +184,8 @@ def test_prompt_file_latent_pipeline_extractor_clip_images(tmp_path, capsys):
 ])
 def test_eval_flags_bad_input(tmp_path, capsys, change, msg):
     teacher = make_tiny_teacher(tmp_path / "t")
-    (tmp_path / "p.txt").write_text("a red circle\n")
+    # enough prompts for a held-out split that covers --num 10 (the split check would speak first otherwise)
+    (tmp_path / "p.txt").write_text("".join(f"a red circle number {i}\n" for i in range(1000)))
     subs = {"P": str(tmp_path / "p.txt"), "F": str(ROOT / "models" / "features-shapes"), "T": str(teacher)}
     args = {"--model": str(teacher), "--data": "shapes", "--num": "10", **change}
     argv = ["eval", "--no-progress"]
