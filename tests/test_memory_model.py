@@ -169,7 +169,8 @@ def test_dry_run_from_the_config_files_alone(tmp_path, capsys):
     rc = main(["distill", "--teacher", str(folder), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no weight files (*.safetensors)" in err[0] and ".bin" not in err[0], err
-    (folder / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    for d in (p for p in folder.iterdir() if p.is_dir()):  # every component holds only a .bin (pickle) file
+        (d / "pytorch_model.bin").write_bytes(b"")
     rc = main(["distill", "--teacher", str(folder), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
     assert rc == 2 and "only .bin (pickle) files" in capsys.readouterr().err
 

@@ -137,7 +137,7 @@ def test_path_inside():
 
 def test_atomic_write_leaves_no_tmp_on_failure(tmp_path):
     (tmp_path / "d").mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="Is a directory"):  # io.files.unwritable: the cause, in one line
         atomic_write_text(tmp_path / "d", "x")  # a folder where the file should go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 

@@ -126,11 +126,12 @@ def test_eval_reads_in_its_dtype_and_fp32_is_the_record_of_before(folders, tmp_p
     assert _same(_record(load_generator(folders["full"], dtype=torch.float32)), _record(load_generator(folders["full"])))
     seen = []
 
-    def stop(folder, steps=None, guidance=None, dtype=None):
+    def stop(folder, steps=None, guidance=None, dtype=None, weights="best"):
         seen.append(dtype)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_generator", stop)
+    import twostep.sampling
+    monkeypatch.setattr(twostep.sampling, "load_generator", stop)  # the commands import it when they run
     for dt, want in (("auto", torch.float32), ("bf16", torch.bfloat16)):
         assert _run(["eval", "--model", folders["full"], "--data", "shapes", "--num", "10", "--device", "cpu",
                      "--dtype", dt], capsys)[0] == 130

@@ -159,6 +159,7 @@ def check_stamps(folder: Path, stems, config: dict):
 
 STATUS = "status.json"
 LOCK_FILE = ".twostep.lock"  # one writer per folder (twostep.io.lock); never counted as a folder's content
+PROBE_PREFIX = ".twostep-probe-"  # _can_create_in's temporary file: several ranks probe one --out at once
 STATUS_FORMAT = "twostep-status"
 CACHE_FORMAT = "twostep-teacher-cache"   # a teacher cache's manifest.json (twostep.teacher.cache) is its status
 FEATURES_FORMAT = "twostep-features-v1"  # config.json of a feature net (twostep.metrics.features)
@@ -241,7 +242,8 @@ def inspect_folder(folder: Path) -> FolderState:
         return FolderState(p, None)
     if not p.is_dir():
         return FolderState(p, "file")
-    names = sorted(x.name for x in p.iterdir() if x.name != LOCK_FILE)  # a writer's lock file is no content
+    # a writer's lock file and another process's free-space probe (_can_create_in) are no content
+    names = sorted(x.name for x in p.iterdir() if x.name != LOCK_FILE and not x.name.startswith(PROBE_PREFIX))
     if not names:
         return FolderState(p, None)
     s = read_status(p)
@@ -294,7 +296,7 @@ def _resolved(p) -> Path:
 def _can_create_in(folder: Path) -> bool:
     """True when a file can really be created in `folder` (os.access says yes to root, also on /proc)."""
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".twostep-probe-"):
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=PROBE_PREFIX):
             return True
     except OSError:
         return False
