@@ -166,6 +166,8 @@ def test_documented_commands_run_as_printed(tmp_path, monkeypatch, capsys):
     ran, times = [], []
 
     def inproc(argv, what):
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(True)  # a fresh process as printed: no Accelerator left by earlier tests
         monkeypatch.setattr(sys, "argv", ["twostep", *argv])
         try:
             rc = main(argv)
