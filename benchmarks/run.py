@@ -99,6 +99,10 @@ VARIANTS = {
     "lead-ema-0.999": (None, ["train.ema=0.999"]),
     "lead-lr-half-life-1000": (None, ["train.lr_half_life=1000"]),
     "lead-disc-sigma-0": (None, ["disc.sigma_mean=0.0"]),           # the critic judges at higher noise too
+    # a Diffusion2GAN-strength sample anchor: paired regression of x̂0₂ in the critic's frozen teacher features
+    "lead-paired-perceptual": (None, ["loss.paired_weight=1.0", "loss.paired_distance=perceptual"]),
+    # the two leads that passed the shapes screen, together (docs/default_rule.md, "Combination")
+    "lead-mismatch-sigma-0": (None, ["disc.mismatch_weight=1.0", "disc.sigma_mean=0.0"]),
     "ladd": ("configs/ladd.yaml", []),
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),
