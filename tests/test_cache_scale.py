@@ -96,8 +96,11 @@ def test_lean_pipeline_cache(pipe, tmp_path):
     noise = torch.cat([teacher.noise(1, C.sample_noise_seed(0, i)) for i in range(3)])
     rows = cache.rows([0, 1, 2], ("noise", "final", 0.75))
     assert torch.equal(rows["noise"], noise)
-    r = teacher.sample(teacher.encode(cache.captions), noise, return_trajectory=True)
-    assert torch.equal(rows["final"], r.x0.bfloat16().float()) and torch.equal(rows[0.75], r.trajectory[2].bfloat16().float())
+    text = teacher.encode(cache.captions)
+    for idx in ([0, 1], [2]):  # the builder's batches (one per shard here): CPU kernels may round by batch size
+        r = teacher.sample([text[i] for i in idx], noise[idx], return_trajectory=True)
+        assert torch.equal(rows["final"][idx], r.x0.bfloat16().float())
+        assert torch.equal(rows[0.75][idx], r.trajectory[2].bfloat16().float())
     for got, want in zip(cache.text_rows([0, 1, 2]), teacher.encode(cache.captions)):
         assert got.dtype == torch.float32 and torch.equal(got, want.bfloat16().float())
     with pytest.raises(ValueError, match="not stored"):

@@ -6,7 +6,7 @@ One story, three 2-process launches (the slow part):
   one_dcp   1 process, DCP layout: the same bytes as `one` (model, checkpoint), and `export` gives the same pipeline
   nodes     one_dcp's update-2 checkpoint (1 process) resumed by 2 "nodes" × 1 process (torchrun --nnodes 2, c10d
             rendezvous on localhost) to 8: a 1 → 2 reshard; ≈ `one` (1 vs 2 processes: float rounding, TOL)
-  pre       nodes' update-4 checkpoint resumed as 1 node × 2 processes, SIGTERMed (to torchrun, as a scheduler does)
+  pre       nodes' update-4 checkpoint resumed as 1 node × 2 processes, SIGTERMed (to its `twostep launch`, as a scheduler does)
             after 1-2 updates (a seeded random draw, TWOSTEP_KILL_SEED): a checkpoint of the update it stopped at, status unfinished; then
             status.json's `resume` run verbatim (a shell) ends bit-identical to `nodes`, no update lost or repeated
   down      nodes' update-4 checkpoint (2 processes) resumed in 1 process: the same bytes (student, EMA, AdamW
@@ -119,16 +119,18 @@ def runs(tmp_path_factory):
     pre = _copy_checkpoint(nodes, 4, root / "pre")
     rng = random.Random(int(os.environ.get("TWOSTEP_KILL_SEED", "0")))
     want = 4 + rng.randint(1, 2)  # log.jsonl starts with the checkpoint's 4 records
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-                         + _args(teacher, cache, pre, True), env=_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    a = _args(teacher, cache, pre, True)  # the README's launcher: twostep launch
+    k = a.index("distill")
+    p = subprocess.Popen([sys.executable, *a[:k], "launch", "--processes", "2", *a[k:]], env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = lambda: len(_updates(pre)) if (pre / "log.jsonl").exists() else 0  # noqa: E731
     t1 = time.time()
     while p.poll() is None and lines() < want and time.time() - t1 < 240:
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.3))
-    p.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to its workers
+    p.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to its workers
     stopped = p.communicate(timeout=300)[0]
+    stopped_rc = p.returncode
     status = json.loads((pre / "status.json").read_text())
     # status.json's resume command, run verbatim
     r = subprocess.run(status["resume"], shell=True, env=_env(), capture_output=True, text=True, timeout=300)
@@ -143,7 +145,7 @@ def runs(tmp_path_factory):
                          "optim_student.safetensors")}
     distill(load_config(None, SETTINGS), teacher, cache, down, resume=True, progress=False)
     return dict(root=root, teacher=teacher, one=one, one_dcp=one_dcp, nodes=nodes, nodes_out=outs, pre=pre,
-                stopped=stopped, status=status, resumed=r.stdout + r.stderr, down=down, resaved=resaved,
+                stopped=stopped, stopped_rc=stopped_rc, status=status, resumed=r.stdout + r.stderr, down=down, resaved=resaved,
                 want=want, launches_s=launches_s)
 
 
@@ -194,12 +196,14 @@ def test_sigterm_checkpoints_the_update_in_progress_and_the_printed_command_resu
     pre, nodes, status = runs["pre"], runs["nodes"], runs["status"]
     stopped = runs["stopped"]
     assert "stopped: SIGTERM: stopped at update" in stopped, stopped[-3000:]
+    # the launcher waited for the checkpoint, then ended with one line and 128 + 15, no traceback
+    assert runs["stopped_rc"] == 143 and "Traceback" not in stopped, stopped[-3000:]
+    assert stopped.rstrip().splitlines()[-1].startswith("twostep launch: SIGTERM: the processes were stopped")
     k = int(stopped.split("stopped at update ")[1].split(",")[0])
     assert runs["want"] <= k < UPDATES  # after the updates it was let do, before the end
     assert status["complete"] is False and status["progress"]["done"] == k  # its checkpoint is of update k
     cmd = status["resume"]
-    assert cmd.startswith(f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2 -m twostep "
-                          "--threads 1 distill --teacher ") and cmd.endswith("--resume --no-progress"), cmd
+    assert cmd.startswith(f"{sys.executable} -m twostep --threads 1 launch --processes 2 distill --teacher ") and cmd.endswith("--resume --no-progress"), cmd
     assert f"resumed from {pre / 'checkpoints' / f'step-{k:08d}'} at update {k}" in runs["resumed"]
     # bit-identical to the uninterrupted run: model files and everything in the last checkpoint
     a, b = _model(nodes), _model(pre)

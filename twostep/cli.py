@@ -195,7 +195,7 @@ def cmd_demo(a):
 def cmd_launch(a):
     from .launch import launch  # lazy, as above
 
-    return launch(a.processes, a.command)
+    return launch(a.processes, a.command, a.shutdown_timeout)
 
 
 def cmd_speed(a):
@@ -498,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "failure: the launcher's report, exit 1. accelerate launch works as well.")
     la.add_argument("--processes", type=COUNT.arg(), required=True, metavar="N",
                     help="processes to start (one per GPU)")
+    la.add_argument("--shutdown-timeout", type=COUNT.arg(), metavar="S",
+                    default=default("launch:launch", "shutdown_timeout"),
+                    help="on SIGTERM/SIGINT, seconds the processes get to write their preemption checkpoint before "
+                    "they are killed (default %(default)s; torchrun's --shutdown_timeout is 30)")
     la.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
                     help="the twostep command and its flags, e.g. teacher cache --teacher T ... --num 20000")
     la.set_defaults(fn=cmd_launch)
@@ -638,7 +642,8 @@ def main(argv=None) -> int:
     return rc if isinstance(rc, int) else 0
 
 
-LATE_RANK_S = 5.0  # a rank > 0 waits this long before printing its error line (see _error_line)
+LATE_RANK_S = 30.0  # a rank > 0 waits this long before printing its error line (see _error_line); 5 s was too
+# short on a loaded machine, where rank 0 reached the same check later than rank 1
 
 
 def _rank0() -> bool:

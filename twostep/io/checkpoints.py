@@ -80,13 +80,18 @@ def write_checkpoint(folder: Path, modules: dict[str, dict[str, torch.Tensor]], 
     atomic_save_tensors(rng_state(), tmp / "rng.safetensors")
     atomic_write_text(tmp / "optim.json", json.dumps(opt_meta))
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))  # last: marks completeness
-    final = folder / name
+    return publish(tmp, folder / name, keep)
+
+
+def publish(tmp: Path, final: Path, keep: int) -> Path:
+    """Rename a complete checkpoint folder `tmp` (meta.json written) to `final`, then keep only the newest `keep`
+    complete step-* folders beside it."""
     faults.point("ckpt.rename")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
     faults.point("ckpt.prune")
-    done = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
+    done = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -31,7 +31,7 @@ import torch
 
 from .. import faults
 from ..errors import UserError
-from ..io.checkpoints import link_file, rng_state, set_rng_state
+from ..io.checkpoints import link_file, publish, rng_state, set_rng_state
 from ..io.files import atomic_save_tensors, atomic_write_text, load_tensors, nonfinite_parts
 from .distributed import is_dtensor
 
@@ -166,14 +166,7 @@ def save(acc, folder: Path, update: int, method, ema, opts: dict, mods: dict, me
         atomic_write_text(tmp / "optim.json", json.dumps(ometa))
         atomic_write_text(tmp / "meta.json", json.dumps({**meta, "format": FORMAT,
                                                          "num_processes": acc.num_processes}, indent=1))
-        faults.point("ckpt.rename")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        faults.point("ckpt.prune")
-        done = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, keep)
     acc.wait_for_everyone()
     return final
 
