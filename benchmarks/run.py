@@ -249,7 +249,8 @@ def eval_point(data, variant, seed, k, a, run, work, env, log, out_dir, sets, cf
     t = loop_seconds(json.loads((ck / "meta.json").read_text()).get("log", []), k)
     ev = work / f"eval-{stem}-u{k}.json"
     rc, _ = run_child([sys.executable, str(Path(__file__).resolve()), "eval-checkpoint", str(run), str(k),
-                       "--data", data, "--num", str(a.eval_num), "--seed", str(seed), "--json", str(ev)], env, log)
+                       "--data", data, "--num", str(a.eval_num), "--seed", str(seed), "--json", str(ev),
+                       "--ref", a.ref], env, log)
     if rc != 0 or not ev.exists():
         print(f"  EVAL FAILED: {variant} seed {seed} at update {k}; see {log}", flush=True)
         return None
@@ -330,13 +331,15 @@ def eval_checkpoint_main(argv) -> int:
     p.add_argument("--num", type=evaluate.EVAL_NUM.arg(), default=1000, help="eval images (as twostep eval --num)")
     p.add_argument("--seed", type=SEED.arg(), default=0, help="eval seed (as twostep eval --seed)")
     p.add_argument("--json", required=True, help="where the eval record goes (as twostep eval --json)")
+    p.add_argument("--ref", choices=["data", "teacher", "both"], default="data",
+                   help="FD reference (as twostep eval --ref): both adds fd_teacher, the distillation error")
     a = p.parse_args(argv)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # as the twostep CLI: a caller's OMP_NUM_THREADS
         import torch
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         gen = load_checkpoint_generator(a.run, a.update)
-        res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, progress=False)
+        res = evaluate.evaluate(gen, a.data, num=a.num, seed=a.seed, ref=a.ref, progress=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -465,6 +468,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-num", type=int, default=2048)
     p.add_argument("--eval-num", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ref", choices=["data", "teacher", "both"], default="data",
+                   help="budget curves: each point's FD reference (both: also fd_teacher, the FD against the "
+                   "teacher's own samples for the same prompts and noise)")
     p.add_argument("--quick", action="store_true", help="tiny smoke version (results in a temporary folder)")
     p.add_argument("--summary-only", action="store_true",
                    help="only rebuild runs.md, the plots and comparison.html from the records on disk")
