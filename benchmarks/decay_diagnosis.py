@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-FOLDERS = [RESULTS / "budget_curves" / "runs", RESULTS / "budget_curves_ref" / "runs"]
+RUNS = RESULTS / "budget_curves" / "runs"
 OUT = RESULTS / "budget_curves" / "decay_diagnosis.md"
 BUDGETS = (100, 300, 1000, 2000)
 METHODS = ("turbopp", "lead-mismatch", "lead-disc-sigma-0", "lead-paired-perceptual", "lead-mismatch-sigma-0",
@@ -45,27 +45,24 @@ def fmt(x, nd=2):
 
 def table(data: str) -> list[str]:
     t = teacher(data)
-    lines = [f"## {data}: teacher 8-step FD {fmt(t['fd'])}, diversity {fmt(t['diversity'])} (seeds 0–{t['n'] - 1})", "",
+    lines = [f"#### {data}: teacher 8-step FD {fmt(t['fd'])}, diversity {fmt(t['diversity'])} (seeds 0–{t['n'] - 1})", "",
              "| run | seeds | " + " | ".join(f"@{u}: FD / PSNR / div / fd_teacher" for u in BUDGETS) + " |",
              "|" + "---|" * (2 + len(BUDGETS))]
-    for folder in FOLDERS:
-        tag = "" if folder.parent.name == "budget_curves" else " (--ref both)"
-        for m in METHODS:
-            cells, seeds = [], set()
-            for u in BUDGETS:
-                recs = points(folder, data, m, u)
-                seeds |= {r["seed"] for r in recs}
-                cells.append("—" if not recs else " / ".join(
-                    [fmt(mean(recs, "fd")), fmt(mean(recs, "psnr_vs_teacher"), 1), fmt(mean(recs, "diversity")),
-                     fmt(mean(recs, "fd_teacher"))]))
-            if seeds:
-                lines.append(f"| {m}{tag} | {len(seeds)} | " + " | ".join(cells) + " |")
+    for m in METHODS:
+        cells, seeds = [], set()
+        for u in BUDGETS:
+            recs = points(RUNS, data, m, u)
+            seeds |= {r["seed"] for r in recs}
+            cells.append("—" if not recs else " / ".join(
+                [fmt(mean(recs, "fd")), fmt(mean(recs, "psnr_vs_teacher"), 1), fmt(mean(recs, "diversity")),
+                 fmt(mean(recs, "fd_teacher"))]))
+        if seeds:
+            lines.append(f"| {m} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
 def main() -> int:
-    out = ["# Toward the teacher or away from it", "",
-           "Written by `python benchmarks/decay_diagnosis.py` from the budget-curve records (FD vs held-out data at "
+    out = ["Written by `python benchmarks/decay_diagnosis.py` from the budget-curve records (FD vs held-out data at "
            "1000 images; PSNR (dB) against the teacher's sample for the same caption and noise; diversity; "
            "fd_teacher only where the point was evaluated with `--ref both`). Means over the seeds on record.", ""]
     for data in ("photos", "shapes"):

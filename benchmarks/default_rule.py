@@ -82,11 +82,10 @@ def table(data: str) -> list[str]:
 
 
 def main() -> int:
-    out = ["# The default rule's screen (docs/default_rule.md), seed 0", "",
-           "Written by `python benchmarks/default_rule.py` from `runs/*.json` (FD at 1000 eval images vs held-out "
+    out = ["Written by `python benchmarks/default_rule.py` from `runs/*.json` (FD at 1000 eval images vs held-out "
            "data; alignment on shapes only; train s: single-stream seconds, comparable within one session).", ""]
     for data in ("shapes", "photos"):
-        out += [f"## {data} (τ = {TAU[data]})", ""] + table(data) + [""]
+        out += [f"#### {data} (τ = {TAU[data]})", ""] + table(data) + [""]
     both = [m for m in LEADS if screen("shapes", m)[0] == "passes" and screen("photos", m)[0] == "passes"]
     out.append("Passed both screens: " + (", ".join(both) if both else "none yet") + ".")
     text = "\n".join(out) + "\n"

@@ -11,7 +11,10 @@ TABLES = {"teacher_gap": "benchmarks/results/teacher_gap.md", "demo": "benchmark
           "teacher_guidance": "benchmarks/results/teacher_guidance.md", "runs": "benchmarks/results/runs.md",
           "memory": "benchmarks/results/memory_summary.md", "students": "benchmarks/results/students.md",
           # issue 18: benchmarks/run.py --eval-at ... --out benchmarks/results/budget_curves (docs/decoupling_rule.md)
-          "budget_curves": "benchmarks/results/budget_curves/budget_curves.md"}
+          "budget_curves": "benchmarks/results/budget_curves/budget_curves.md",
+          # issue 25: benchmarks/default_rule.py, benchmarks/decay_diagnosis.py
+          "screen": "benchmarks/results/budget_curves/screen.md",
+          "decay_diagnosis": "benchmarks/results/budget_curves/decay_diagnosis.md"}
 
 
 def teacher_guidance_table():
