@@ -42,17 +42,16 @@ def screen(data: str, method: str) -> tuple[str, str]:
         return "pending", "not at 2000 updates yet"
     tau, d = TAU[data], mine["fd"] - base["fd"]
     decay = mine["fd"] - early["fd"]
-    if decay > tau:
-        return "fails", f"decays: FD 300→2000 {decay:+.2f} > τ {tau}"
+    why = [f"FD 300→2000 {decay:+.2f} {'>' if decay > tau else '≤'} τ"]
     if data == "photos":
         ok = d <= tau
-        return ("passes" if ok else "fails"), f"Δ FD {d:+.3f} {'≤' if ok else '>'} τ {tau}"
-    da = mine["alignment"] - base["alignment"]
-    if d < -tau:
-        return "passes", f"Δ FD {d:+.3f} < −τ {tau}"
-    if da > ALIGN:
-        return "passes", f"Δ alignment {da:+.3f} > {ALIGN}"
-    return "fails", f"Δ FD {d:+.3f} within τ {tau}, Δ alignment {da:+.3f} ≤ {ALIGN}"
+        why.insert(0, f"Δ FD {d:+.3f} {'≤' if ok else '>'} τ {tau}")
+    else:
+        da = mine["alignment"] - base["alignment"]
+        ok = d < -tau or da > ALIGN
+        why.insert(0, f"Δ FD {d:+.3f}{' < −τ' if d < -tau else ''}, Δ alignment {da:+.3f}{' > ' + str(ALIGN) if da > ALIGN else ''} (τ {tau})")
+    ok = ok and decay <= tau
+    return ("passes" if ok else "fails"), "; ".join(why)
 
 
 def fmt(x, nd=2):
