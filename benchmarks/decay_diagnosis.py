@@ -5,7 +5,7 @@
 For each budget-curve run: FD against held-out data (the budget curves' figure), PSNR against the teacher's own
 sample for the same caption and noise (higher: closer to the teacher, sample by sample), diversity (the teacher's
 is the target) and, where the point was evaluated with `run.py --ref both`, fd_teacher (FD against the teacher's
-samples: the distillation error). Means over the seeds on record. A run whose FD-vs-data rises while its PSNR
+samples: the distillation error). Means over the seeds that have every point of a run's curve. A run whose FD-vs-data rises while its PSNR
 rises and its diversity falls toward the teacher's is converging on the teacher; one whose PSNR falls and whose
 diversity overshoots the teacher's is drifting away from it.
 """
@@ -49,10 +49,12 @@ def table(data: str) -> list[str]:
              "| run | seeds | " + " | ".join(f"@{u}: FD / PSNR / div / fd_teacher" for u in BUDGETS) + " |",
              "|" + "---|" * (2 + len(BUDGETS))]
     for m in METHODS:
-        cells, seeds = [], set()
+        at = {u: points(RUNS, data, m, u) for u in BUDGETS}
+        have = [{r["seed"] for r in recs} for recs in at.values() if recs]
+        seeds = set.intersection(*have) if have else set()  # seeds with every point of the curve
+        cells = []
         for u in BUDGETS:
-            recs = points(RUNS, data, m, u)
-            seeds |= {r["seed"] for r in recs}
+            recs = [r for r in at[u] if r["seed"] in seeds]
             cells.append("—" if not recs else " / ".join(
                 [fmt(mean(recs, "fd")), fmt(mean(recs, "psnr_vs_teacher"), 1), fmt(mean(recs, "diversity")),
                  fmt(mean(recs, "fd_teacher"))]))
@@ -64,7 +66,8 @@ def table(data: str) -> list[str]:
 def main() -> int:
     out = ["Written by `python benchmarks/decay_diagnosis.py` from the budget-curve records (FD vs held-out data at "
            "1000 images; PSNR (dB) against the teacher's sample for the same caption and noise; diversity; "
-           "fd_teacher only where the point was evaluated with `--ref both`). Means over the seeds on record.", ""]
+           "fd_teacher only where the point was evaluated with `--ref both`). Means over the seeds that have every "
+           "point of a run's curve.", ""]
     for data in ("photos", "shapes"):
         out += table(data)
     text = "\n".join(out) + "\n"
