@@ -1,0 +1,41 @@
+"""benchmarks/default_rule.py applies docs/default_rule.md's screen as written: on shapes a lead passes on FD
+(below the default by more than τ) or on alignment (above by more than 0.02), on photos it must not be worse than
+the default by more than τ, and on both its FD at 2000 must not exceed its own FD at 300 by more than τ."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import default_rule as R  # noqa: E402
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "RUNS", tmp_path)
+
+    def put(data, method, fds, aligns=(0.25, 0.25, 0.25)):
+        for u, fd, al in zip(R.BUDGETS, fds, aligns):
+            (tmp_path / f"{data}-{method}-seed0-u{u}.json").write_text(json.dumps({"fd": fd, "alignment": al}))
+    put("shapes", "turbopp", (11.0, 11.0, 11.7), (0.25, 0.22, 0.19))
+    put("photos", "turbopp", (1.3, 1.9, 2.5))
+    return put
+
+
+def test_shapes_passes_on_fd_or_alignment_and_never_with_a_decay(runs):
+    runs("shapes", "a", (11.0, 11.0, 11.0))                       # Δ −0.70 < −0.557
+    runs("shapes", "b", (11.5, 11.5, 11.5), (0.25, 0.25, 0.211))  # Δ −0.2, alignment +0.021
+    runs("shapes", "c", (11.5, 11.5, 11.5), (0.25, 0.25, 0.209))  # Δ −0.2, alignment +0.019
+    runs("shapes", "d", (10.0, 10.5, 11.1))                       # Δ −0.6 but 300 → 2000 +1.1 > τ
+    assert [R.screen("shapes", m)[0] for m in "abcd"] == ["passes", "passes", "fails", "fails"]
+    assert R.screen("shapes", "none")[0] == "pending"
+
+
+def test_photos_may_not_be_worse_than_the_default_beyond_tau(runs):
+    runs("photos", "a", (2.6, 2.6, 2.64))   # +0.14 ≤ 0.144
+    runs("photos", "b", (2.6, 2.6, 2.65))   # +0.15 > 0.144
+    runs("photos", "c", (1.0, 1.5, 2.0))    # better than the default, but 300 → 2000 +1.0 > τ
+    assert [R.screen("photos", m)[0] for m in "abc"] == ["passes", "fails", "fails"]
