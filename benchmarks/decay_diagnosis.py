@@ -22,7 +22,8 @@ RUNS = RESULTS / "budget_curves" / "runs"
 OUT = RESULTS / "budget_curves" / "decay_diagnosis.md"
 BUDGETS = (100, 300, 1000, 2000)
 METHODS = ("turbopp", "lead-mismatch", "lead-disc-sigma-0", "lead-paired-perceptual", "lead-mismatch-sigma-0",
-           "choice-step1-traj", "choice-paired", "dmd2", "diffusion2gan", "ablate-no-adv__regression_only")
+           "choice-step1-traj", "choice-paired", "lead-lr-half-life-1000", "dmd2", "diffusion2gan",
+           "ablate-no-adv__regression_only")
 
 
 def points(folder: Path, data: str, method: str, updates: int) -> list[dict]:
