@@ -103,6 +103,10 @@ VARIANTS = {
     "lead-paired-perceptual": (None, ["loss.paired_weight=1.0", "loss.paired_distance=perceptual"]),
     # the two leads that passed the shapes screen, together (docs/default_rule.md, "Combination")
     "lead-mismatch-sigma-0": (None, ["disc.mismatch_weight=1.0", "disc.sigma_mean=0.0"]),
+    # docs/default_rule.md, "Revision 2": the default again (for its fd_teacher, --ref both) and one combination
+    "turbopp-rerun": (None, []),
+    "lead-lr-half-life-paired-perceptual": (None, ["train.lr_half_life=1000", "loss.paired_weight=1.0",
+                                                   "loss.paired_distance=perceptual"]),
     "ladd": ("configs/ladd.yaml", []),
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),
