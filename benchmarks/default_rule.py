@@ -6,6 +6,11 @@ Screen (1 seed, seed 0, 2000 updates): a lead passes on shapes if its FD at 2000
 more than τ (0.557) or its alignment at 2000 is above the default's by more than 0.02, and its FD at 2000 is not above
 its own FD at 300 by more than τ. On photos (τ = 0.144) it must not be worse than the default at 2000 by more than τ,
 and the same no-decay condition holds. A lead not yet run (or not yet at 2000) is "pending".
+
+Revision 2 (docs/default_rule.md, written before its runs) judges photos against the teacher instead: at 2000 updates
+a lead's fd_teacher (`run.py --ref both`) is not above the default's (`turbopp-rerun`, the default evaluated with
+--ref both) by more than τ, its FD against the data is not above the teacher's 8-step FD by more than τ, and its
+fd_teacher at 2000 is not above its own at 300 by more than τ. Both screens are printed.
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "benchmarks" / "results" / "budget_curves" / "runs"
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "budget_curves" / "runs"
 OUT = RUNS.parent / "screen.md"
 TAU = {"shapes": 0.557, "photos": 0.144}   # the eval's noise floor at 1000 images (docs/decoupling_rule.md)
 ALIGN = 0.02
 BUDGETS = (300, 1000, 2000)
 DEFAULT = "turbopp"
+RERUN = "turbopp-rerun"   # the default evaluated with --ref both (revision 2's fd_teacher baseline)
 PEERS = ("dmd2",)
 LEADS = ("choice-paired", "choice-step1-traj", "lead-step1-consistency", "lead-mismatch", "lead-disc-sigma-0",
-         "lead-ema-0.999", "lead-lr-half-life-1000", "lead-paired-perceptual", "lead-mismatch-sigma-0")
+         "lead-ema-0.999", "lead-lr-half-life-1000", "lead-paired-perceptual", "lead-mismatch-sigma-0", "lead-lr-half-life-paired-perceptual")
 
 
 def stem(method: str) -> str:
@@ -54,28 +61,53 @@ def screen(data: str, method: str) -> tuple[str, str]:
     return ("passes" if ok else "fails"), "; ".join(why)
 
 
+def teacher_fd(data: str) -> float | None:
+    """The teacher's 8-step FD against the data at 1000 images, mean over benchmarks/results/teacher_gap's seeds."""
+    fds = [json.loads(p.read_text())["fd"] for p in sorted((RESULTS / "teacher_gap").glob(f"{data}-teacher-8step-n1000-seed*.json"))]
+    return sum(fds) / len(fds) if fds else None
+
+
+def screen_teacher(method: str) -> tuple[str, str]:
+    """(verdict, reason) of `method` by revision 2's photos screen (fd_teacher against the default's)."""
+    base, mine, early = record("photos", RERUN, 2000), record("photos", method, 2000), record("photos", method, 300)
+    ft = [r and r.get("fd_teacher") for r in (base, mine, early)]
+    if None in ft:
+        return "pending", "no fd_teacher at 300 and 2000 for it and the default (run.py --ref both)"
+    tau, tfd = TAU["photos"], teacher_fd("photos")
+    d, decay, over = ft[1] - ft[0], ft[1] - ft[2], mine["fd"] - tfd
+    ok = d <= tau and over <= tau and decay <= tau
+    why = (f"Δ fd_teacher {d:+.3f} {'≤' if d <= tau else '>'} τ; FD − teacher's {tfd:.2f}: {over:+.2f} "
+           f"{'≤' if over <= tau else '>'} τ; fd_teacher 300→2000 {decay:+.2f} {'≤' if decay <= tau else '>'} τ")
+    return ("passes" if ok else "fails"), why
+
+
 def fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
 def table(data: str) -> list[str]:
-    align = data == "shapes"
+    align, photos = data == "shapes", data == "photos"
     head = ["variant"] + [f"FD @{u}" for u in BUDGETS] + (["alignment @300 / @2000"] if align else []) + \
-           ["train s @2000", "screen"]
+           (["fd_teacher @300 / @1000 / @2000"] if photos else []) + ["train s @2000", "screen"] + \
+           (["revised screen (fd_teacher)"] if photos else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in (DEFAULT, *LEADS, *PEERS):
+    for m in (DEFAULT, RERUN, *LEADS, *PEERS):
         recs = [record(data, m, u) for u in BUDGETS]
         if not any(recs):
             continue
         row = [m] + [fmt(r and r["fd"]) for r in recs]
         if align:
             row.append(f"{fmt(recs[0] and recs[0]['alignment'], 3)} / {fmt(recs[2] and recs[2]['alignment'], 3)}")
+        if photos:
+            row.append(" / ".join(fmt(r and r.get("fd_teacher")) for r in recs))
         row.append(fmt(recs[2] and recs[2].get("train_s_single"), 0))
         if m in LEADS:
             v, why = screen(data, m)
             row.append(f"{v} ({why})")
         else:
-            row.append("default" if m == DEFAULT else "peer")
+            row.append("default" if m in (DEFAULT, RERUN) else "peer")
+        if photos:
+            row.append("{} ({})".format(*screen_teacher(m)) if m in LEADS else "")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -87,6 +119,9 @@ def main() -> int:
         out += [f"#### {data} (τ = {TAU[data]})", ""] + table(data) + [""]
     both = [m for m in LEADS if screen("shapes", m)[0] == "passes" and screen("photos", m)[0] == "passes"]
     out.append("Passed both screens: " + (", ".join(both) if both else "none yet") + ".")
+    both2 = [m for m in LEADS if screen("shapes", m)[0] == "passes" and screen_teacher(m)[0] == "passes"]
+    out.append("")
+    out.append("Passed the shapes screen and revision 2's photos screen: " + (", ".join(both2) if both2 else "none yet") + ".")
     text = "\n".join(out) + "\n"
     OUT.write_text(text)
     sys.stdout.write(text)

@@ -39,3 +39,22 @@ def test_photos_may_not_be_worse_than_the_default_beyond_tau(runs):
     runs("photos", "b", (2.6, 2.6, 2.65))   # +0.15 > 0.144
     runs("photos", "c", (1.0, 1.5, 2.0))    # better than the default, but 300 → 2000 +1.0 > τ
     assert [R.screen("photos", m)[0] for m in "abc"] == ["passes", "fails", "fails"]
+
+
+def test_revised_photos_screen_judges_fd_teacher_the_teacher_fd_and_no_decay_toward_the_teacher(runs, tmp_path, monkeypatch):
+    """Revision 2: fd_teacher at 2000 within τ of the default rerun's, FD within τ of the teacher's 8-step FD, and
+    fd_teacher at 2000 within τ of the lead's own at 300; a lead or default without fd_teacher is pending."""
+    monkeypatch.setattr(R, "teacher_fd", lambda data: 3.16)
+
+    def put(method, fds, fdts):
+        for u, fd, ft in zip(R.BUDGETS, fds, fdts):
+            (tmp_path / f"photos-{method}-seed0-u{u}.json").write_text(json.dumps({"fd": fd, "fd_teacher": ft}))
+    assert R.screen_teacher("a")[0] == "pending"
+    put(R.RERUN, (1.3, 1.9, 2.5), (1.0, 0.6, 0.50))
+    put("a", (2.1, 2.5, 3.0), (0.7, 0.3, 0.34))    # closer to the teacher than the default, FD 3.0 ≤ 3.16 + τ
+    put("b", (2.1, 2.5, 3.4), (0.7, 0.3, 0.34))    # FD 3.4 > 3.16 + 0.144
+    put("c", (2.1, 2.5, 2.5), (0.7, 0.6, 0.65))    # fd_teacher +0.15 over the default's
+    put("d", (2.1, 2.5, 2.5), (0.3, 0.3, 0.45))    # fd_teacher 300 → 2000 +0.15: away from the teacher
+    assert [R.screen_teacher(m)[0] for m in "abcd"] == ["passes", "fails", "fails", "fails"]
+    # the first screen is unchanged by it: "a" is worse than the default against the data
+    assert R.screen("photos", "a")[0] == "fails"
