@@ -16,6 +16,7 @@ fd_teacher at 2000 is not above its own at 300 by more than τ. Both screens are
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -112,6 +113,50 @@ def table(data: str) -> list[str]:
     return lines
 
 
+def paired(data: str, method: str, base: str, key: str, seeds) -> list[float]:
+    """d_s = key(method) − key(base) at 2000 updates, for each seed where both have it."""
+    out = []
+    for s in seeds:
+        a, b = record(data, method, 2000, s), record(data, base, 2000, s)
+        if a and b and a.get(key) is not None and b.get(key) is not None:
+            out.append(a[key] - b[key])
+    return out
+
+
+def decide(method: str, seeds=(0, 1), revised: bool = False) -> tuple[str, list[str]]:
+    """The rule's decision for a candidate at `seeds` (docs/default_rule.md, "Decision"): shapes m < −noise on FD;
+    photos m < noise on FD (the first rule) or on fd_teacher against the default rerun with FD not above the
+    teacher's by more than τ at each seed (revision 2). noise = max(sd, τ). (verdict, one line per benchmark)."""
+    lines, ok = [], True
+    jobs = [("shapes", DEFAULT, "fd", -1)] + [("photos", RERUN, "fd_teacher", 1) if revised else ("photos", DEFAULT, "fd", 1)]
+    for data, base, key, sign in jobs:
+        d = paired(data, method, base, key, seeds)
+        if len(d) < len(seeds):
+            return "pending", lines + [f"{data}: {len(d)} of {len(seeds)} seeds at 2000 updates"]
+        m = statistics.mean(d)
+        sd = statistics.stdev(d) if len(d) > 1 else 0.0
+        noise = max(sd, TAU[data])
+        good = m < -noise if sign < 0 else m < noise
+        extra = ""
+        if revised and data == "photos":
+            tfd = teacher_fd("photos")
+            fds = [record("photos", method, 2000, s)["fd"] for s in seeds]
+            under = all(f - tfd <= TAU["photos"] for f in fds)
+            good = good and under
+            extra = f"; FD {', '.join(f'{f:.2f}' for f in fds)} vs the teacher's {tfd:.2f}: {'within' if under else 'above'} τ"
+        ok = ok and good
+        lines.append(f"{data}: d({key}) = {', '.join(f'{x:+.2f}' for x in d)}; m = {m:+.3f} ± {sd:.3f} (n {len(d)}), "
+                     f"noise {noise:.3f}: {'m < −noise' if sign < 0 and good else 'm < noise' if good else 'not met'}{extra}")
+    return ("met" if ok else "not met"), lines
+
+
+def candidate(revised: bool = False) -> str | None:
+    """The lead with the lowest shapes FD at 2000 (seed 0) among those that passed both screens."""
+    photo = screen_teacher if revised else (lambda m: screen("photos", m))
+    ok = [m for m in LEADS if screen("shapes", m)[0] == "passes" and photo(m)[0] == "passes"]
+    return min(ok, key=lambda m: record("shapes", m, 2000)["fd"]) if ok else None
+
+
 def main() -> int:
     out = ["Written by `python benchmarks/default_rule.py` from `runs/*.json` (FD at 1000 eval images vs held-out "
            "data; alignment on shapes only; train s: single-stream seconds, comparable within one session).", ""]
@@ -122,6 +167,15 @@ def main() -> int:
     both2 = [m for m in LEADS if screen("shapes", m)[0] == "passes" and screen_teacher(m)[0] == "passes"]
     out.append("")
     out.append("Passed the shapes screen and revision 2's photos screen: " + (", ".join(both2) if both2 else "none yet") + ".")
+    for revised, name in ((False, "first rule"), (True, "revision 2")):
+        c = candidate(revised)
+        if c is None:
+            continue
+        for seeds, stage in (((0, 1), "decision, seeds 0–1"), ((2, 3, 4), "confirmation, seeds 2–4")):
+            verdict, why = decide(c, seeds, revised)
+            out += ["", f"{name}: candidate {c}, {stage}: {verdict}", ""] + [f"- {w}" for w in why]
+            if verdict != "met":
+                break
     text = "\n".join(out) + "\n"
     OUT.write_text(text)
     sys.stdout.write(text)

@@ -58,3 +58,29 @@ def test_revised_photos_screen_judges_fd_teacher_the_teacher_fd_and_no_decay_tow
     assert [R.screen_teacher(m)[0] for m in "abcd"] == ["passes", "fails", "fails", "fails"]
     # the first screen is unchanged by it: "a" is worse than the default against the data
     assert R.screen("photos", "a")[0] == "fails"
+
+
+def test_decision_pairs_by_seed_with_noise_the_larger_of_sd_and_tau(tmp_path, monkeypatch):
+    """Decision: shapes m < −max(sd, τ) on FD; photos (revision 2) m < max(sd, τ) on fd_teacher against the
+    default rerun, and FD within τ of the teacher's at every seed; a missing seed leaves it pending."""
+    monkeypatch.setattr(R, "RUNS", tmp_path)
+    monkeypatch.setattr(R, "teacher_fd", lambda data: 3.16)
+
+    def put(data, method, seed, **rec):
+        (tmp_path / f"{data}-{method}-seed{seed}-u2000.json").write_text(json.dumps(rec))
+    for s, (base, mine) in enumerate([(11.7, 10.0), (12.8, 11.4)]):       # d = −1.7, −1.4: m −1.55, sd 0.21
+        put("shapes", "turbopp", s, fd=base)
+        put("shapes", "c", s, fd=mine)
+    assert R.decide("c", (0, 1), revised=True)[0] == "pending"             # no photos yet
+    for s, (base, mine) in enumerate([(0.7, 0.8), (0.6, 0.75)]):          # d = +0.1, +0.15: m 0.125 < τ 0.144
+        put("photos", R.RERUN, s, fd=2.5, fd_teacher=base)
+        put("photos", "c", s, fd=2.3, fd_teacher=mine)
+    verdict, why = R.decide("c", (0, 1), revised=True)
+    assert verdict == "met", why
+    put("photos", "c", 1, fd=3.4, fd_teacher=0.75)                         # FD above the teacher's + τ at seed 1
+    assert R.decide("c", (0, 1), revised=True)[0] == "not met"
+    put("shapes", "c", 1, fd=12.6)                  # d = −1.7, −0.2: m −0.95, not below −sd (−1.06)
+    for s in (0, 1):
+        put("photos", "turbopp", s, fd=2.5)
+    verdict, why = R.decide("c", (0, 1))            # the first rule: photos on FD against the data
+    assert verdict == "not met" and "not met" in why[0] and "m < noise" in why[1], why
