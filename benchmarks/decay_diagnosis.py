@@ -21,8 +21,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "budget_curves" / "runs"
 OUT = RESULTS / "budget_curves" / "decay_diagnosis.md"
 BUDGETS = (100, 300, 1000, 2000)
-METHODS = ("turbopp", "lead-mismatch", "lead-disc-sigma-0", "lead-paired-perceptual", "lead-mismatch-sigma-0",
-           "choice-step1-traj", "choice-paired", "lead-lr-half-life-1000", "dmd2", "diffusion2gan",
+METHODS = ("turbopp", "turbopp-rerun", "lead-mismatch", "lead-disc-sigma-0", "lead-paired-perceptual", "lead-mismatch-sigma-0",
+           "choice-step1-traj", "choice-paired", "lead-lr-half-life-1000", "lead-lr-half-life-paired-perceptual",
+           "lead-ema-0.999", "dmd2", "diffusion2gan",
            "ablate-no-adv__regression_only")
 
 
