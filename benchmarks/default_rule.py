@@ -30,6 +30,9 @@ BUDGETS = (300, 1000, 2000)
 DEFAULT = "turbopp"
 RERUN = "turbopp-rerun"   # the default evaluated with --ref both (revision 2's fd_teacher baseline)
 PEERS = ("dmd2",)
+# a combination counts only when each of its parts passed both screens of the same rule (docs/default_rule.md)
+COMBINATIONS = {"lead-mismatch-sigma-0": ("lead-mismatch", "lead-disc-sigma-0"),
+                "lead-lr-half-life-paired-perceptual": ("lead-lr-half-life-1000", "lead-paired-perceptual")}
 LEADS = ("choice-paired", "choice-step1-traj", "lead-step1-consistency", "lead-mismatch", "lead-disc-sigma-0",
          "lead-ema-0.999", "lead-lr-half-life-1000", "lead-paired-perceptual", "lead-mismatch-sigma-0", "lead-lr-half-life-paired-perceptual")
 
@@ -150,10 +153,17 @@ def decide(method: str, seeds=(0, 1), revised: bool = False) -> tuple[str, list[
     return ("met" if ok else "not met"), lines
 
 
-def candidate(revised: bool = False) -> str | None:
-    """The lead with the lowest shapes FD at 2000 (seed 0) among those that passed both screens."""
+def passed(revised: bool = False) -> list[str]:
+    """The leads that passed the shapes screen and the rule's photos screen (the first, or revision 2's)."""
     photo = screen_teacher if revised else (lambda m: screen("photos", m))
-    ok = [m for m in LEADS if screen("shapes", m)[0] == "passes" and photo(m)[0] == "passes"]
+    return [m for m in LEADS if screen("shapes", m)[0] == "passes" and photo(m)[0] == "passes"]
+
+
+def candidate(revised: bool = False) -> str | None:
+    """The lead with the lowest shapes FD at 2000 (seed 0) among those that passed both screens; a combination
+    only where each of its parts passed both too."""
+    ok = passed(revised)
+    ok = [m for m in ok if all(part in ok for part in COMBINATIONS.get(m, ()))]
     return min(ok, key=lambda m: record("shapes", m, 2000)["fd"]) if ok else None
 
 
@@ -162,18 +172,18 @@ def main() -> int:
            "data; alignment on shapes only; train s: single-stream seconds, comparable within one session).", ""]
     for data in ("shapes", "photos"):
         out += [f"#### {data} (τ = {TAU[data]})", ""] + table(data) + [""]
-    both = [m for m in LEADS if screen("shapes", m)[0] == "passes" and screen("photos", m)[0] == "passes"]
-    out.append("Passed both screens: " + (", ".join(both) if both else "none yet") + ".")
-    both2 = [m for m in LEADS if screen("shapes", m)[0] == "passes" and screen_teacher(m)[0] == "passes"]
-    out.append("")
-    out.append("Passed the shapes screen and revision 2's photos screen: " + (", ".join(both2) if both2 else "none yet") + ".")
+    for revised, name in ((False, "both screens of the first rule"), (True, "the shapes screen and revision 2's photos screen")):
+        ok = passed(revised)
+        names = [m + (" (a combination whose parts did not both pass: not a candidate)"
+                      if any(part not in ok for part in COMBINATIONS.get(m, ())) else "") for m in ok]
+        out += [f"Passed {name}: " + ("; ".join(names) if names else "none yet") + ".", ""]
     for revised, name in ((False, "first rule"), (True, "revision 2")):
         c = candidate(revised)
         if c is None:
             continue
         for seeds, stage in (((0, 1), "decision, seeds 0–1"), ((2, 3, 4), "confirmation, seeds 2–4")):
             verdict, why = decide(c, seeds, revised)
-            out += ["", f"{name}: candidate {c}, {stage}: {verdict}", ""] + [f"- {w}" for w in why]
+            out += [f"{name}: candidate {c}, {stage}: {verdict}", ""] + [f"- {w}" for w in why] + [""]
             if verdict != "met":
                 break
     text = "\n".join(out) + "\n"

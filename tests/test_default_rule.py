@@ -84,3 +84,15 @@ def test_decision_pairs_by_seed_with_noise_the_larger_of_sd_and_tau(tmp_path, mo
         put("photos", "turbopp", s, fd=2.5)
     verdict, why = R.decide("c", (0, 1))            # the first rule: photos on FD against the data
     assert verdict == "not met" and "not met" in why[0] and "m < noise" in why[1], why
+
+
+def test_a_combination_is_a_candidate_only_when_its_parts_passed_both_screens(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "COMBINATIONS", {"ab": ("a", "b")})
+    monkeypatch.setattr(R, "LEADS", ("a", "b", "ab"))
+    passing = {"ab": 9.9, "a": 10.0, "b": 11.0}
+    monkeypatch.setattr(R, "screen", lambda data, m: ("passes", ""))
+    monkeypatch.setattr(R, "record", lambda data, m, u, seed=0: {"fd": passing[m]})
+    monkeypatch.setattr(R, "screen_teacher", lambda m: ("passes", ""))
+    assert R.candidate(revised=True) == "ab"                        # lowest shapes FD, both parts passed
+    monkeypatch.setattr(R, "screen_teacher", lambda m: ("fails" if m == "a" else "passes", ""))
+    assert R.candidate(revised=True) == "b"                         # "a" failed photos: "ab" is not a candidate
