@@ -111,6 +111,8 @@ VARIANTS = {
     "dmd2": ("configs/dmd2.yaml", []),
     "diffusion2gan": ("configs/diffusion2gan.yaml", []),
 }
+# reruns of a variant for another figure (turbopp-rerun: fd_teacher): left out of the summaries, which have the original
+RERUNS = {"turbopp-rerun": "turbopp"}
 DEFAULT = ["turbopp", "turbopp-lora", "ablate-shared", "ablate-detach", "ablate-step1-none", "ablate-disc-real-data",
            "ablate-no-adv (regression only)", "ladd", "dmd2", "diffusion2gan"]
 # issue 3's table of choices (each one change from the default); not in the default sweep
@@ -534,11 +536,12 @@ def main(argv=None):
                           flush=True)
                     run_grid(data, variant, seed, work, out_dir, env, log)
     budget = {"updates": a.updates, "batch": a.batch, "cache_num": a.cache_num, "num": a.eval_num}
-    recs = load_records(out_dir, budget)
+    recs = [r for r in load_records(out_dir, budget) if r.get("method") not in RERUNS]
     written = summarize(recs, results, out_dir, RESULTS / "teacher_gap", budget_note(a), eval_num=a.eval_num)
     if a.eval_at:
         base = {"batch": a.batch, "cache_num": a.cache_num, "num": a.eval_num}
-        written.update(summarize_curves(load_points(out_dir, base), results, RESULTS / "teacher_gap",
+        points = [r for r in load_points(out_dir, base) if r.get("method") not in RERUNS]
+        written.update(summarize_curves(points, results, RESULTS / "teacher_gap",
                                         budget_note(a), eval_num=a.eval_num))
         print((results / "budget_curves.md").read_text())
     else:
