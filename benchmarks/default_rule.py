@@ -20,9 +20,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import decay_diagnosis  # benchmarks/, beside this file: the teacher's FD from teacher_gap
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-RUNS = RESULTS / "budget_curves" / "runs"
+RUNS = ROOT / "benchmarks" / "results" / "budget_curves" / "runs"
 OUT = RUNS.parent / "screen.md"
 TAU = {"shapes": 0.557, "photos": 0.144}   # the eval's noise floor at 1000 images (docs/decoupling_rule.md)
 ALIGN = 0.02
@@ -67,8 +68,7 @@ def screen(data: str, method: str) -> tuple[str, str]:
 
 def teacher_fd(data: str) -> float | None:
     """The teacher's 8-step FD against the data at 1000 images, mean over benchmarks/results/teacher_gap's seeds."""
-    fds = [json.loads(p.read_text())["fd"] for p in sorted((RESULTS / "teacher_gap").glob(f"{data}-teacher-8step-n1000-seed*.json"))]
-    return sum(fds) / len(fds) if fds else None
+    return decay_diagnosis.teacher(data)["fd"]
 
 
 def screen_teacher(method: str) -> tuple[str, str]:
