@@ -11,6 +11,9 @@ Revision 2 (docs/default_rule.md, written before its runs) judges photos against
 a lead's fd_teacher (`run.py --ref both`) is not above the default's (`turbopp-rerun`, the default evaluated with
 --ref both) by more than τ, its FD against the data is not above the teacher's 8-step FD by more than τ, and its
 fd_teacher at 2000 is not above its own at 300 by more than τ. Both screens are printed.
+
+Revision 3 admits SECOND (the strongest lead, kept out by the combination clause) as a second candidate, decided and
+confirmed like revision 2's; if both are confirmed, the lower mean shapes FD at 2000 over seeds 0–4 wins (`chosen`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ PEERS = ("dmd2",)
 # a combination counts only when each of its parts passed both screens of the same rule (docs/default_rule.md)
 COMBINATIONS = {"lead-mismatch-sigma-0": ("lead-mismatch", "lead-disc-sigma-0"),
                 "lead-lr-half-life-paired-perceptual": ("lead-lr-half-life-1000", "lead-paired-perceptual")}
+SECOND = "lead-lr-half-life-paired-perceptual"   # revision 3's second candidate
 LEADS = ("choice-paired", "choice-step1-traj", "lead-step1-consistency", "lead-mismatch", "lead-disc-sigma-0",
          "lead-ema-0.999", "lead-lr-half-life-1000", "lead-paired-perceptual", "lead-mismatch-sigma-0", "lead-lr-half-life-paired-perceptual")
 
@@ -167,6 +171,18 @@ def candidate(revised: bool = False) -> str | None:
     return min(ok, key=lambda m: record("shapes", m, 2000)["fd"]) if ok else None
 
 
+def verdicts(method: str) -> tuple[str, str]:
+    """(decision at seeds 0–1, confirmation at seeds 2–4) of a candidate by revision 2's decision."""
+    return decide(method, (0, 1), True)[0], decide(method, (2, 3, 4), True)[0]
+
+
+def chosen(candidates) -> str | None:
+    """The new default: among the candidates met at both stages, the lowest mean shapes FD at 2000 over seeds 0–4."""
+    ok = [c for c in candidates if c and verdicts(c) == ("met", "met")]
+    mean_fd = lambda c: statistics.mean(record("shapes", c, 2000, s)["fd"] for s in range(5))
+    return min(ok, key=mean_fd) if ok else None
+
+
 def main() -> int:
     out = ["Written by `python benchmarks/default_rule.py` from `runs/*.json` (FD at 1000 eval images vs held-out "
            "data; alignment on shapes only; train s: single-stream seconds, comparable within one session).", ""]
@@ -174,11 +190,12 @@ def main() -> int:
         out += [f"#### {data} (τ = {TAU[data]})", ""] + table(data) + [""]
     for revised, name in ((False, "both screens of the first rule"), (True, "the shapes screen and revision 2's photos screen")):
         ok = passed(revised)
-        names = [m + (" (a combination whose parts did not both pass: not a candidate)"
+        names = [m + (" (a combination whose parts did not both pass: not revision 2's candidate"
+                      + ("; revision 3's second candidate)" if revised and m == SECOND else ")")
                       if any(part not in ok for part in COMBINATIONS.get(m, ())) else "") for m in ok]
         out += [f"Passed {name}: " + ("; ".join(names) if names else "none yet") + ".", ""]
-    for revised, name in ((False, "first rule"), (True, "revision 2")):
-        c = candidate(revised)
+    for revised, name, c in ((False, "first rule", candidate(False)), (True, "revision 2", candidate(True)),
+                             (True, "revision 3", SECOND)):
         if c is None:
             continue
         for seeds, stage in (((0, 1), "decision, seeds 0–1"), ((2, 3, 4), "confirmation, seeds 2–4")):
@@ -186,6 +203,8 @@ def main() -> int:
             out += [f"{name}: candidate {c}, {stage}: {verdict}", ""] + [f"- {w}" for w in why] + [""]
             if verdict != "met":
                 break
+    new = chosen((candidate(True), SECOND))
+    out += [f"New default (revisions 2 and 3): {new or 'none confirmed yet; the default stays'}.", ""]
     text = "\n".join(out) + "\n"
     OUT.write_text(text)
     sys.stdout.write(text)

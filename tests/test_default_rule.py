@@ -96,3 +96,15 @@ def test_a_combination_is_a_candidate_only_when_its_parts_passed_both_screens(tm
     assert R.candidate(revised=True) == "ab"                        # lowest shapes FD, both parts passed
     monkeypatch.setattr(R, "screen_teacher", lambda m: ("fails" if m == "a" else "passes", ""))
     assert R.candidate(revised=True) == "b"                         # "a" failed photos: "ab" is not a candidate
+
+
+def test_the_new_default_is_the_confirmed_candidate_with_the_lower_shapes_fd_over_seeds_0_to_4(monkeypatch):
+    """Revision 3: both candidates are judged alone; a candidate counts only when met at seeds 0–1 and 2–4; of two
+    confirmed, the lower mean shapes FD at 2000 over seeds 0–4 becomes the default; none confirmed keeps it."""
+    stages = {"p": ("met", "met"), "q": ("met", "met"), "r": ("met", "not met"), "s": ("met", "pending")}
+    fds = {"p": [11.0] * 5, "q": [10.0, 10.0, 10.0, 10.0, 12.1], "r": [9.0] * 5, "s": [9.0] * 5}
+    monkeypatch.setattr(R, "verdicts", lambda c: stages[c])
+    monkeypatch.setattr(R, "record", lambda data, m, u, seed=0: {"fd": fds[m][seed]})
+    assert R.chosen(("p", "q")) == "q"          # mean 10.42 < 11.0
+    assert R.chosen(("p", "r")) == "p"          # r is lower but not confirmed
+    assert R.chosen(("s", "r", None)) is None   # pending and failed confirmations keep the default
