@@ -133,13 +133,16 @@ def paired(data: str, method: str, base: str, key: str, seeds) -> list[float]:
 def decide(method: str, seeds=(0, 1), revised: bool = False) -> tuple[str, list[str]]:
     """The rule's decision for a candidate at `seeds` (docs/default_rule.md, "Decision"): shapes m < −noise on FD;
     photos m < noise on FD (the first rule) or on fd_teacher against the default rerun with FD not above the
-    teacher's by more than τ at each seed (revision 2). noise = max(sd, τ). (verdict, one line per benchmark)."""
-    lines, ok = [], True
+    teacher's by more than τ at each seed (revision 2). noise = max(sd, τ). (verdict, one line per benchmark): "not
+    met" as soon as one benchmark with all its seeds is not met, "pending" while a benchmark lacks a seed."""
+    lines, ok, pending = [], True, False
     jobs = [("shapes", DEFAULT, "fd", -1)] + [("photos", RERUN, "fd_teacher", 1) if revised else ("photos", DEFAULT, "fd", 1)]
     for data, base, key, sign in jobs:
         d = paired(data, method, base, key, seeds)
         if len(d) < len(seeds):
-            return "pending", lines + [f"{data}: {len(d)} of {len(seeds)} seeds at 2000 updates"]
+            pending = True
+            lines.append(f"{data}: {len(d)} of {len(seeds)} seeds at 2000 updates")
+            continue
         m = statistics.mean(d)
         sd = statistics.stdev(d) if len(d) > 1 else 0.0
         noise = max(sd, TAU[data])
@@ -154,7 +157,7 @@ def decide(method: str, seeds=(0, 1), revised: bool = False) -> tuple[str, list[
         ok = ok and good
         lines.append(f"{data}: d({key}) = {', '.join(f'{x:+.2f}' for x in d)}; m = {m:+.3f} ± {sd:.3f} (n {len(d)}), "
                      f"noise {noise:.3f}: {'m < −noise' if sign < 0 and good else 'm < noise' if good else 'not met'}{extra}")
-    return ("met" if ok else "not met"), lines
+    return ("not met" if not ok else "pending" if pending else "met"), lines   # one benchmark not met decides
 
 
 def passed(revised: bool = False) -> list[str]:

@@ -72,6 +72,10 @@ def test_decision_pairs_by_seed_with_noise_the_larger_of_sd_and_tau(tmp_path, mo
         put("shapes", "turbopp", s, fd=base)
         put("shapes", "c", s, fd=mine)
     assert R.decide("c", (0, 1), revised=True)[0] == "pending"             # no photos yet
+    put("shapes", "n", 0, fd=11.5)
+    put("shapes", "n", 1, fd=12.6)                                         # d = −0.2, −0.2: shapes not met
+    verdict, why = R.decide("n", (0, 1), revised=True)
+    assert verdict == "not met" and "not met" in why[0] and "0 of 2" in why[1], why   # photos need not run
     for s, (base, mine) in enumerate([(0.7, 0.8), (0.6, 0.75)]):          # d = +0.1, +0.15: m 0.125 < τ 0.144
         put("photos", R.RERUN, s, fd=2.5, fd_teacher=base)
         put("photos", "c", s, fd=2.3, fd_teacher=mine)
