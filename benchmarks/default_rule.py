@@ -204,7 +204,7 @@ def main() -> int:
         for seeds, stage in (((0, 1), "decision, seeds 0–1"), ((2, 3, 4), "confirmation, seeds 2–4")):
             verdict, why = decide(c, seeds, revised)
             out += [f"{name}: candidate {c}, {stage}: {verdict}", ""] + [f"- {w}" for w in why] + [""]
-            if verdict != "met":
+            if verdict == "not met":   # a pending decision still shows its confirmation so far
                 break
     new = chosen((candidate(True), SECOND))
     out += [f"New default (revisions 2 and 3): {new or 'none confirmed yet; the default stays'}.", ""]
