@@ -146,7 +146,7 @@ def decide(method: str, seeds=(0, 1), revised: bool = False) -> tuple[str, list[
         m = statistics.mean(d)
         sd = statistics.stdev(d) if len(d) > 1 else 0.0
         noise = max(sd, TAU[data])
-        good = m < -noise if sign < 0 else m < noise
+        good = m_ok = m < -noise if sign < 0 else m < noise
         extra = ""
         if revised and data == "photos":
             tfd = teacher_fd("photos")
@@ -156,7 +156,8 @@ def decide(method: str, seeds=(0, 1), revised: bool = False) -> tuple[str, list[
             extra = f"; FD {', '.join(f'{f:.2f}' for f in fds)} vs the teacher's {tfd:.2f}: {'within' if under else 'above'} τ"
         ok = ok and good
         lines.append(f"{data}: d({key}) = {', '.join(f'{x:+.2f}' for x in d)}; m = {m:+.3f} ± {sd:.3f} (n {len(d)}), "
-                     f"noise {noise:.3f}: {'m < −noise' if sign < 0 and good else 'm < noise' if good else 'not met'}{extra}")
+                     f"noise {noise:.3f}: {'m < −noise' if sign < 0 and m_ok else 'm < noise' if m_ok else 'not met'}{extra}"
+                     + ("" if good or not m_ok else ": not met"))
     return ("not met" if not ok else "pending" if pending else "met"), lines   # one benchmark not met decides
 
 
@@ -207,7 +208,8 @@ def main() -> int:
             if verdict == "not met":   # a pending decision still shows its confirmation so far
                 break
     new = chosen((candidate(True), SECOND))
-    out += [f"New default (revisions 2 and 3): {new or 'none confirmed yet; the default stays'}.", ""]
+    done = all("pending" not in verdicts(c) for c in (candidate(True), SECOND) if c)
+    out += [f"New default (revisions 2 and 3): {new or ('none confirmed' if done else 'none confirmed yet') + '; the default stays'}.", ""]
     text = "\n".join(out) + "\n"
     OUT.write_text(text)
     sys.stdout.write(text)

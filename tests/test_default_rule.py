@@ -82,7 +82,8 @@ def test_decision_pairs_by_seed_with_noise_the_larger_of_sd_and_tau(tmp_path, mo
     verdict, why = R.decide("c", (0, 1), revised=True)
     assert verdict == "met", why
     put("photos", "c", 1, fd=3.4, fd_teacher=0.75)                         # FD above the teacher's + τ at seed 1
-    assert R.decide("c", (0, 1), revised=True)[0] == "not met"
+    verdict, why = R.decide("c", (0, 1), revised=True)
+    assert verdict == "not met" and "m < noise" in why[1] and why[1].endswith("above τ: not met"), why
     put("shapes", "c", 1, fd=12.6)                  # d = −1.7, −0.2: m −0.95, not below −sd (−1.06)
     for s in (0, 1):
         put("photos", "turbopp", s, fd=2.5)
