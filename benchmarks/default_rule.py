@@ -14,6 +14,9 @@ fd_teacher at 2000 is not above its own at 300 by more than τ. Both screens are
 
 Revision 3 admits SECOND (the strongest lead, kept out by the combination clause) as a second candidate, decided and
 confirmed like revision 2's; if both are confirmed, the lower mean shapes FD at 2000 over seeds 0–4 wins (`chosen`).
+
+Revision 4 (proposed) judges SECOND on photos at fresh seeds 5–7 with the FD clause paired by eval seed: FD against
+the data at most the teacher's FD at that same eval seed (benchmarks/results/teacher_fd_eval_seeds/) + τ.
 """
 
 from __future__ import annotations
@@ -180,6 +183,34 @@ def verdicts(method: str) -> tuple[str, str]:
     return decide(method, (0, 1), True)[0], decide(method, (2, 3, 4), True)[0]
 
 
+TEACHER_AT_SEED = ROOT / "benchmarks" / "results" / "teacher_fd_eval_seeds"   # revision 4's reference
+R4_SEEDS = (5, 6, 7)
+
+
+def teacher_fd_at(seed: int) -> float | None:
+    """The photos teacher's 8-step FD at one eval seed (`twostep eval --seed S`, 1000 images), when measured."""
+    p = TEACHER_AT_SEED / f"photos-teacher-8step-seed{seed}.json"
+    return json.loads(p.read_text())["fd"] if p.exists() else None
+
+
+def decide_r4(method: str = SECOND, seeds=R4_SEEDS) -> tuple[str, list[str]]:
+    """Revision 4 (proposed): photos only, at fresh seeds; d(fd_teacher) against the default rerun with m < noise,
+    and at each seed FD against the data ≤ the teacher's FD at that same eval seed + τ."""
+    d = paired("photos", method, RERUN, "fd_teacher", seeds)
+    done = [s for s in seeds if record("photos", method, 2000, s) and record("photos", RERUN, 2000, s)
+            and teacher_fd_at(s) is not None]
+    if len(d) < len(seeds) or len(done) < len(seeds):
+        return "pending", [f"photos: {len(done)} of {len(seeds)} seeds at 2000 updates with the teacher's FD at that seed"]
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    noise = max(sd, TAU["photos"])
+    over = [record("photos", method, 2000, s)["fd"] - teacher_fd_at(s) for s in seeds]
+    ok_m, ok_fd = m < noise, all(o <= TAU["photos"] for o in over)
+    return ("met" if ok_m and ok_fd else "not met"), [
+        f"photos: d(fd_teacher) = {', '.join(f'{x:+.2f}' for x in d)}; m = {m:+.3f} ± {sd:.3f}, noise {noise:.3f}: "
+        f"{'m < noise' if ok_m else 'not met'}; FD − the teacher's at the same seed: "
+        f"{', '.join(f'{o:+.2f}' for o in over)}: {'within' if ok_fd else 'above'} τ"]
+
+
 def chosen(candidates) -> str | None:
     """The new default: among the candidates met at both stages, the lowest mean shapes FD at 2000 over seeds 0–4."""
     ok = [c for c in candidates if c and verdicts(c) == ("met", "met")]
@@ -207,6 +238,9 @@ def main() -> int:
             out += [f"{name}: candidate {c}, {stage}: {verdict}", ""] + [f"- {w}" for w in why] + [""]
             if verdict == "not met":   # a pending decision still shows its confirmation so far
                 break
+    verdict, why = decide_r4()
+    out += [f"revision 4 (proposed): candidate {SECOND}, seeds {', '.join(map(str, R4_SEEDS))}: {verdict}", ""]
+    out += [f"- {w}" for w in why] + [""]
     new = chosen((candidate(True), SECOND))
     done = all("pending" not in verdicts(c) for c in (candidate(True), SECOND) if c)
     out += [f"New default (revisions 2 and 3): {new or ('none confirmed' if done else 'none confirmed yet') + '; the default stays'}.", ""]

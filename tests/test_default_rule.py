@@ -113,3 +113,28 @@ def test_the_new_default_is_the_confirmed_candidate_with_the_lower_shapes_fd_ove
     assert R.chosen(("p", "q")) == "q"          # mean 10.42 < 11.0
     assert R.chosen(("p", "r")) == "p"          # r is lower but not confirmed
     assert R.chosen(("s", "r", None)) is None   # pending and failed confirmations keep the default
+
+
+def test_revision_4_pairs_the_fd_clause_with_the_teachers_fd_at_the_same_eval_seed(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    monkeypatch.setattr(R, "RUNS", runs)
+    monkeypatch.setattr(R, "TEACHER_AT_SEED", tmp_path)
+
+    def put(method, seed, fd, ft):
+        (runs / f"photos-{method}-seed{seed}-u2000.json").write_text(json.dumps({"fd": fd, "fd_teacher": ft}))
+    for s, tfd in zip(R.R4_SEEDS, (2.8, 3.0, 5.0)):
+        put(R.RERUN, s, 2.0, 0.6)
+        put(R.SECOND, s, tfd + 0.1, 0.4)        # 0.1 over the teacher at its own seed: within τ
+    assert R.decide_r4()[0] == "pending"          # the teacher's FD at those seeds not measured yet
+    for s, tfd in zip(R.R4_SEEDS, (2.8, 3.0, 5.0)):
+        (tmp_path / f"photos-teacher-8step-seed{s}.json").write_text(json.dumps({"fd": tfd}))
+    verdict, why = R.decide_r4()
+    assert verdict == "met" and "within τ" in why[0], why   # 5.1 would fail revision 3's clause (3.16 + τ)
+    put(R.SECOND, 7, 5.2, 0.4)                    # 0.2 over the teacher's 5.0 at seed 7
+    assert R.decide_r4()[0] == "not met"
+    put(R.SECOND, 7, 5.1, 0.9)                    # d = −0.2, −0.2, +0.3: m −0.03 < noise; still met
+    assert R.decide_r4()[0] == "met"
+    for s in R.R4_SEEDS:
+        put(R.SECOND, s, 2.0, 0.9)                # d = +0.3 at every seed: m 0.3 > max(sd 0, τ)
+    assert R.decide_r4()[0] == "not met"
